@@ -1,0 +1,166 @@
+"""What the engine needs to know about a model family, and nothing about the algorithm.
+
+An adapter says: which block stacks the transformer has and in which order; for a block call,
+which argument is the image-token stream and which (if any) the text stream, and how the block
+returns them; how to compute the step probe (block 0's modulated input); and which attention
+modules get a token-refresh processor. Adding a model is one file with one ``ModelAdapter``
+subclass registered with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+#: How a block returns its streams: the image stream alone, (text, image) or (image, text).
+OutputLayout = Literal["img", "txt_img", "img_txt"]
+#: Where the text tokens sit in a single-stream block's concatenated sequence.
+TextPosition = Literal["none", "first", "last"]
+
+
+@dataclass
+class BlockStack:
+    """One stack of identical blocks (FLUX has a double-stream and a single-stream stack)."""
+
+    name: str
+    blocks: nn.ModuleList
+    img_arg: str = "hidden_states"
+    txt_arg: str | None = None  # argument carrying the text stream, for joint blocks
+    output: OutputLayout = "img"
+    #: where to find the text tokens in the sequence that the block's self-attention sees
+    #: (``"none"``: the attention sees image tokens only, or text enters as separate K/V)
+    attn_text_position: TextPosition = "none"
+
+
+@dataclass
+class BlockCall:
+    """A block call in canonical form: the streams plus everything else, to call it again."""
+
+    img: torch.Tensor
+    txt: torch.Tensor | None
+    bound: inspect.BoundArguments
+    stack: BlockStack = field(repr=False)
+
+    def with_streams(self, img: torch.Tensor, txt: torch.Tensor | None) -> tuple[tuple, dict]:
+        args = self.bound.arguments.copy()
+        args[self.stack.img_arg] = img
+        if self.stack.txt_arg is not None:
+            args[self.stack.txt_arg] = txt
+        bound = inspect.BoundArguments(self.bound.signature, args)  # type: ignore[arg-type]
+        return bound.args, bound.kwargs
+
+
+class ModelAdapter:
+    """Base class of the per-family adapters.
+
+    Subclasses set ``model_class_names`` and implement :meth:`stacks`, :meth:`modulated_input`
+    and :meth:`token_processor`.
+
+    Example:
+        >>> from xslim_xdit.adapters import adapter_for
+        >>> from diffusers import DiTTransformer2DModel
+        >>> m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     num_layers=2, sample_size=8, num_embeds_ada_norm=10)
+        >>> type(adapter_for(m)).__name__
+        'DiTAdapter'
+    """
+
+    name: str = "base"
+    model_class_names: tuple[str, ...] = ()
+    #: the model's final output reads only the image stream (the text stream is discarded)
+    text_output_used: bool = False
+
+    def stacks(self, model: nn.Module) -> list[BlockStack]:
+        raise NotImplementedError
+
+    def modulated_input(self, block: nn.Module, call: BlockCall) -> torch.Tensor:
+        """The step probe: block 0's normalised, modulated image input (TeaCache's indicator)."""
+        raise NotImplementedError
+
+    def self_attention(self, block: nn.Module) -> nn.Module:
+        """The block's self-attention module (the one that gets a K/V cache)."""
+        raise NotImplementedError
+
+    def token_processor(self, attn: nn.Module, stack: BlockStack, ctx: Any) -> Callable:
+        """A processor computing attention for a subset of tokens against a K/V cache."""
+        raise NotImplementedError
+
+    def timestep(self, model: nn.Module, args: tuple, kwargs: dict) -> float | None:
+        """The call's timestep as a float (first batch element), used to tell CFG branches apart."""
+        t = kwargs.get("timestep")
+        if t is None:
+            try:
+                t = inspect.signature(model.forward).bind(*args, **kwargs).arguments.get("timestep")
+            except TypeError:
+                t = None
+        if t is None:
+            return None
+        if isinstance(t, torch.Tensor):
+            return float(t.reshape(-1)[0].item()) if t.numel() else None
+        return float(t)
+
+    # ------------------------------------------------------------------ generic helpers
+    def parse_call(self, stack: BlockStack, sig: inspect.Signature, args: tuple, kwargs: dict) -> BlockCall:
+        bound = sig.bind(*args, **kwargs)
+        img = bound.arguments[stack.img_arg]
+        txt = bound.arguments.get(stack.txt_arg) if stack.txt_arg else None
+        return BlockCall(img=img, txt=txt, bound=bound, stack=stack)
+
+    @staticmethod
+    def split_output(stack: BlockStack, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if stack.output == "img":
+            return out, None
+        if stack.output == "txt_img":
+            return out[1], out[0]
+        return out[0], out[1]
+
+    @staticmethod
+    def make_output(stack: BlockStack, img: torch.Tensor, txt: torch.Tensor | None) -> Any:
+        if stack.output == "img":
+            return img
+        if stack.output == "txt_img":
+            return txt, img
+        return img, txt
+
+
+_REGISTRY: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make an adapter available to :func:`adapter_for`."""
+    _REGISTRY.append(cls)
+    return cls
+
+
+class UnsupportedModelError(TypeError):
+    """No adapter handles this model class."""
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for a transformer, found by class name along its MRO (so wrappers and
+    subclasses such as xfuser's are matched too)."""
+    _ensure_builtin_adapters()
+    target = model
+    # xfuser wraps the diffusers module; look through `.module` wrappers.
+    for _ in range(3):
+        names = {c.__name__ for c in type(target).__mro__}
+        for cls in _REGISTRY:
+            if names & set(cls.model_class_names):
+                return cls()
+        inner = getattr(target, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        target = inner
+    supported = sorted(n for c in _REGISTRY for n in c.model_class_names)
+    raise UnsupportedModelError(
+        f"model: no X-Slim adapter for {type(model).__name__}; supported transformer classes: {supported}"
+    )
+
+
+def _ensure_builtin_adapters() -> None:
+    from . import dit, flux, hunyuan_video, pixart  # noqa: F401

@@ -1,0 +1,159 @@
+"""The user-facing entry points: one call to enable, one to disable, and a pipeline wrapper.
+
+Example:
+    >>> from xslim_xdit import enable_xslim, disable_xslim, XSlimConfig
+    >>> engine = enable_xslim(pipe, XSlimConfig.from_preset("flux-fast"))  # doctest: +SKIP
+    >>> image = pipe("a photo of a cat", num_inference_steps=50).images[0]  # doctest: +SKIP
+    >>> print(engine.statistics.table())  # doctest: +SKIP
+    >>> disable_xslim(pipe)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+
+from .config import XSlimConfig
+from .engine import XSlimEngine
+from .parallel.sync import DecisionSync
+from .stats import CacheStatistics
+
+_ENGINE_ATTR = "_xslim_engine"
+_SCHEDULER_ATTR = "_xslim_orig_set_timesteps"
+
+
+def _split(pipe_or_transformer: Any) -> tuple[Any, nn.Module]:
+    if isinstance(pipe_or_transformer, nn.Module) and not hasattr(pipe_or_transformer, "scheduler"):
+        return None, pipe_or_transformer
+    transformer = getattr(pipe_or_transformer, "transformer", None)
+    if not isinstance(transformer, nn.Module):
+        raise TypeError(
+            "pipe_or_transformer must be a diffusers/xDiT pipeline with a `transformer` component or a "
+            f"transformer module; got {type(pipe_or_transformer).__name__}"
+        )
+    return pipe_or_transformer, transformer
+
+
+def enable_xslim(
+    pipe_or_transformer: Any,
+    config: XSlimConfig | None = None,
+    *,
+    num_inference_steps: int | None = None,
+    sync: DecisionSync | None = None,
+    count_flops: bool = True,
+) -> XSlimEngine:
+    """Turn X-Slim on for a pipeline (or a bare transformer) and return its engine.
+
+    On a pipeline, the scheduler's ``set_timesteps`` tells the engine how many steps each call
+    runs and resets every cache at the start of each call. On a bare transformer pass
+    ``num_inference_steps`` (or call ``engine.start_run(n)`` before each run). Everything is
+    validated before anything is patched.
+
+    Args:
+        pipe_or_transformer: a diffusers or xDiT pipeline, or a supported transformer.
+        config: an :class:`XSlimConfig` (default: the online controller with its defaults).
+        num_inference_steps: steps per run for a bare transformer.
+        sync: where ranks agree; default single-device (see :mod:`xslim_xdit.parallel`).
+        count_flops: record FLOPs in the statistics (measured once per call shape).
+
+    Example:
+        >>> import torch
+        >>> from diffusers import DiTTransformer2DModel
+        >>> m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=4, num_layers=2, sample_size=8, num_embeds_ada_norm=10)
+        >>> engine = enable_xslim(m, XSlimConfig(), num_inference_steps=10)
+        >>> disable_xslim(m)
+    """
+    config = XSlimConfig() if config is None else config
+    if not isinstance(config, XSlimConfig):
+        raise TypeError(f"config must be an XSlimConfig; got {type(config).__name__}")
+    pipe, transformer = _split(pipe_or_transformer)
+    if getattr(transformer, _ENGINE_ATTR, None) is not None:
+        disable_xslim(pipe_or_transformer)
+    engine = XSlimEngine(
+        transformer, config, sync=sync, num_inference_steps=num_inference_steps, count_flops=count_flops
+    )
+    engine.attach()
+    setattr(transformer, _ENGINE_ATTR, engine)
+    if pipe is not None:
+        scheduler = pipe.scheduler
+        if scheduler is not None and not hasattr(scheduler, _SCHEDULER_ATTR):
+            original = scheduler.set_timesteps
+
+            @functools.wraps(original)
+            def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+                out = original(*args, **kwargs)
+                eng = getattr(transformer, _ENGINE_ATTR, None)
+                if eng is not None:
+                    n = len(scheduler.timesteps)
+                    eng.default_steps = n
+                    eng.start_run(n)
+                return out
+
+            setattr(scheduler, _SCHEDULER_ATTR, original)
+            scheduler.set_timesteps = set_timesteps
+    return engine
+
+
+def disable_xslim(pipe_or_transformer: Any) -> None:
+    """Remove X-Slim: the model and the scheduler are restored exactly.
+
+    Example:
+        >>> disable_xslim(pipe)  # doctest: +SKIP
+    """
+    pipe, transformer = _split(pipe_or_transformer)
+    engine = getattr(transformer, _ENGINE_ATTR, None)
+    if engine is not None:
+        engine.detach()
+        delattr(transformer, _ENGINE_ATTR)
+    if pipe is not None and pipe.scheduler is not None and hasattr(pipe.scheduler, _SCHEDULER_ATTR):
+        del pipe.scheduler.set_timesteps
+        delattr(pipe.scheduler, _SCHEDULER_ATTR)
+
+
+def get_engine(pipe_or_transformer: Any) -> XSlimEngine | None:
+    """The engine attached to a pipeline or transformer, if any."""
+    _, transformer = _split(pipe_or_transformer)
+    return getattr(transformer, _ENGINE_ATTR, None)
+
+
+class XSlimPipelineWrapper:
+    """Wrap a diffusers or xDiT pipeline, in the style of xDiT's pipeline wrappers.
+
+    Attribute access falls through to the wrapped pipeline.
+
+    Example:
+        >>> wrapped = XSlimPipelineWrapper(pipe)  # doctest: +SKIP
+        >>> wrapped.enable_xslim(XSlimConfig(warn=0.1, crit=0.3))  # doctest: +SKIP
+        >>> out = wrapped(prompt="a cat", num_inference_steps=28)  # doctest: +SKIP
+        >>> print(wrapped.get_cache_statistics().table())  # doctest: +SKIP
+    """
+
+    def __init__(self, pipe: Any, config: XSlimConfig | None = None) -> None:
+        self.pipe = pipe
+        self.engine: XSlimEngine | None = None
+        if config is not None:
+            self.enable_xslim(config)
+
+    def enable_xslim(self, config: XSlimConfig | None = None, **kwargs: Any) -> XSlimEngine:
+        self.engine = enable_xslim(self.pipe, config, **kwargs)
+        return self.engine
+
+    def disable_xslim(self) -> None:
+        disable_xslim(self.pipe)
+        self.engine = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.pipe(*args, **kwargs)
+
+    def get_cache_statistics(self) -> CacheStatistics:
+        if self.engine is None:
+            raise RuntimeError("X-Slim is not enabled on this pipeline: call enable_xslim(config) first")
+        return self.engine.statistics
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "pipe":
+            raise AttributeError(name)
+        return getattr(self.pipe, name)

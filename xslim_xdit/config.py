@@ -1,0 +1,387 @@
+"""Validated configuration for X-Slim: one dataclass, presets, and hand-written schedules.
+
+Every field is checked when the object is built, so a bad value fails with a message naming the
+field and its accepted range before any model runs.
+
+Example:
+    >>> from xslim_xdit.config import XSlimConfig
+    >>> cfg = XSlimConfig(warn=0.1, crit=0.3, polish="token", token_ratio=0.5)
+    >>> cfg.levels
+    ('step', 'token')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+StepIndicator = Literal["modulated_input", "first_block_residual"]
+Polish = Literal["token", "block", "auto", "none"]
+
+#: TeaCache's published rescale polynomials (highest degree first, as numpy.polyval takes them).
+RESCALE_POLYNOMIALS: dict[str, tuple[float, ...]] = {
+    "flux": (4.98651651e2, -2.83781631e2, 5.58554382e1, -3.82021401, 2.64230861e-1),
+    "hunyuan_video": (7.33226126e2, -4.01131952e2, 6.75869174e1, -3.14987800, 9.61237896e-2),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is outside its accepted range. The message names the field."""
+
+
+def _fail(field_name: str, accepted: str, got: Any) -> None:
+    raise ConfigError(f"{field_name} must be {accepted}; got {got!r}")
+
+
+def _check_steps(name: str, steps: Iterable[Any], num_steps: int) -> tuple[int, ...]:
+    out = []
+    for s in steps:
+        if isinstance(s, bool) or not isinstance(s, int):
+            _fail(name, f"a list of integer step indices in [0, {num_steps - 1}]", s)
+        if not 0 <= s < num_steps:
+            _fail(name, f"a list of step indices in [0, {num_steps - 1}] (num_steps={num_steps})", s)
+        out.append(s)
+    if len(set(out)) != len(out):
+        dup = sorted({s for s in out if out.count(s) > 1})
+        _fail(name, "a list without repeated steps", dup)
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A static X-Slim schedule: which steps run in full, with block refresh, or with token refresh.
+
+    Every step not listed is skipped (the cached stack residual is applied). Indices are for a run
+    of ``num_steps`` steps; :meth:`rescaled` maps them to another step count.
+
+    Example:
+        >>> s = Schedule(num_steps=10, full_steps=(0, 1, 5, 9), token_steps=(3, 7))
+        >>> s.kind_of(3), s.kind_of(4)
+        ('token', 'skip')
+    """
+
+    num_steps: int
+    full_steps: tuple[int, ...]
+    block_steps: tuple[int, ...] = ()
+    token_steps: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            _fail("schedule.num_steps", "an integer >= 1", self.num_steps)
+        n = self.num_steps
+        full = _check_steps("schedule.full_steps", self.full_steps, n)
+        block = _check_steps("schedule.block_steps", self.block_steps, n)
+        token = _check_steps("schedule.token_steps", self.token_steps, n)
+        for a_name, a, b_name, b in (
+            ("full_steps", full, "block_steps", block),
+            ("full_steps", full, "token_steps", token),
+            ("block_steps", block, "token_steps", token),
+        ):
+            both = sorted(set(a) & set(b))
+            if both:
+                _fail(f"schedule.{b_name}", f"disjoint from schedule.{a_name}", both)
+        if 0 not in full:
+            _fail(
+                "schedule.full_steps", "a list that contains step 0 (the first step must run in full)", full
+            )
+        object.__setattr__(self, "full_steps", full)
+        object.__setattr__(self, "block_steps", block)
+        object.__setattr__(self, "token_steps", token)
+
+    def kind_of(self, step: int) -> str:
+        """``'full'``, ``'block'``, ``'token'`` or ``'skip'`` for a step index."""
+        if step in self.full_steps:
+            return "full"
+        if step in self.block_steps:
+            return "block"
+        if step in self.token_steps:
+            return "token"
+        return "skip"
+
+    def rescaled(self, num_steps: int) -> Schedule:
+        """Map the schedule to ``num_steps`` steps, keeping first and last step and the priority
+        full > block > token where two indices land on the same step.
+
+        Example:
+            >>> Schedule(50, (0, 1, 2, 3, 49), token_steps=(25,)).rescaled(25).full_steps
+            (0, 1, 24)
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            _fail("num_steps", "an integer >= 1", num_steps)
+        if num_steps == self.num_steps:
+            return self
+
+        def mapped(steps: Sequence[int]) -> set[int]:
+            if self.num_steps == 1:
+                return {0 for _ in steps}
+            scale = (num_steps - 1) / (self.num_steps - 1)
+            return {min(num_steps - 1, int(math.floor(s * scale + 0.5))) for s in steps}
+
+        full = mapped(self.full_steps)
+        block = mapped(self.block_steps) - full
+        token = mapped(self.token_steps) - full - block
+        return Schedule(num_steps, tuple(sorted(full)), tuple(sorted(block)), tuple(sorted(token)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_steps": self.num_steps,
+            "full_steps": list(self.full_steps),
+            "block_steps": list(self.block_steps),
+            "token_steps": list(self.token_steps),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Schedule:
+        unknown = set(d) - {"num_steps", "full_steps", "block_steps", "token_steps"}
+        if unknown:
+            _fail(
+                "schedule",
+                "a mapping with keys num_steps, full_steps, block_steps, token_steps",
+                sorted(unknown),
+            )
+        return cls(
+            num_steps=d.get("num_steps"),
+            full_steps=tuple(d.get("full_steps", ())),
+            block_steps=tuple(d.get("block_steps", ())),
+            token_steps=tuple(d.get("token_steps", ())),
+        )
+
+
+def _range(start: int, stop: int) -> tuple[int, ...]:
+    return tuple(range(start, stop + 1))
+
+
+#: X-Slim's published 50-step schedules (XSLIM_SPEC.md section 1). Block thresholds are absolute
+#: (they were tuned on the real FLUX.1-dev / HunyuanVideo activations), one per block stack.
+PRESETS: dict[str, dict[str, Any]] = {
+    "flux-slow": {
+        "schedule": Schedule(50, (0, 1, 2, 3, 4, 6, 18, 23, 30, 44, 47, 49), (9, 36), (13, 41)),
+        "token_ratio": 0.5,
+        "block_thresh": (1.5, 10.0),
+        "block_thresh_scale": "absolute",
+    },
+    "flux-fast": {
+        "schedule": Schedule(50, (0, 1, 2, 3, 6, 27, 44, 49), (), (11, 18, 36)),
+        "token_ratio": 0.7,
+        "block_thresh": (1.5, 10.0),
+        "block_thresh_scale": "absolute",
+    },
+    "hunyuan_video-slow": {
+        "schedule": Schedule(50, _range(0, 5) + (7, 10, 13, 16, 29, 42, 45, 48, 49), (20, 33), (24, 38)),
+        "token_ratio": 0.5,
+        "block_thresh": (12.0, 25.0),
+        "block_thresh_scale": "absolute",
+    },
+    "hunyuan_video-fast": {
+        "schedule": Schedule(50, _range(0, 4) + (8, 12, 27, 39, 44, 48, 49), (21,), (16, 33)),
+        "token_ratio": 0.8,
+        "block_thresh": (12.0, 25.0),
+        "block_thresh_scale": "absolute",
+    },
+}
+
+
+@dataclass(frozen=True)
+class XSlimConfig:
+    """Everything X-Slim needs to decide, per step, what to reuse.
+
+    Two modes share this config: ``mode="online"`` runs the dual-threshold push-then-polish
+    controller (``warn``/``crit`` on an accumulated step indicator); ``mode="schedule"`` follows
+    ``schedule`` (or a named ``preset``) exactly.
+
+    Fields:
+        mode: ``"online"`` or ``"schedule"``.
+        warn, crit: the two thresholds on the accumulated indicator, ``0 < warn < crit``.
+            Below ``warn`` the step is skipped, in ``[warn, crit)`` it is polished (block or
+            token refresh), at or above ``crit`` it runs in full and the error resets.
+        warmup_steps: first steps always computed in full (``>= 1``).
+        last_step_full: the final step always runs in full.
+        step_indicator: ``"modulated_input"`` (block 0's modulated input, free) or
+            ``"first_block_residual"`` (block 0's residual; block 0 then always runs).
+        rescale: ``None``, the name of a built-in polynomial (``"flux"``, ``"hunyuan_video"``) or
+            coefficients (highest degree first) applied to the raw relative-L1 indicator.
+        polish: which refresh fills the warn band: ``"token"``, ``"block"``, ``"auto"`` (block
+            refresh in the lower half of the band, token refresh in the upper half) or ``"none"``
+            (no polish level: the band runs in full, a TeaCache-like controller).
+        partial_reset: fraction of the accumulated error removed after a polish step, in [0, 1]
+            (1 restarts the accumulation, as the published reading of the paper does).
+        max_skips: longest run of consecutive skipped steps (``None`` for no cap).
+        token_ratio: fraction of image tokens recomputed in a token refresh, in (0, 1].
+        token_groups: token selection takes the top tokens within this many contiguous chunks of
+            the image sequence (``1`` = one global top-k). Sequence-parallel runs select per rank,
+            so a single device with ``token_groups`` equal to the SP degree selects the same set.
+        block_thresh: threshold of the accumulated per-block residual walk, one per block stack
+            or one for all (``> 0``).
+        block_thresh_scale: ``"stack_mean"`` (each ``e_l`` divided by the stack mean, so the
+            threshold reads "about this many blocks between recomputations") or ``"absolute"``.
+        block_first_n: the first blocks of each stack always computed in a block refresh (>= 0).
+        schedule: a :class:`Schedule` for ``mode="schedule"``.
+        preset: name of a published schedule (see :data:`PRESETS`); sets mode to schedule.
+
+    Example:
+        >>> XSlimConfig.from_preset("flux-fast").schedule.token_steps
+        (11, 18, 36)
+    """
+
+    mode: Literal["online", "schedule"] = "online"
+    warn: float = 0.08
+    crit: float = 0.25
+    warmup_steps: int = 3
+    last_step_full: bool = True
+    step_indicator: StepIndicator = "modulated_input"
+    rescale: str | tuple[float, ...] | None = None
+    polish: Polish = "token"
+    partial_reset: float = 1.0
+    max_skips: int | None = None
+    token_ratio: float = 0.5
+    token_groups: int = 1
+    block_thresh: float | tuple[float, ...] = 2.0
+    block_thresh_scale: Literal["stack_mean", "absolute"] = "stack_mean"
+    block_first_n: int = 1
+    schedule: Schedule | None = None
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                _fail("preset", f"one of {sorted(PRESETS)}", self.preset)
+        if self.mode not in ("online", "schedule"):
+            _fail("mode", "'online' or 'schedule'", self.mode)
+        for name in ("warn", "crit", "partial_reset", "token_ratio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                _fail(name, "a finite number", v)
+        if not self.warn > 0:
+            _fail("warn", "> 0", self.warn)
+        if not self.crit > self.warn:
+            _fail("crit", f"> warn ({self.warn})", self.crit)
+        if not 0.0 <= self.partial_reset <= 1.0:
+            _fail("partial_reset", "in [0, 1]", self.partial_reset)
+        if not 0.0 < self.token_ratio <= 1.0:
+            _fail("token_ratio", "in (0, 1]", self.token_ratio)
+        for name, lo in (("warmup_steps", 1), ("token_groups", 1), ("block_first_n", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                _fail(name, f"an integer >= {lo}", v)
+        if self.max_skips is not None and (
+            isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 1
+        ):
+            _fail("max_skips", "None or an integer >= 1", self.max_skips)
+        if not isinstance(self.last_step_full, bool):
+            _fail("last_step_full", "True or False", self.last_step_full)
+        if self.step_indicator not in ("modulated_input", "first_block_residual"):
+            _fail("step_indicator", "'modulated_input' or 'first_block_residual'", self.step_indicator)
+        if self.polish not in ("token", "block", "auto", "none"):
+            _fail("polish", "'token', 'block', 'auto' or 'none'", self.polish)
+        if self.block_thresh_scale not in ("stack_mean", "absolute"):
+            _fail("block_thresh_scale", "'stack_mean' or 'absolute'", self.block_thresh_scale)
+        thresholds = self.block_thresh if isinstance(self.block_thresh, tuple) else (self.block_thresh,)
+        if isinstance(self.block_thresh, list):
+            thresholds = tuple(self.block_thresh)
+            object.__setattr__(self, "block_thresh", thresholds)
+        if not thresholds:
+            _fail("block_thresh", "a number > 0 or a non-empty tuple of numbers > 0", self.block_thresh)
+        for t in thresholds:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                _fail("block_thresh", "a number > 0 or a tuple of numbers > 0 (one per block stack)", t)
+        if isinstance(self.rescale, str):
+            if self.rescale not in RESCALE_POLYNOMIALS:
+                _fail("rescale", f"None, coefficients, or one of {sorted(RESCALE_POLYNOMIALS)}", self.rescale)
+        elif self.rescale is not None:
+            coeffs = tuple(self.rescale)
+            if not coeffs or any(
+                isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) for c in coeffs
+            ):
+                _fail(
+                    "rescale",
+                    "None, a built-in name, or a non-empty sequence of finite numbers",
+                    self.rescale,
+                )
+            object.__setattr__(self, "rescale", coeffs)
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
+            if isinstance(self.schedule, dict):
+                object.__setattr__(self, "schedule", Schedule.from_dict(self.schedule))
+            else:
+                _fail("schedule", "a Schedule, a dict, or None", self.schedule)
+        if self.mode == "schedule" and self.schedule is None:
+            _fail("schedule", "set when mode='schedule' (or pass preset=...)", None)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The reuse levels this config can use, among ``step``, ``block``, ``token``."""
+        if self.mode == "schedule":
+            assert self.schedule is not None
+            out = ["step"]
+            if self.schedule.block_steps:
+                out.append("block")
+            if self.schedule.token_steps:
+                out.append("token")
+            return tuple(out)
+        return {
+            "none": ("step",),
+            "block": ("step", "block"),
+            "token": ("step", "token"),
+            "auto": ("step", "block", "token"),
+        }[self.polish]
+
+    def rescale_coefficients(self) -> tuple[float, ...] | None:
+        if isinstance(self.rescale, str):
+            return RESCALE_POLYNOMIALS[self.rescale]
+        return self.rescale  # type: ignore[return-value]
+
+    def block_threshold(self, stack_index: int) -> float:
+        t = self.block_thresh
+        if isinstance(t, tuple):
+            return float(t[min(stack_index, len(t) - 1)])
+        return float(t)
+
+    def replace(self, **changes: Any) -> XSlimConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> XSlimConfig:
+        """Build a schedule-mode config from a published preset (rescaled at run time).
+
+        Example:
+            >>> XSlimConfig.from_preset("hunyuan_video-fast").token_ratio
+            0.8
+        """
+        if name not in PRESETS:
+            _fail("preset", f"one of {sorted(PRESETS)}", name)
+        kwargs = dict(PRESETS[name])
+        kwargs.update(overrides)
+        return cls(mode="schedule", preset=name, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Schedule):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            d[f.name] = v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> XSlimConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            _fail("config", f"a mapping with keys among {sorted(names)}", sorted(unknown))
+        kw = dict(d)
+        if isinstance(kw.get("schedule"), dict):
+            kw["schedule"] = Schedule.from_dict(kw["schedule"])
+        for k in ("block_thresh", "rescale"):
+            if isinstance(kw.get(k), list):
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,133 @@
+"""Per-run cache statistics: what each step did, what it cost, what the caches hold.
+
+Example:
+    >>> stats = CacheStatistics()
+    >>> stats.add(StepRecord(run=0, step=0, branch=0, kind="full", indicator=None, error=0.0,
+    ...     blocks_computed=4, blocks_total=4, tokens_computed=64, tokens_total=64,
+    ...     flops=100, flops_full=100, reason="warm-up"))
+    >>> stats.summary()["full"]
+    1
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StepRecord:
+    """One transformer call (one step of one guidance branch)."""
+
+    run: int
+    step: int
+    branch: int
+    kind: str
+    indicator: float | None
+    error: float
+    blocks_computed: int
+    blocks_total: int
+    tokens_computed: int  # image-token rows pushed through blocks, summed over blocks
+    tokens_total: int  # the same for a full step
+    flops: int
+    flops_full: int
+    reason: str = ""
+    blocks_mask: list[int] | None = None
+    token_count: int = 0  # image tokens refreshed per sample (token steps)
+
+
+@dataclass
+class CacheStatistics:
+    """Everything the engine records; :meth:`summary` and :meth:`table` read it.
+
+    ``runs`` can be restricted with ``run=`` (the default everywhere is the last run).
+    """
+
+    records: list[StepRecord] = field(default_factory=list)
+    cache_bytes: dict[str, int] = field(default_factory=dict)
+    collectives: int = 0
+    collective_bytes: int = 0
+    bookkeeping_seconds: float = 0.0
+
+    def add(self, rec: StepRecord) -> None:
+        self.records.append(rec)
+
+    @property
+    def last_run(self) -> int:
+        return self.records[-1].run if self.records else -1
+
+    def run_records(self, run: int | None = None) -> list[StepRecord]:
+        run = self.last_run if run is None else run
+        return [r for r in self.records if r.run == run]
+
+    def decision_log(self, run: int | None = None) -> list[tuple]:
+        """Per step of branch 0: ``(kind, blocks mask, tokens per sample)``: what ranks must agree on."""
+        return [
+            (r.kind, tuple(r.blocks_mask or ()), r.token_count)
+            for r in self.run_records(run)
+            if r.branch == 0
+        ]
+
+    def summary(self, run: int | None = None) -> dict[str, Any]:
+        recs = self.run_records(run)
+        steps = [r for r in recs if r.branch == 0]
+        out: dict[str, Any] = {
+            k: sum(1 for r in steps if r.kind == k) for k in ("skip", "block", "token", "full")
+        }
+        out["steps"] = len(steps)
+        out["calls"] = len(recs)
+        blocks_total = sum(r.blocks_total for r in recs)
+        tokens_total = sum(r.tokens_total for r in recs)
+        flops_full = sum(r.flops_full for r in recs)
+        out["blocks_computed"] = sum(r.blocks_computed for r in recs)
+        out["blocks_total"] = blocks_total
+        out["tokens_computed"] = sum(r.tokens_computed for r in recs)
+        out["tokens_total"] = tokens_total
+        out["flops_computed"] = sum(r.flops for r in recs)
+        out["flops_full"] = flops_full
+        out["flops_fraction"] = out["flops_computed"] / flops_full if flops_full else 1.0
+        out["theoretical_speedup"] = (
+            1.0 / out["flops_fraction"] if out["flops_fraction"] > 0 else float("inf")
+        )
+        out["cache_bytes"] = dict(self.cache_bytes)
+        out["cache_bytes_total"] = sum(self.cache_bytes.values())
+        out["collectives"] = self.collectives
+        out["collective_bytes"] = self.collective_bytes
+        out["bookkeeping_seconds"] = self.bookkeeping_seconds
+        out["indicators"] = [r.indicator for r in steps]
+        out["kinds"] = [r.kind for r in steps]
+        return out
+
+    def table(self, run: int | None = None) -> str:
+        """A printable table: one line per step, then the totals."""
+        lines = [
+            f"{'step':>4} {'kind':<5} {'indicator':>10} {'error':>8} {'blocks':>7} {'tokens':>9} {'FLOPs':>6}"
+        ]
+        for r in self.run_records(run):
+            if r.branch:
+                continue
+            ind = "-" if r.indicator is None else f"{r.indicator:.4f}"
+            frac = r.flops / r.flops_full if r.flops_full else 1.0
+            lines.append(
+                f"{r.step:>4} {r.kind:<5} {ind:>10} {r.error:>8.4f} "
+                f"{r.blocks_computed:>3}/{r.blocks_total:<3} {r.tokens_computed / max(r.tokens_total, 1):>8.0%} "
+                f"{frac:>6.0%}"
+            )
+        s = self.summary(run)
+        lines.append(
+            f"steps {s['steps']}: full {s['full']}, block {s['block']}, token {s['token']}, skip {s['skip']} | "
+            f"FLOPs computed {s['flops_fraction']:.1%} (theoretical {s['theoretical_speedup']:.2f}x) | "
+            f"cache {s['cache_bytes_total'] / 2**20:.2f} MiB | collectives {s['collectives']}"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "records": [asdict(r) for r in self.records]}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
