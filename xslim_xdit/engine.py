@@ -156,6 +156,9 @@ class XSlimEngine:
         self._step_plan: CallPlan | None = None
         self._flop_mode: Any = None
         self._full_block_flops: dict[int, int] = {}
+        #: per-step measurements of a run, filled when ``profiling`` is set (see calibration)
+        self.profiling = False
+        self.profile: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> XSlimEngine:
@@ -384,6 +387,8 @@ class XSlimEngine:
         plan = self.plan
         assert plan is not None and plan.seg_in is not None
         res = (out_img - plan.seg_in).detach()
+        if self.profiling and self.branch == 0:
+            self._profile_step(state, res, plan)
         if self.use_token:
             if kind == StepKind.TOKEN and state.res_prev is not None and state.res_stack is not None:
                 idx = plan.token_index
@@ -393,6 +398,30 @@ class XSlimEngine:
             else:
                 state.res_prev = state.res_stack
         state.res_stack = res
+
+    def _profile_step(self, state: BranchState, res: torch.Tensor, plan: CallPlan) -> None:
+        prev = state.res_stack
+        change = None
+        if prev is not None and prev.shape == res.shape:
+            sums = self.sync.sum_partials(
+                torch.stack(
+                    [(res - prev).abs().sum(dtype=torch.float64), prev.abs().sum(dtype=torch.float64)]
+                )
+            )
+            change = float(sums[0] / sums[1]) if float(sums[1]) > 0 else None
+        mags = None
+        if state.block_mag is not None and plan.decision.kind == StepKind.FULL:
+            s = self.sync.sum_block_partials(state.block_mag.clone())
+            mags = (s[:, 0] / s[:, 1].clamp_min(1)).tolist()
+        self.profile.append(
+            {
+                "step": self.step,
+                "kind": plan.decision.kind.name.lower(),
+                "probe_change": plan.decision.indicator,
+                "residual_change": change,
+                "block_magnitudes": mags,
+            }
+        )
 
     def _record_block_mag(self, state: BranchState, g: int, out: torch.Tensor, inp: torch.Tensor) -> None:
         if state.block_mag is None:
@@ -419,23 +448,13 @@ class XSlimEngine:
             probe = self.adapter.split_output(call.stack, probe_out)[0] - img
         else:
             probe_flops = 0
-            probe = (
-                self.adapter.modulated_input(blk0, call)
-                if isinstance(self.controller, OnlineController)
-                else None
-            )
+            want_probe = isinstance(self.controller, OnlineController) or self.profiling
+            probe = self.adapter.modulated_input(blk0, call) if want_probe else None
 
         forced = self.controller.forced_full(self.step)
-        if self.branch > 0 and self._step_plan is not None:
-            decision = self._step_plan.decision
-        else:
-            indicator = None
-            if (
-                probe is not None
-                and state.probe_prev is not None
-                and state.probe_prev.shape == probe.shape
-                and not forced
-            ):
+        indicator = None
+        if probe is not None and state.probe_prev is not None and state.probe_prev.shape == probe.shape:
+            if self.branch == 0 or self._step_plan is None:
                 sums = torch.stack(
                     [
                         (probe - state.probe_prev).abs().sum(dtype=torch.float64),
@@ -444,7 +463,10 @@ class XSlimEngine:
                 )
                 sums = self.sync.sum_partials(sums)
                 indicator = float(sums[0] / sums[1]) if float(sums[1]) > 0 else None
-            decision = self.controller.decide(self.step, indicator)
+        if self.branch > 0 and self._step_plan is not None:
+            decision = self._step_plan.decision
+        else:
+            decision = self.controller.decide(self.step, None if forced else indicator)
             decision = self._feasible(decision, state)
             if not forced:
                 agreed = self.sync.agree([int(decision.kind)])
@@ -452,6 +474,11 @@ class XSlimEngine:
                     decision = StepDecision(
                         self.step, StepKind(agreed[0]), decision.indicator, decision.error, "agreed"
                     )
+            if decision.indicator is None and indicator is not None:
+                # keep the raw probe change of forced-full steps for the statistics and profiles
+                decision = StepDecision(
+                    decision.step, decision.kind, indicator, decision.error, decision.reason
+                )
         if probe is not None:
             state.probe_prev = probe.detach()
         plan = CallPlan(decision, rows_full=rows_full, probe_out=probe_out)

@@ -1,0 +1,239 @@
+"""The engine on tiny random models of each family: identity when it should be, and every reuse
+level doing (and saving) what the statistics say, checked with independent hooks."""
+
+import math
+
+import pytest
+import torch
+from _helpers import AttentionCounter
+
+from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
+from xslim_xdit.adapters import UnsupportedModelError, adapter_for
+from xslim_xdit.engine import XSlimRuntimeError
+from xslim_xdit.testing import FAMILIES, make_inputs, sample, tiny_model
+
+STEPS = 8
+TEXT_LEN = {"flux": 6}
+
+
+def image_tokens(family):
+    x, _ = make_inputs(family)
+    return {"dit": 16, "pixart": 16, "flux": x.shape[1], "hunyuan_video": 2 * 4 * 4}[family]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return request.param, tiny_model(request.param)
+
+
+def test_disabled_is_bit_identical(family_model):
+    fam, m = family_model
+    ref = sample(m, fam, steps=STEPS, batch=2)
+    enable_xslim(m, XSlimConfig(warn=0.5, crit=1.0, polish="auto"), num_inference_steps=STEPS)
+    cached = sample(m, fam, steps=STEPS, batch=2)
+    disable_xslim(m)
+    again = sample(m, fam, steps=STEPS, batch=2)
+    assert torch.equal(again, ref)
+    assert not torch.equal(cached, ref)  # caching did change something while on
+    assert all("forward" not in blk.__dict__ for blk in m.modules())
+
+
+def test_forced_full_is_bit_identical(family_model):
+    fam, m = family_model
+    ref = sample(m, fam, steps=STEPS, batch=2)
+    eng = enable_xslim(m, XSlimConfig(warn=1e-12, crit=2e-12, polish="auto"), num_inference_steps=STEPS)
+    out = sample(m, fam, steps=STEPS, batch=2)
+    disable_xslim(m)
+    assert torch.equal(out, ref)
+    assert eng.statistics.summary()["full"] == STEPS
+    assert eng.statistics.summary()["flops_fraction"] == pytest.approx(1.0)
+
+
+SCHEDULE = Schedule(
+    STEPS,
+    full_steps=(0, 1, 4, 7),
+    block_steps=(2,),
+    token_steps=(3, 5),
+)  # 6 skipped
+
+
+def test_each_level_matches_what_ran(family_model):
+    fam, m = family_model
+    n_img = image_tokens(fam)
+    ratio = 0.5
+    cfg = XSlimConfig(
+        mode="schedule", schedule=SCHEDULE, token_ratio=ratio, block_thresh=2.0, block_first_n=1
+    )
+    counter = AttentionCounter(m, TEXT_LEN.get(fam, 0))
+    eng = enable_xslim(m, cfg, num_inference_steps=STEPS)
+    sample(m, fam, steps=STEPS, batch=2)
+    disable_xslim(m)
+    counter.remove()
+    recs = eng.statistics.run_records()
+    nb = counter.num_blocks
+    assert [r.kind for r in recs] == ["full", "full", "block", "token", "full", "token", "skip", "full"]
+    assert counter.blocks_per_call() == [r.blocks_computed for r in recs]
+    k = math.ceil(ratio * n_img)
+    for i, r in enumerate(recs):
+        rows = counter.rows_per_call()[i]
+        if r.kind == "full":
+            assert counter.blocks_per_call()[i] == nb and rows == nb * n_img
+        elif r.kind == "skip":
+            assert counter.blocks_per_call()[i] == 0 and r.flops < 0.2 * r.flops_full
+        elif r.kind == "token":
+            assert counter.blocks_per_call()[i] == nb
+            assert set(counter.per_block(i).values()) == {k}  # every block attends k queries per sample
+            assert r.token_count == k
+            assert r.tokens_computed == 2 * k * nb  # batch 2
+            assert r.flops < r.flops_full
+        elif r.kind == "block":
+            mask = r.blocks_mask
+            assert sum(mask) == counter.blocks_per_call()[i] < nb
+            assert [g for g, _ in counter.calls[i]] == [g for g, c in enumerate(mask) if c]
+            assert r.flops < r.flops_full
+    s = eng.statistics.summary()
+    assert s["skip"] == 1 and s["token"] == 2 and s["block"] == 1 and s["full"] == 4
+    assert 0 < s["flops_fraction"] < 1
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 1.0])
+def test_token_ratio_computes_that_fraction(ratio):
+    fam = "flux"
+    m = tiny_model(fam)
+    sched = Schedule(STEPS, full_steps=(0, 1, 7), token_steps=tuple(range(2, 7)))
+    eng = enable_xslim(
+        m, XSlimConfig(mode="schedule", schedule=sched, token_ratio=ratio), num_inference_steps=STEPS
+    )
+    sample(m, fam, steps=STEPS)
+    disable_xslim(m)
+    tok = [r for r in eng.statistics.run_records() if r.kind == "token"]
+    frac = sum(r.tokens_computed for r in tok) / sum(r.tokens_total for r in tok)
+    assert abs(frac - ratio) <= 1.0 / image_tokens(fam)
+
+
+def test_token_refresh_at_ratio_one_equals_full(family_model):
+    """All tokens refreshed against a fully replaced K/V cache is the full computation: checks the
+    splice, RoPE at true positions, text ordering and masks of every token processor."""
+    fam, m = family_model
+    ref = sample(m, fam, steps=6, batch=2)
+    sched = Schedule(6, full_steps=(0, 1, 5), block_steps=(2,), token_steps=(3, 4))
+    cfg = XSlimConfig(mode="schedule", schedule=sched, token_ratio=1.0, block_thresh=1e-9)
+    enable_xslim(m, cfg, num_inference_steps=6)
+    out = sample(m, fam, steps=6, batch=2)
+    disable_xslim(m)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_token_selection_is_per_sample():
+    m = tiny_model("dit")
+    sched = Schedule(6, full_steps=(0, 1, 5), token_steps=(2, 3, 4))
+    eng = enable_xslim(
+        m, XSlimConfig(mode="schedule", schedule=sched, token_ratio=0.25), num_inference_steps=6
+    )
+    seen = []
+    orig = eng._select_tokens
+
+    def spy(state, img):
+        idx = orig(state, img)
+        seen.append(idx.clone())
+        return idx
+
+    eng._select_tokens = spy
+    sample(m, "dit", steps=6, batch=4)
+    disable_xslim(m)
+    assert seen and all(idx.shape == (4, 4) for idx in seen)
+    assert any(not torch.equal(idx[0], idx[1]) for idx in seen)  # samples choose their own tokens
+
+
+def test_online_controller_uses_all_levels_and_resets_between_runs():
+    m = tiny_model("pixart")
+    cfg = XSlimConfig(warn=0.04, crit=0.5, polish="auto", warmup_steps=2)
+    eng = enable_xslim(m, cfg, num_inference_steps=12)
+    first = sample(m, "pixart", steps=12)
+    log1 = eng.statistics.decision_log(run=0)
+    second = sample(m, "pixart", steps=12)  # the engine restarts by itself after 12 steps
+    log2 = eng.statistics.decision_log(run=1)
+    disable_xslim(m)
+    assert eng.run_index == 1
+    assert log1 == log2 and torch.equal(first, second)
+    kinds = {k for k, _, _ in log1}
+    assert "full" in kinds and len(kinds) >= 2
+    inds = eng.statistics.summary(run=0)["indicators"]
+    assert inds[0] is None and all(v is not None and v >= 0 for v in inds[1:])
+
+
+def test_caches_hold_only_what_levels_need():
+    fam = "flux"
+    sizes = {}
+    for polish in ("none", "block", "token"):
+        m = tiny_model(fam)
+        eng = enable_xslim(m, XSlimConfig(warn=0.05, crit=0.5, polish=polish), num_inference_steps=6)
+        sample(m, fam, steps=6)
+        sizes[polish] = eng.cache_bytes()
+        disable_xslim(m)
+    assert (
+        sizes["none"]["block_residuals"] == 0
+        and sizes["none"]["kv"] == 0
+        and sizes["none"]["token_history"] == 0
+    )
+    assert sizes["block"]["block_residuals"] > 0 and sizes["block"]["kv"] == 0
+    assert sizes["token"]["kv"] > 0 and sizes["token"]["block_residuals"] == 0
+    assert sizes["token"]["token_history"] > 0
+
+
+def test_caches_keep_the_model_dtype():
+    m = tiny_model("dit").to(torch.bfloat16)
+    eng = enable_xslim(m, XSlimConfig(warn=0.05, crit=0.5, polish="auto"), num_inference_steps=4)
+    x, cond = make_inputs("dit")
+    with torch.no_grad():
+        for t in (900, 600, 300, 100):
+            m(x.bfloat16(), timestep=torch.tensor([t]), **cond)
+    dtypes = {st.res_stack.dtype for st in eng.branches.values()}
+    dtypes |= {t.dtype for pair in eng.token_ctx.kv.values() for t in pair if t is not None}
+    dtypes |= {a.dtype for st in eng.branches.values() for a, _ in st.block_res.values()}
+    disable_xslim(m)
+    assert dtypes == {torch.bfloat16}
+
+
+def test_separate_guidance_calls_share_one_decision():
+    """A pipeline that calls the transformer once per guidance branch: the second call of a step
+    (same timestep) reuses the first call's decision and keeps caches of its own."""
+    m = tiny_model("dit")
+    eng = enable_xslim(
+        m, XSlimConfig(warn=0.05, crit=0.6, polish="auto", warmup_steps=2), num_inference_steps=6
+    )
+    x, cond = make_inputs("dit")
+    with torch.no_grad():
+        for i, t in enumerate([900, 750, 600, 450, 300, 150]):
+            tt = torch.tensor([t])
+            e_c = m(x, timestep=tt, class_labels=torch.tensor([3])).sample
+            e_u = m(x, timestep=tt, class_labels=torch.tensor([10])).sample
+            x = x - 0.1 * (e_u + 2.0 * (e_c - e_u))
+    branches = len(eng.branches)
+    disable_xslim(m)
+    recs = eng.statistics.run_records()
+    assert len(recs) == 12 and {r.branch for r in recs} == {0, 1}
+    assert [r.kind for r in recs[0::2]] == [r.kind for r in recs[1::2]]
+    assert branches == 2
+
+
+def test_unsupported_model_is_refused_before_anything_runs():
+    with pytest.raises(UnsupportedModelError, match="model: no X-Slim adapter for Linear"):
+        enable_xslim(torch.nn.Linear(2, 2), XSlimConfig())
+
+
+def test_bare_transformer_without_step_count_fails_clearly():
+    m = tiny_model("dit")
+    enable_xslim(m, XSlimConfig())
+    x, cond = make_inputs("dit")
+    with pytest.raises(XSlimRuntimeError, match="num_inference_steps"):
+        m(x, timestep=torch.tensor([900]), **cond)
+    disable_xslim(m)
+    m(x, timestep=torch.tensor([900]), **cond)  # the model is intact afterwards
+
+
+def test_adapter_exposes_stack_boundaries():
+    m = tiny_model("flux")
+    stacks = adapter_for(m).stacks(m)
+    assert [s.name for s in stacks] == ["double", "single"]
+    assert [len(s.blocks) for s in stacks] == [2, 3]
