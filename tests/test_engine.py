@@ -204,7 +204,7 @@ def test_separate_guidance_calls_share_one_decision():
     )
     x, cond = make_inputs("dit")
     with torch.no_grad():
-        for i, t in enumerate([900, 750, 600, 450, 300, 150]):
+        for t in [900, 750, 600, 450, 300, 150]:
             tt = torch.tensor([t])
             e_c = m(x, timestep=tt, class_labels=torch.tensor([3])).sample
             e_u = m(x, timestep=tt, class_labels=torch.tensor([10])).sample
