@@ -469,7 +469,7 @@ class XSlimEngine:
             decision = self.controller.decide(self.step, None if forced else indicator)
             decision = self._feasible(decision, state)
             if not forced:
-                agreed = self.sync.agree([int(decision.kind)])
+                agreed = self.sync.agree([int(decision.kind)], device=img.device)
                 if agreed[0] != int(decision.kind):
                     decision = StepDecision(
                         self.step, StepKind(agreed[0]), decision.indicator, decision.error, "agreed"
@@ -535,7 +535,7 @@ class XSlimEngine:
                 self.config.block_first_n,
                 self.config.block_thresh_scale,
             )
-        agreed = self.sync.agree([int(c) for c in compute])
+        agreed = self.sync.agree([int(c) for c in compute], device=sums.device)
         return [bool(c) for c in agreed]
 
     def _select_tokens(self, state: BranchState, img: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,6 @@ On one device every call is a no-op (:class:`LocalSync`). Under torch.distribute
 :class:`GroupSync` reduces over the process groups that share a tensor.
 """
 
-from .sync import DecisionSync, LocalSync
+from .sync import DecisionSync, GroupSync, LocalSync
 
-__all__ = ["DecisionSync", "LocalSync"]
+__all__ = ["DecisionSync", "GroupSync", "LocalSync"]

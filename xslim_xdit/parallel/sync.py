@@ -45,8 +45,9 @@ class DecisionSync:
         rows of the blocks they own (the others are zero), so the sum is the whole depth."""
         return self.sum_partials(partials)
 
-    def agree(self, values: Sequence[int]) -> list[int]:
-        """The integers every rank acts on (rank 0's, on every rank of the decision group)."""
+    def agree(self, values: Sequence[int], device: torch.device | None = None) -> list[int]:
+        """The integers every rank acts on (rank 0's, on every rank of the decision group).
+        ``device`` is where the model's tensors live (accelerator backends reduce there)."""
         return [int(v) for v in values]
 
     def reset_counters(self) -> None:
@@ -56,3 +57,91 @@ class DecisionSync:
 
 class LocalSync(DecisionSync):
     """Single device, no torch.distributed: every call is an identity."""
+
+
+def _comm_device(group: object, device: torch.device | None) -> torch.device:
+    """gloo reduces CPU tensors; NCCL (and other accelerator backends) the model's own device."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "gloo" or device is None:
+        return torch.device("cpu")
+    return device
+
+
+class GroupSync(DecisionSync):
+    """Exact reductions and integer agreement over one torch.distributed process group.
+
+    ``group`` is every rank that takes part in one generation (sequence-parallel shards,
+    CFG-parallel branches, pipeline stages); data-parallel replicas get a group each, so they
+    decide independently and never wait for each other. Partial sums travel as float64 in one
+    all-reduce; decisions as int64 in one broadcast from the group's first rank.
+
+    ``timeout`` bounds every X-Slim collective: a rank that stops answering makes the others
+    raise instead of hanging.
+
+    Example:
+        >>> import torch.distributed as dist  # doctest: +SKIP
+        >>> sync = GroupSync(dist.group.WORLD)  # doctest: +SKIP
+    """
+
+    def __init__(self, group: object = None, timeout_s: float | None = 300.0) -> None:
+        super().__init__()
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("GroupSync needs torch.distributed initialised (use LocalSync on one device)")
+        self.group = group
+        ranks = (
+            dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        )
+        self.ranks = list(ranks)
+        self.src = min(self.ranks)
+        self.timeout_s = timeout_s
+
+    @property
+    def is_distributed(self) -> bool:
+        return len(self.ranks) > 1
+
+    def _wait(self, work: object, what: str) -> None:
+        import datetime
+
+        if self.timeout_s is None:
+            work.wait()  # type: ignore[attr-defined]
+            return
+        try:
+            ok = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))  # type: ignore[attr-defined]
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"X-Slim {what} over ranks {self.ranks} failed or timed out after {self.timeout_s}s: "
+                f"another rank stopped ({e})"
+            ) from e
+        if ok is False:
+            raise RuntimeError(f"X-Slim {what} over ranks {self.ranks} timed out after {self.timeout_s}s")
+
+    def sum_partials(self, partials: torch.Tensor) -> torch.Tensor:
+        if not self.is_distributed:
+            return partials
+        import torch.distributed as dist
+
+        t = (
+            partials.detach()
+            .to(device=_comm_device(self.group, partials.device), dtype=torch.float64)
+            .contiguous()
+        )
+        self.collectives += 1
+        self.bytes_sent += t.numel() * t.element_size()
+        self._wait(
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True), "indicator all-reduce"
+        )
+        return t.to(partials.device)
+
+    def agree(self, values: Sequence[int], device: torch.device | None = None) -> list[int]:
+        if not self.is_distributed:
+            return [int(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=_comm_device(self.group, device))
+        self.collectives += 1
+        self.bytes_sent += t.numel() * t.element_size()
+        self._wait(dist.broadcast(t, src=self.src, group=self.group, async_op=True), "decision broadcast")
+        return [int(v) for v in t.tolist()]
