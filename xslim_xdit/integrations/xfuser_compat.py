@@ -35,6 +35,13 @@ Patches (all gated on "no accelerator"; see :func:`describe`):
     (``_communicate_shapes``) to fence the CUDA stream after ``batch_isend_irecv``.  On CPU,
     gloo's ``Work.wait()`` already blocks the host until the transfer is done, so there is
     nothing to fence: patched to a no-op.
+``group_coordinator.PipelineGroupCoordinator._communicate_shapes`` / ``_pipeline_isend(_skip)``
+    PipeFusion's asynchronous patch phase deadlocks under gloo (see
+    ``_fix_pipefusion_gloo_p2p`` and ``docs/xfuser_cpu.md``): a gloo send completes only when
+    the receiver posts its receive and ``wait()`` blocks the host, so the shape sends that
+    both stages issue before posting their receives wait on each other; and a gloo ``isend``
+    whose Work is dropped (as ``pipeline_isend`` does) is never delivered.  Patched, for
+    gloo groups only: shape sends are kept but not waited; isend Work is kept until done.
 ``core.distributed.attention_backend.ATTENTION_FUNCTION_REGISTRY[SDPA_FLASH]``
     Ring attention merges partial results through the log-sum-exp, so ``runtime_state``
     rejects backends that return none (SDPA, SDPA_MATH, ...) when ``ring_degree > 1``: that
@@ -430,6 +437,8 @@ class _PatchingLoader(importlib.abc.Loader):
             self._fixup(module)
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... for inspect
+        if name == "_loader":
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
@@ -529,6 +538,8 @@ _PATCH_LIST: tuple[str, ...] = (
     "xfuser.envs.PackagesEnvChecker.check_long_ctx_attn -> yunchang importable (drops the CUDA requirement)",
     "xfuser.model_executor.layers.usp.PROCESS_GROUP -> yunchang.globals.PROCESS_GROUP (None on CPU)",
     "xfuser.core.distributed.group_coordinator.synchronize -> no-op (torch.cuda.synchronize)",
+    "xfuser...PipelineGroupCoordinator._communicate_shapes -> gloo: shape sends not waited (async PipeFusion deadlock)",
+    "xfuser...PipelineGroupCoordinator._pipeline_isend/_pipeline_isend_skip -> gloo: keep send Work until completed",
     "xfuser.core.distributed.attention_backend SDPA_FLASH -> aten._scaled_dot_product_flash_attention_for_cpu on CPU",
     "xfuser.model_executor.pipelines.pipeline_flux.xFuserFluxPipeline.prepare_run -> generator on envs device",
     "xfuser.model_executor.models.runner_models.base_model.*._local_onload_device -> envs.get_device",
