@@ -135,6 +135,9 @@ class XSlimEngine:
         self.use_token = "token" in levels
         self.seg_start = 1 if config.step_indicator == "first_block_residual" else 0
         self.default_steps = num_inference_steps
+        #: how many sequence-parallel shards the image tokens are split into (set by the xDiT
+        #: integration); statistics report global token counts
+        self.sequence_shards = 1
         self.count_flops = count_flops
         self.statistics = CacheStatistics()
         self.token_ctx = TokenContext() if self.use_token else None
@@ -494,7 +497,7 @@ class XSlimEngine:
                 plan.compute = self._select_blocks(state)
         elif decision.kind == StepKind.TOKEN:
             plan.token_index = self._select_tokens(state, img)
-            plan.token_count = int(plan.token_index.shape[1])
+            plan.token_count = int(plan.token_index.shape[1]) * self.sequence_shards
         if self.branch == 0:
             self._step_plan = plan
         self.statistics.bookkeeping_seconds += time.perf_counter() - tick

@@ -27,6 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+#: ``gather(x, stream)`` with ``stream`` "img" or "txt": the full key/value rows of that stream
+#: across sequence-parallel ranks (identity on one device).
+GatherFn = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def no_gather(x: torch.Tensor, stream: str) -> torch.Tensor:
+    return x
 
 
 def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -58,6 +65,7 @@ class TokenContext:
     record: bool = False
     kv: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
     attention: AttentionFn = sdpa_bshd
+    gather: GatherFn = no_gather
     query_rows: int = 0  # rows of queries attended in the last refresh (for statistics and tests)
 
     def reset(self) -> None:
@@ -176,6 +184,7 @@ class SelfAttnTokenProcessor(_TokenProcessor):
             q = attn.norm_q(q.transpose(1, 2)).transpose(1, 2)
         if attn.norm_k is not None:
             k = attn.norm_k(k.transpose(1, 2)).transpose(1, 2)
+        k, v = self.ctx.gather(k, "img"), self.ctx.gather(v, "img")
         self.ctx.query_rows += n_q
         out = self.ctx.attention(q, k, v, None).reshape(b, n_q, -1).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -263,7 +272,8 @@ class JointAttnTokenProcessor(_TokenProcessor):
         if image_rotary_emb is not None:
             cos, sin = image_rotary_emb
             if txt_first:  # FLUX: tables cover [txt, img]
-                k_full = apply_rope_bshd(torch.cat([k_txt, k_img], 1), cos, sin)
+                k_roped = apply_rope_bshd(torch.cat([k_txt, k_img], 1), cos, sin)
+                k_txt, k_img = k_roped[:, :n_txt], k_roped[:, n_txt:]
                 qc, qs = rope_rows((cos, sin), idx, n_txt)
                 q_img = apply_rope_bshd(q_img, qc, qs)
                 q_txt = apply_rope_bshd(q_txt, cos[:n_txt], sin[:n_txt])
@@ -271,8 +281,11 @@ class JointAttnTokenProcessor(_TokenProcessor):
                 k_img = apply_rope_bshd(k_img, cos, sin)
                 qc, qs = rope_rows((cos, sin), idx, 0)
                 q_img = apply_rope_bshd(q_img, qc, qs)
-        if image_rotary_emb is None or not txt_first:
-            k_full = torch.cat([k_txt, k_img], 1) if txt_first else torch.cat([k_img, k_txt], 1)
+        # Under sequence parallelism each rank holds a shard of the keys: gather them (after
+        # RoPE, which each rank applied with its own positions). Identity on one device.
+        k_img, v_img = ctx.gather(k_img, "img"), ctx.gather(v_img, "img")
+        k_txt, v_txt = ctx.gather(k_txt, "txt"), ctx.gather(v_txt, "txt")
+        k_full = torch.cat([k_txt, k_img], 1) if txt_first else torch.cat([k_img, k_txt], 1)
         v_full = torch.cat([v_txt, v_img], 1) if txt_first else torch.cat([v_img, v_txt], 1)
         q = torch.cat([q_txt, q_img], 1) if txt_first else torch.cat([q_img, q_txt], 1)
         ctx.query_rows += q_img.shape[1]

@@ -1,0 +1,166 @@
+"""X-Slim on xDiT: one decision per generation on every rank, and the xDiT command line.
+
+xDiT (``xfuser``) runs one generation on several ranks: sequence parallelism (Ulysses and
+Ring, "USP") shards the image tokens, CFG parallelism puts the two guidance branches on two
+ranks, PipeFusion splits the blocks into stages, data parallelism runs other prompts. This
+module finds, from xfuser's runtime state, the ranks that share one generation, and gives the
+engine a :class:`~xslim_xdit.parallel.GroupSync` over them, plus the sequence-parallel K/V
+gather that token refresh needs.
+
+Importing it imports xfuser (with the CPU compatibility layer where no accelerator exists).
+
+Example (every rank of a ``torchrun`` job, after the xFuser pipeline is built)::
+
+    from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper, add_xslim_args, config_from_args
+    parser = FlexibleArgumentParser(); parser = xFuserArgs.add_cli_args(parser); add_xslim_args(parser)
+    args = parser.parse_args()
+    pipe = XSlimXFuserWrapper(xFuserFluxPipeline.from_pretrained(...), config_from_args(args))
+    out = pipe(prompt=..., num_inference_steps=28)
+    print(pipe.get_cache_statistics().table())
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from ..api import XSlimPipelineWrapper, enable_xslim
+from ..config import PRESETS, XSlimConfig
+from ..engine import XSlimEngine
+from ..parallel.groups import SequenceParallelGather
+from ..parallel.sync import GroupSync, LocalSync
+from .xfuser_compat import apply_xfuser_cpu_compat
+
+apply_xfuser_cpu_compat()
+
+_GENERATION_GROUPS: dict[tuple[int, ...], Any] = {}
+
+
+def xdit_layout() -> dict[str, int]:
+    """The parallel degrees and this rank's coordinates, from xfuser's runtime state."""
+    from xfuser.core.distributed import parallel_state as ps
+
+    return {
+        "world": torch.distributed.get_world_size(),
+        "rank": torch.distributed.get_rank(),
+        "sp": ps.get_sequence_parallel_world_size(),
+        "ulysses": ps.get_ulysses_parallel_world_size(),
+        "ring": ps.get_ring_parallel_world_size(),
+        "pp": ps.get_pipeline_parallel_world_size(),
+        "cfg": ps.get_classifier_free_guidance_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "dp_rank": ps.get_data_parallel_rank(),
+    }
+
+
+def generation_group() -> tuple[Any, list[int]]:
+    """The process group of the ranks that work on this rank's generation (everything but
+    data parallelism), created once. Every rank must call it (it creates groups collectively)."""
+    layout = xdit_layout()
+    dp_of = [None] * layout["world"]
+    torch.distributed.all_gather_object(dp_of, layout["dp_rank"])
+    mine = None
+    for dp in sorted(set(dp_of)):
+        ranks = tuple(r for r, d in enumerate(dp_of) if d == dp)
+        if ranks not in _GENERATION_GROUPS:
+            _GENERATION_GROUPS[ranks] = torch.distributed.new_group(list(ranks))
+        if dp == layout["dp_rank"]:
+            mine = (_GENERATION_GROUPS[ranks], list(ranks))
+    assert mine is not None
+    return mine
+
+
+def enable_xslim_xdit(pipe_or_transformer: Any, config: XSlimConfig, timeout_s: float = 300.0) -> XSlimEngine:
+    """Enable X-Slim on an xFuser pipeline or an xfuser transformer wrapper, with decisions
+    shared by every rank of the generation. Call it on every rank.
+
+    Raises:
+        NotImplementedError: for PipeFusion (pipeline degree > 1), which is not supported yet
+            (see docs/parallel.md): the decision must then travel between stages point to point.
+    """
+    if not isinstance(config, XSlimConfig):
+        raise TypeError(f"config must be an XSlimConfig; got {type(config).__name__}")
+    if not torch.distributed.is_initialized():
+        return enable_xslim(pipe_or_transformer, config)
+    layout = xdit_layout()
+    if layout["pp"] > 1:
+        raise NotImplementedError(
+            "pipefusion_parallel_degree > 1 is not supported by X-Slim yet: stages would have to receive "
+            "the step decision point to point (see docs/parallel.md); use Ulysses/Ring/CFG parallelism"
+        )
+    group, ranks = generation_group()
+    sync = GroupSync(group, timeout_s=timeout_s) if len(ranks) > 1 else LocalSync()
+    engine = enable_xslim(pipe_or_transformer, config, sync=sync)
+    engine.sequence_shards = layout["sp"]
+    if engine.token_ctx is not None and layout["sp"] > 1:
+        from xfuser.core.distributed import get_runtime_state, get_sp_group
+
+        engine.token_ctx.gather = SequenceParallelGather(
+            get_sp_group().device_group, text_split=lambda: bool(get_runtime_state().split_text_embed_in_sp)
+        )
+    return engine
+
+
+class XSlimXFuserWrapper(XSlimPipelineWrapper):
+    """:class:`~xslim_xdit.XSlimPipelineWrapper` for xFuser pipelines: decisions agree across
+    the generation's ranks (sequence, CFG) and data-parallel replicas decide alone.
+
+    Example:
+        >>> pipe = XSlimXFuserWrapper(xfuser_pipe, XSlimConfig.from_preset("flux-fast"))  # doctest: +SKIP
+    """
+
+    def enable_xslim(self, config: XSlimConfig | None = None, **kwargs: Any) -> XSlimEngine:
+        self.engine = enable_xslim_xdit(self.pipe, config or XSlimConfig(), **kwargs)
+        return self.engine
+
+
+def add_xslim_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--xslim-*`` flags to an xDiT (``xFuserArgs``) argument parser.
+
+    Example:
+        >>> p = add_xslim_args(argparse.ArgumentParser())
+        >>> config_from_args(p.parse_args(["--xslim", "--xslim-preset", "flux-fast"])).preset
+        'flux-fast'
+    """
+    g = parser.add_argument_group("X-Slim caching")
+    g.add_argument("--xslim", action="store_true", help="enable X-Slim caching")
+    g.add_argument("--xslim-preset", choices=sorted(PRESETS), default=None, help="a published schedule")
+    g.add_argument("--xslim-warn", type=float, default=XSlimConfig.warn, help="early-warning threshold")
+    g.add_argument("--xslim-crit", type=float, default=XSlimConfig.crit, help="critical threshold")
+    g.add_argument("--xslim-warmup", type=int, default=XSlimConfig.warmup_steps, help="full warm-up steps")
+    g.add_argument(
+        "--xslim-polish",
+        choices=["token", "block", "auto", "none"],
+        default=XSlimConfig.polish,
+        help="polish level",
+    )
+    g.add_argument(
+        "--xslim-token-ratio", type=float, default=XSlimConfig.token_ratio, help="tokens refreshed"
+    )
+    g.add_argument("--xslim-block-thresh", type=float, default=2.0, help="block walk threshold")
+    g.add_argument("--xslim-rescale", default=None, help="indicator polynomial: flux, hunyuan_video")
+    g.add_argument("--xslim-schedule", default=None, help="a calibration JSON file to follow")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> XSlimConfig | None:
+    """The :class:`XSlimConfig` the ``--xslim-*`` flags describe (None without ``--xslim``)."""
+    if not getattr(args, "xslim", False):
+        return None
+    if args.xslim_schedule:
+        from ..calibration import CalibrationResult
+
+        return CalibrationResult.load(args.xslim_schedule).config()
+    if args.xslim_preset:
+        return XSlimConfig.from_preset(args.xslim_preset)
+    return XSlimConfig(
+        warn=args.xslim_warn,
+        crit=args.xslim_crit,
+        warmup_steps=args.xslim_warmup,
+        polish=args.xslim_polish,
+        token_ratio=args.xslim_token_ratio,
+        block_thresh=args.xslim_block_thresh,
+        rescale=args.xslim_rescale,
+    )
