@@ -1,0 +1,178 @@
+"""Testbeds the benchmark runs on: a model, how to sample it, and how to judge its samples.
+
+A testbed is the unit the runner loops over. Adding the FLUX-architecture or the
+HunyuanVideo-architecture model means writing one more :class:`Testbed` subclass (load the
+pipeline, sample a batch from a seed, score a set of samples against real data) and adding it to
+:data:`TESTBEDS`; methods, timing, metrics, plots and the report need no change.
+
+Example:
+    >>> tb = TESTBEDS["digits"]()
+    >>> tb.conditions(12)[:3]
+    [0, 1, 2]
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class Testbed(ABC):
+    """One model to benchmark.
+
+    Attributes:
+        name: key in :data:`TESTBEDS` and in ``results.json``.
+        guidance_scale: classifier-free guidance used for every sample.
+        checkpoint_note: set by :meth:`load`: which weights were used (trained or random).
+    """
+
+    name: str = ""
+    guidance_scale: float = 1.0
+    checkpoint_note: str = ""
+
+    @abstractmethod
+    def load(self, checkpoint: str | None) -> Any:
+        """Return the pipeline (``.transformer`` and ``.scheduler``), in eval mode."""
+
+    @abstractmethod
+    def conditions(self, n: int) -> list[Any]:
+        """The condition (class, prompt ...) of each of ``n`` samples, in order."""
+
+    @abstractmethod
+    def generate(self, pipe: Any, conditions: list[Any], steps: int, seed: int) -> torch.Tensor:
+        """Sample one batch; images in ``[0, 1]``, shape ``(B, C, H, W)`` (videos: ``(B, C, T, H, W)``)."""
+
+    @abstractmethod
+    def sample_quality(self, images: torch.Tensor, conditions: list[Any]) -> dict[str, float]:
+        """Distribution metrics of a sample set, e.g. ``accuracy`` and ``frechet_distance``."""
+
+    @abstractmethod
+    def floors(self, n: int, seed: int = 0) -> dict[str, float]:
+        """The same metrics on real data (the best a generator can score), for ``n`` samples."""
+
+    def calibration_run(self, pipe: Any, steps: int) -> Callable[[], Any]:
+        """A callable that runs one generation for X-Slim's offline calibration (one sample whose
+        seed and condition differ from the evaluated ones)."""
+        cond = self.conditions(1)
+        return lambda: self.generate(pipe, cond, steps, seed=987_654)
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the model for the report."""
+        return {"name": self.name, "guidance_scale": self.guidance_scale, "checkpoint": self.checkpoint_note}
+
+
+class DigitsTestbed(Testbed):
+    """The class-conditional DiT on scikit-learn's digits (16x16, DDIM, batched CFG).
+
+    ``checkpoint=None`` loads the committed checkpoint; ``"random"`` builds an untrained DiT of
+    the same shape (for CI when no checkpoint exists; its quality numbers mean nothing).
+    """
+
+    name = "digits"
+
+    def __init__(self) -> None:
+        from benchmarks.testbeds.digits import DEFAULT_GUIDANCE_SCALE
+
+        self.guidance_scale = DEFAULT_GUIDANCE_SCALE
+        self._classifier: Any = None
+
+    def load(self, checkpoint: str | None) -> Any:
+        from benchmarks.testbeds.digits import (
+            DEFAULT_CHECKPOINT,
+            DigitsDiTPipeline,
+            make_transformer,
+        )
+
+        if checkpoint == "random":
+            from benchmarks.testbeds.train_digits_dit import make_sampling_scheduler, make_train_scheduler
+
+            torch.manual_seed(0)
+            tr = make_transformer().eval()
+            self.checkpoint_note = "random weights (untrained): quality numbers are meaningless"
+            return DigitsDiTPipeline(tr, make_sampling_scheduler(make_train_scheduler()))
+        path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+        if not (path / "transformer").is_dir():
+            raise FileNotFoundError(
+                f"no digits DiT checkpoint at {path} (train one with "
+                "`python -m benchmarks.testbeds.train_digits_dit`, or pass --checkpoint random)"
+            )
+        self.checkpoint_note = str(path)
+        return DigitsDiTPipeline.from_checkpoint(path)
+
+    def conditions(self, n: int) -> list[Any]:
+        return [i % 10 for i in range(n)]
+
+    def generate(self, pipe: Any, conditions: list[Any], steps: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return pipe(
+            torch.tensor(conditions),
+            num_inference_steps=steps,
+            guidance_scale=self.guidance_scale,
+            generator=gen,
+            progress=False,
+        )
+
+    def _clf(self) -> Any:
+        if self._classifier is None:
+            from benchmarks.testbeds.digits_classifier import load_classifier
+
+            self._classifier = load_classifier()
+        return self._classifier
+
+    def sample_quality(self, images: torch.Tensor, conditions: list[Any]) -> dict[str, float]:
+        from benchmarks.metrics import sample_quality
+
+        q = sample_quality(images, torch.tensor(conditions), self._clf())
+        return {"accuracy": q["accuracy"], "frechet_distance": q["frechet_distance"]}
+
+    def floors(self, n: int, seed: int = 0) -> dict[str, float]:
+        """Real-vs-real: ``n`` real training digits (balanced as the samples) scored like samples,
+        and the whole train split against the test split."""
+        from benchmarks.metrics import frechet_distance, sample_quality
+        from benchmarks.testbeds.digits import load_digits_images
+        from benchmarks.testbeds.digits_classifier import classify
+
+        x_train, y_train = load_digits_images("train")
+        x_test, y_test = load_digits_images("test")
+        rng = random.Random(seed)
+        by_class: dict[int, list[int]] = {}
+        for i, y in enumerate(y_train.tolist()):
+            by_class.setdefault(y, []).append(i)
+        for v in by_class.values():
+            rng.shuffle(v)
+        conds = self.conditions(n)
+        counters: dict[int, int] = {}
+        idx = []
+        for c in conds:
+            k = counters.get(c, 0)
+            idx.append(by_class[c][k % len(by_class[c])])
+            counters[c] = k + 1
+        real = (x_train[idx] + 1) / 2
+        q = sample_quality(real, torch.tensor(conds), self._clf())
+        logits_t, feats_t = classify((x_test + 1) / 2, self._clf())
+        _, feats_tr = classify((x_train + 1) / 2, self._clf())
+        return {
+            "accuracy_real_n": q["accuracy"],
+            "frechet_distance_real_n": q["frechet_distance"],
+            "accuracy_real_test": float((logits_t.argmax(1) == y_test).float().mean()),
+            "frechet_distance_train_vs_test": frechet_distance(feats_tr, feats_t),
+            "n": float(n),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(
+            model="DiTTransformer2DModel (6 blocks, width 128, 64 tokens), epsilon-prediction",
+            sampler="DDIM eta=0, classifier-free guidance batched [cond; uncond] in one forward",
+            data="scikit-learn digits, 16x16, 10 classes",
+        )
+        return d
+
+
+#: Registered testbeds: name -> class. FLUX- and HunyuanVideo-architecture testbeds go here.
+TESTBEDS: dict[str, type[Testbed]] = {"digits": DigitsTestbed}
