@@ -36,6 +36,20 @@ def _split(pipe_or_transformer: Any) -> tuple[Any, nn.Module]:
     return pipe_or_transformer, transformer
 
 
+def _inner_scheduler(scheduler: Any) -> Any:
+    """The scheduler object itself: xfuser wraps schedulers (``.module``) and forwards attributes."""
+    for _ in range(4):
+        inner = (
+            vars(scheduler).get("module")
+            if scheduler is not None and hasattr(scheduler, "__dict__")
+            else None
+        )
+        if inner is None:
+            break
+        scheduler = inner
+    return scheduler
+
+
 def enable_xslim(
     pipe_or_transformer: Any,
     config: XSlimConfig | None = None,
@@ -78,8 +92,8 @@ def enable_xslim(
     engine.attach()
     setattr(transformer, _ENGINE_ATTR, engine)
     if pipe is not None:
-        scheduler = pipe.scheduler
-        if scheduler is not None and not hasattr(scheduler, _SCHEDULER_ATTR):
+        scheduler = _inner_scheduler(pipe.scheduler)
+        if scheduler is not None and _SCHEDULER_ATTR not in vars(scheduler):
             original = scheduler.set_timesteps
 
             @functools.wraps(original)
@@ -108,9 +122,10 @@ def disable_xslim(pipe_or_transformer: Any) -> None:
     if engine is not None:
         engine.detach()
         delattr(transformer, _ENGINE_ATTR)
-    if pipe is not None and pipe.scheduler is not None and hasattr(pipe.scheduler, _SCHEDULER_ATTR):
-        del pipe.scheduler.set_timesteps
-        delattr(pipe.scheduler, _SCHEDULER_ATTR)
+    scheduler = _inner_scheduler(pipe.scheduler) if pipe is not None else None
+    if scheduler is not None and _SCHEDULER_ATTR in vars(scheduler):
+        del scheduler.set_timesteps
+        delattr(scheduler, _SCHEDULER_ATTR)
 
 
 def get_engine(pipe_or_transformer: Any) -> XSlimEngine | None:

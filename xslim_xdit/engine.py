@@ -138,6 +138,18 @@ class XSlimEngine:
         #: how many sequence-parallel shards the image tokens are split into (set by the xDiT
         #: integration); statistics report global token counts
         self.sequence_shards = 1
+        # Whole-depth view (differs from the local blocks under PipeFusion, see set_pipeline):
+        # first global index of the local blocks, and each stack's global [start, end).
+        self.block_offset = 0
+        self.global_stacks: list[tuple[int, int]] = []
+        start = 0
+        for st in self.stacks:
+            self.global_stacks.append((start, start + len(st.blocks)))
+            start += len(st.blocks)
+        self.total_blocks = start
+        self.pipeline: Any = None
+        self._remote_mag: list[torch.Tensor] = []
+        self._stats_due = False
         self.count_flops = count_flops
         self.statistics = CacheStatistics()
         self.token_ctx = TokenContext() if self.use_token else None
@@ -162,6 +174,27 @@ class XSlimEngine:
         #: per-step measurements of a run, filled when ``profiling`` is set (see calibration)
         self.profiling = False
         self.profile: list[dict[str, Any]] = []
+
+    def set_pipeline(self, channel: Any, global_stacks: list[tuple[int, int]]) -> None:
+        """Run as one stage of a PipeFusion pipeline (see :mod:`xslim_xdit.parallel.pipeline`).
+
+        ``global_stacks`` are the whole model's stacks as global ``[start, end)`` block ranges;
+        the local blocks are ``channel.block_ranges[channel.stage]``.
+        """
+        if self.use_token:
+            raise NotImplementedError(
+                "token refresh under PipeFusion is not supported: xfuser's patch K/V buffers would be "
+                "bypassed; use polish='block' or 'none' (or a schedule without token steps)"
+            )
+        first, n = channel.block_ranges[channel.stage]
+        if n != len(self.blocks):
+            raise XSlimRuntimeError(f"stage {channel.stage} holds {len(self.blocks)} blocks, expected {n}")
+        self.pipeline = channel
+        self.block_offset = first
+        self.global_stacks = list(global_stacks)
+        self.total_blocks = channel.total_blocks
+        if first > 0:
+            self.seg_start = 0  # the probe block lives on the first stage
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> XSlimEngine:
@@ -224,6 +257,8 @@ class XSlimEngine:
         self.branches.clear()
         self.plan = None
         self._step_plan = None
+        self._remote_mag = []
+        self._stats_due = False
         if self.token_ctx is not None:
             self.token_ctx.reset()
 
@@ -277,7 +312,7 @@ class XSlimEngine:
                 indicator=d.indicator,
                 error=d.error,
                 blocks_computed=plan.blocks_computed,
-                blocks_total=len(self.blocks),
+                blocks_total=len(self.blocks),  # on this rank (a pipeline stage holds a slice)
                 tokens_computed=plan.tokens_computed,
                 tokens_total=rows_full * len(self.blocks),
                 flops=(plan.flops + nonblock) if full_flops else 0,
@@ -335,7 +370,7 @@ class XSlimEngine:
             return self.adapter.make_output(stack, img, call.txt)
         if kind == StepKind.TOKEN:
             return self._token_block(g, call, state, last)
-        if kind == StepKind.BLOCK and not plan.compute[g - self.seg_start]:
+        if kind == StepKind.BLOCK and not plan.compute[g + self.block_offset]:
             d_img, d_txt = state.block_res[g]
             txt = call.txt + d_txt if (call.txt is not None and d_txt is not None) else call.txt
             out_img = call.img + d_img
@@ -361,6 +396,16 @@ class XSlimEngine:
                 self._record_block_mag(state, g, out_img, call.img)
         if last:
             self._finish_stack(state, out_img, kind)
+            if (
+                self.pipeline is not None
+                and not self.pipeline.is_first
+                and self.use_block
+                and kind == StepKind.FULL
+                and self.branch == 0
+                and self.step < (self.num_steps or 0) - 1
+                and state.block_mag is not None
+            ):
+                self.pipeline.send_block_stats(state.block_mag)
         return out
 
     def _token_block(self, g: int, call: BlockCall, state: BranchState, last: bool) -> Any:
@@ -451,7 +496,8 @@ class XSlimEngine:
             probe = self.adapter.split_output(call.stack, probe_out)[0] - img
         else:
             probe_flops = 0
-            want_probe = isinstance(self.controller, OnlineController) or self.profiling
+            first_stage = self.pipeline is None or self.pipeline.is_first
+            want_probe = first_stage and (isinstance(self.controller, OnlineController) or self.profiling)
             probe = self.adapter.modulated_input(blk0, call) if want_probe else None
 
         forced = self.controller.forced_full(self.step)
@@ -466,11 +512,17 @@ class XSlimEngine:
                 )
                 sums = self.sync.sum_partials(sums)
                 indicator = float(sums[0] / sums[1]) if float(sums[1]) > 0 else None
+        received: list[int] | None = None
         if self.branch > 0 and self._step_plan is not None:
             decision = self._step_plan.decision
+        elif self.pipeline is not None and not self.pipeline.is_first:
+            received = self.pipeline.forward_decision(None, 1 + self.total_blocks)
+            decision = StepDecision(self.step, StepKind(received[0]), None, 0.0, "from the previous stage")
         else:
+            if self.pipeline is not None and self._stats_due:
+                self._remote_mag = self.pipeline.recv_block_stats()
             decision = self.controller.decide(self.step, None if forced else indicator)
-            decision = self._feasible(decision, state)
+            decision = self._feasible(decision, state, img)
             if not forced:
                 agreed = self.sync.agree([int(decision.kind)], device=img.device)
                 if agreed[0] != int(decision.kind):
@@ -482,6 +534,10 @@ class XSlimEngine:
                 decision = StepDecision(
                     decision.step, decision.kind, indicator, decision.error, decision.reason
                 )
+        if self.branch == 0:
+            self._stats_due = (
+                self.use_block and decision.kind == StepKind.FULL and self.step < (self.num_steps or 0) - 1
+            )
         if probe is not None:
             state.probe_prev = probe.detach()
         plan = CallPlan(decision, rows_full=rows_full, probe_out=probe_out)
@@ -491,10 +547,17 @@ class XSlimEngine:
             plan.tokens_computed = rows_full
         self.plan = plan
         if decision.kind == StepKind.BLOCK:
-            if self.branch > 0 and self._step_plan is not None and self._step_plan.compute is not None:
+            if received is not None:
+                plan.compute = [bool(c) for c in received[1:]]
+            elif self.branch > 0 and self._step_plan is not None and self._step_plan.compute is not None:
                 plan.compute = list(self._step_plan.compute)
             else:
                 plan.compute = self._select_blocks(state)
+        if self.pipeline is not None and self.pipeline.is_first and self.branch == 0:
+            mask = plan.compute if plan.compute is not None else [True] * self.total_blocks
+            self.pipeline.forward_decision(
+                [int(decision.kind)] + [int(c) for c in mask], 1 + self.total_blocks
+            )
         elif decision.kind == StepKind.TOKEN:
             plan.token_index = self._select_tokens(state, img)
             plan.token_count = int(plan.token_index.shape[1]) * self.sequence_shards
@@ -502,11 +565,12 @@ class XSlimEngine:
             self._step_plan = plan
         self.statistics.bookkeeping_seconds += time.perf_counter() - tick
 
-    def _feasible(self, d: StepDecision, state: BranchState) -> StepDecision:
+    def _feasible(self, d: StepDecision, state: BranchState, img: torch.Tensor) -> StepDecision:
         """Downgrade a decision the caches cannot serve yet (identically on every rank: cache
-        presence depends only on the decision history, which ranks share)."""
+        presence and shapes depend only on the decision history and the layout, which ranks
+        share; PipeFusion's switch from whole images to patches changes the shapes)."""
         kind = d.kind
-        if kind != StepKind.FULL and state.res_stack is None:
+        if kind != StepKind.FULL and (state.res_stack is None or state.res_stack.shape != img.shape):
             kind = StepKind.FULL
         if kind == StepKind.BLOCK and (not self.use_block or state.block_mag is None):
             kind = StepKind.FULL
@@ -525,15 +589,23 @@ class XSlimEngine:
         )
 
     def _select_blocks(self, state: BranchState) -> list[bool]:
+        """The whole-depth block mask (global indices), from every stage's magnitudes."""
         assert state.block_mag is not None
-        sums = self.sync.sum_block_partials(state.block_mag.clone())
+        local = state.block_mag
+        if self.pipeline is not None:
+            local = torch.cat([local.to(torch.float64)] + [m.to(local.device) for m in self._remote_mag])
+        sums = self.sync.sum_block_partials(local.clone())
+        if sums.shape[0] != self.total_blocks:
+            raise XSlimRuntimeError(
+                f"block statistics cover {sums.shape[0]} blocks, the model has {self.total_blocks}"
+            )
         mags = (sums[:, 0] / sums[:, 1].clamp_min(1)).tolist()
         compute: list[bool] = []
-        for si, st in enumerate(self.stacks):
-            first = sum(len(s.blocks) for s in self.stacks[:si])
-            idx = [g for g in range(first, first + len(st.blocks)) if g >= self.seg_start]
+        for si, (start, end) in enumerate(self.global_stacks):
+            managed = [g for g in range(start, end) if g >= self.seg_start]
+            compute += [True] * (end - start - len(managed))
             compute += select_blocks(
-                [mags[g] for g in idx],
+                [mags[g] for g in managed],
                 self.config.block_threshold(si),
                 self.config.block_first_n,
                 self.config.block_thresh_scale,

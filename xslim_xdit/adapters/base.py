@@ -29,6 +29,7 @@ class BlockStack:
 
     name: str
     blocks: nn.ModuleList
+    attr: str = "transformer_blocks"  # the model attribute holding the blocks
     img_arg: str = "hidden_states"
     txt_arg: str | None = None  # argument carrying the text stream, for joint blocks
     output: OutputLayout = "img"

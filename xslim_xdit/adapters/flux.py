@@ -20,10 +20,17 @@ class FluxAdapter(ModelAdapter):
 
     def stacks(self, model: nn.Module) -> list[BlockStack]:
         return [
-            BlockStack("double", model.transformer_blocks, txt_arg="encoder_hidden_states", output="txt_img"),
+            BlockStack(
+                "double",
+                model.transformer_blocks,
+                "transformer_blocks",
+                txt_arg="encoder_hidden_states",
+                output="txt_img",
+            ),
             BlockStack(
                 "single",
                 model.single_transformer_blocks,
+                "single_transformer_blocks",
                 txt_arg="encoder_hidden_states",
                 output="txt_img",
                 attn_text_position="first",

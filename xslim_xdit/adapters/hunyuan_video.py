@@ -20,10 +20,17 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     def stacks(self, model: nn.Module) -> list[BlockStack]:
         return [
-            BlockStack("double", model.transformer_blocks, txt_arg="encoder_hidden_states", output="img_txt"),
+            BlockStack(
+                "double",
+                model.transformer_blocks,
+                "transformer_blocks",
+                txt_arg="encoder_hidden_states",
+                output="img_txt",
+            ),
             BlockStack(
                 "single",
                 model.single_transformer_blocks,
+                "single_transformer_blocks",
                 txt_arg="encoder_hidden_states",
                 output="img_txt",
                 # the single-stream processor concatenates [img, txt] itself before to_k

@@ -55,45 +55,91 @@ def xdit_layout() -> dict[str, int]:
     }
 
 
-def generation_group() -> tuple[Any, list[int]]:
-    """The process group of the ranks that work on this rank's generation (everything but
-    data parallelism), created once. Every rank must call it (it creates groups collectively)."""
-    layout = xdit_layout()
-    dp_of = [None] * layout["world"]
-    torch.distributed.all_gather_object(dp_of, layout["dp_rank"])
+def _groups_by(key_of_rank: list[Any], my_key: Any) -> tuple[Any, list[int]]:
+    """Create (once, collectively, in the same order on every rank) a group per distinct key;
+    return this rank's group and its ranks."""
     mine = None
-    for dp in sorted(set(dp_of)):
-        ranks = tuple(r for r, d in enumerate(dp_of) if d == dp)
+    for key in sorted(set(key_of_rank)):
+        ranks = tuple(r for r, k in enumerate(key_of_rank) if k == key)
         if ranks not in _GENERATION_GROUPS:
             _GENERATION_GROUPS[ranks] = torch.distributed.new_group(list(ranks))
-        if dp == layout["dp_rank"]:
+        if key == my_key:
             mine = (_GENERATION_GROUPS[ranks], list(ranks))
     assert mine is not None
     return mine
+
+
+def generation_group() -> tuple[Any, list[int]]:
+    """The process group of the ranks that decide together: the same data-parallel replica and
+    the same pipeline stage (sequence shards and CFG branches). Created once; every rank must
+    call it (groups are created collectively)."""
+    layout = xdit_layout()
+    from xfuser.core.distributed import parallel_state as ps
+
+    my_key = (layout["dp_rank"], ps.get_pipeline_parallel_rank())
+    keys: list[Any] = [None] * layout["world"]
+    torch.distributed.all_gather_object(keys, my_key)
+    return _groups_by(keys, my_key)
+
+
+def pipeline_channel(transformer: Any, engine: XSlimEngine) -> Any:
+    """The stage-to-stage channel of this rank's PipeFusion pipeline (collective over the world)."""
+    from xfuser.core.distributed import get_pp_group
+    from xfuser.core.distributed import parallel_state as ps
+
+    from ..parallel.pipeline import PipelineChannel
+
+    pp_ranks = tuple(get_pp_group().ranks)
+    info = (pp_ranks, ps.get_pipeline_parallel_rank(), len(engine.blocks))
+    infos: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(infos, info)
+    group, _ = _groups_by([i[0] for i in infos], pp_ranks)
+    counts = {r: i[2] for r, i in enumerate(infos)}
+    ranges, start = [], 0
+    for r in pp_ranks:
+        ranges.append((start, counts[r]))
+        start += counts[r]
+    device = next(transformer.parameters()).device
+    if torch.distributed.get_backend(group) == "gloo":
+        device = torch.device("cpu")
+    return PipelineChannel(group, list(pp_ranks), info[1], ranges, device)
+
+
+def _global_stacks(transformer: Any, engine: XSlimEngine) -> list[tuple[int, int]]:
+    """The whole model's stacks as global block ranges (xfuser records them before splitting)."""
+    blocks_idx = getattr(transformer, "blocks_idx", None)
+    if not blocks_idx:
+        raise RuntimeError("the xfuser transformer wrapper does not expose blocks_idx; cannot map stages")
+    return [tuple(blocks_idx[st.attr]) for st in engine.stacks]
 
 
 def enable_xslim_xdit(pipe_or_transformer: Any, config: XSlimConfig, timeout_s: float = 300.0) -> XSlimEngine:
     """Enable X-Slim on an xFuser pipeline or an xfuser transformer wrapper, with decisions
     shared by every rank of the generation. Call it on every rank.
 
+    Under PipeFusion the first stage decides and the decision travels to the later stages point
+    to point (:mod:`xslim_xdit.parallel.pipeline`).
+
     Raises:
-        NotImplementedError: for PipeFusion (pipeline degree > 1), which is not supported yet
-            (see docs/parallel.md): the decision must then travel between stages point to point.
+        NotImplementedError: token refresh under PipeFusion.
     """
     if not isinstance(config, XSlimConfig):
         raise TypeError(f"config must be an XSlimConfig; got {type(config).__name__}")
     if not torch.distributed.is_initialized():
         return enable_xslim(pipe_or_transformer, config)
     layout = xdit_layout()
-    if layout["pp"] > 1:
+    if layout["pp"] > 1 and "token" in config.levels:
         raise NotImplementedError(
-            "pipefusion_parallel_degree > 1 is not supported by X-Slim yet: stages would have to receive "
-            "the step decision point to point (see docs/parallel.md); use Ulysses/Ring/CFG parallelism"
+            "token refresh under PipeFusion (pipefusion_parallel_degree > 1) is not supported: xfuser's "
+            "patch K/V buffers would be bypassed; use polish='block' or 'none', or a schedule without token steps"
         )
     group, ranks = generation_group()
     sync = GroupSync(group, timeout_s=timeout_s) if len(ranks) > 1 else LocalSync()
     engine = enable_xslim(pipe_or_transformer, config, sync=sync)
     engine.sequence_shards = layout["sp"]
+    if layout["pp"] > 1:
+        transformer = engine.model
+        engine.set_pipeline(pipeline_channel(transformer, engine), _global_stacks(transformer, engine))
     if engine.token_ctx is not None and layout["sp"] > 1:
         from xfuser.core.distributed import get_runtime_state, get_sp_group
 
@@ -119,6 +165,10 @@ class XSlimXFuserWrapper(XSlimPipelineWrapper):
 def add_xslim_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``--xslim-*`` flags to an xDiT (``xFuserArgs``) argument parser.
 
+    Each flag is registered with dashes and with underscores (``--xslim-warn`` and
+    ``--xslim_warn``): xDiT's ``FlexibleArgumentParser`` rewrites every dash in an option name
+    to an underscore before parsing, so dash-only flags would be rejected by it.
+
     Example:
         >>> p = add_xslim_args(argparse.ArgumentParser())
         >>> config_from_args(p.parse_args(["--xslim", "--xslim-preset", "flux-fast"])).preset
@@ -126,22 +176,45 @@ def add_xslim_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """
     g = parser.add_argument_group("X-Slim caching")
     g.add_argument("--xslim", action="store_true", help="enable X-Slim caching")
-    g.add_argument("--xslim-preset", choices=sorted(PRESETS), default=None, help="a published schedule")
-    g.add_argument("--xslim-warn", type=float, default=XSlimConfig.warn, help="early-warning threshold")
-    g.add_argument("--xslim-crit", type=float, default=XSlimConfig.crit, help="critical threshold")
-    g.add_argument("--xslim-warmup", type=int, default=XSlimConfig.warmup_steps, help="full warm-up steps")
+    g.add_argument(
+        "--xslim-preset", "--xslim_preset", choices=sorted(PRESETS), default=None, help="a published schedule"
+    )
+    g.add_argument(
+        "--xslim-warn", "--xslim_warn", type=float, default=XSlimConfig.warn, help="early-warning threshold"
+    )
+    g.add_argument(
+        "--xslim-crit", "--xslim_crit", type=float, default=XSlimConfig.crit, help="critical threshold"
+    )
+    g.add_argument(
+        "--xslim-warmup",
+        "--xslim_warmup",
+        type=int,
+        default=XSlimConfig.warmup_steps,
+        help="full warm-up steps",
+    )
     g.add_argument(
         "--xslim-polish",
+        "--xslim_polish",
         choices=["token", "block", "auto", "none"],
         default=XSlimConfig.polish,
         help="polish level",
     )
     g.add_argument(
-        "--xslim-token-ratio", type=float, default=XSlimConfig.token_ratio, help="tokens refreshed"
+        "--xslim-token-ratio",
+        "--xslim_token_ratio",
+        type=float,
+        default=XSlimConfig.token_ratio,
+        help="tokens refreshed",
     )
-    g.add_argument("--xslim-block-thresh", type=float, default=2.0, help="block walk threshold")
-    g.add_argument("--xslim-rescale", default=None, help="indicator polynomial: flux, hunyuan_video")
-    g.add_argument("--xslim-schedule", default=None, help="a calibration JSON file to follow")
+    g.add_argument(
+        "--xslim-block-thresh", "--xslim_block_thresh", type=float, default=2.0, help="block walk threshold"
+    )
+    g.add_argument(
+        "--xslim-rescale", "--xslim_rescale", default=None, help="indicator polynomial: flux, hunyuan_video"
+    )
+    g.add_argument(
+        "--xslim-schedule", "--xslim_schedule", default=None, help="a calibration JSON file to follow"
+    )
     return parser
 
 

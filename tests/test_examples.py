@@ -1,0 +1,125 @@
+"""The torchrun examples run end to end on CPU with ``--tiny``: each on one process, FLUX also on
+two Ulysses ranks, and ``--help`` on each. All subprocesses start together (most of their time is
+importing xfuser) and each has a hard timeout that kills its process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiproc
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TIMEOUT = 240
+XSLIM = ["--xslim", "--xslim-polish", "auto", "--xslim-warmup", "2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    return env
+
+
+def _commands() -> dict[str, list[str]]:
+    py = [sys.executable]
+    run2 = py + ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmds = {
+        f"{name}-1": py + [str(EXAMPLES / f"{name}_example.py"), "--tiny", *XSLIM]
+        for name in ("flux", "pixart", "hunyuan_video")
+    }
+    cmds["flux-ulysses2"] = run2 + [
+        str(EXAMPLES / "flux_example.py"),
+        "--tiny",
+        "--ulysses_degree",
+        "2",
+        *XSLIM,
+    ]
+    for name in ("flux", "pixart", "hunyuan_video"):
+        cmds[f"{name}-help"] = py + [str(EXAMPLES / f"{name}_example.py"), "--help"]
+    return cmds
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, tuple[int, str]]:
+    procs = {
+        key: subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for key, cmd in _commands().items()
+    }
+    out: dict[str, tuple[int, str]] = {}
+    try:
+        for key, p in procs.items():
+            try:
+                text, _ = p.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                text, _ = p.communicate()
+                text = f"TIMEOUT after {TIMEOUT}s\n{text}"
+            out[key] = (p.returncode, text)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    return out
+
+
+def _result(runs, key) -> dict:
+    code, text = runs[key]
+    assert code == 0, text[-4000:]
+    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    assert len(lines) == 1, text[-4000:]  # printed by the last rank only
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+@pytest.mark.parametrize("name", ["flux", "pixart", "hunyuan_video"])
+def test_example_runs_tiny_on_one_process(runs, name):
+    res = _result(runs, f"{name}-1")
+    assert res["example"] == name
+    assert res["kinds"][0] == "full" and res["kinds"][-1] == "full"
+    assert len(res["kinds"]) == 10
+    assert 0 < res["flops_fraction"] < 1  # X-Slim reused something
+    assert res["seconds_baseline"] > 0 and res["seconds_xslim"] > 0 and res["speedup"] > 0
+    assert 0 < res["max_abs_diff_vs_baseline"] < 1
+    assert res["collectives"] == 0  # a world of one decides alone
+    assert "step kind" in runs[f"{name}-1"][1]  # the statistics table
+
+
+def test_flux_example_ulysses2_decides_like_one_process(runs):
+    one, two = _result(runs, "flux-1"), _result(runs, "flux-ulysses2")
+    assert "ulysses2" in two["parallel"]
+    assert two["collectives"] > 0
+    # this run has no token steps, so the per-shard token selection plays no part: same decisions
+    assert "token" not in one["kinds"]
+    assert two["kinds"] == one["kinds"]
+    assert two["max_abs_diff_vs_baseline"] == pytest.approx(one["max_abs_diff_vs_baseline"], abs=1e-2)
+
+
+@pytest.mark.parametrize("name", ["flux", "pixart", "hunyuan_video"])
+def test_example_help(runs, name):
+    code, text = runs[f"{name}-help"]
+    assert code == 0, text[-3000:]
+    for flag in ("--ulysses_degree", "--xslim-warn", "--tiny", "--model"):
+        assert flag in text

@@ -1,0 +1,43 @@
+"""X-Slim under xDiT's PipeFusion (2 stages, xfuser's own xFuserFluxPipeline, CPU, gloo): the first
+stage decides, the decision travels to the next stage point to point, and block selection uses
+the whole depth, so both stages make the single device's decisions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _dist import run_ranks
+from _pp_workers import STEPS, pipefusion, single_device
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.mark.parametrize("which", ["online", "schedule"])
+def test_pipefusion_sync_phase_matches_single_device(tmp_path, which):
+    ref = single_device(which)
+    stages = run_ranks(
+        pipefusion, 2, tmp_path, which, STEPS, 1, timeout=240
+    )  # warm-up = all steps: synchronous
+    assert stages[0]["log"] == stages[1]["log"] == ref["log"]
+    kinds = {k for k, _, _ in ref["log"]}
+    assert kinds == {"full", "block", "skip"}
+    masks = {m for k, m, _ in ref["log"] if k == "block"}
+    assert all(len(m) == 6 and 0 < sum(m) < 6 for m in masks)  # the walk spans both stages' blocks
+    last = stages[1]["x"]  # only the last stage returns latents
+    torch.testing.assert_close(last, ref["x"], rtol=0, atol=1e-4)  # measured 4.8e-7
+    # one decision message per step, plus block statistics after each full step but the last
+    n_full = sum(k == "full" for k, _, _ in ref["log"])
+    assert stages[0]["messages"] == STEPS + n_full - 1
+
+
+def test_pipefusion_async_patches_agree_and_finish(tmp_path):
+    ref = single_device("schedule")
+    stages = run_ranks(pipefusion, 2, tmp_path, "schedule", 2, 2, timeout=240)  # 2 warm-up steps, 2 patches
+    assert stages[0]["log"] == stages[1]["log"]
+    log = [k for k, _, _ in stages[0]["log"]]
+    ref_log = [k for k, _, _ in ref["log"]]
+    # The switch from whole images to patches (step 2) has no patch-shaped cache yet: full there,
+    # the schedule everywhere else.
+    assert log[2] == "full" and log[:2] == ref_log[:2] and log[3:] == ref_log[3:]
+    # PipeFusion itself reuses the other patch's one-step-old activations (8e-3 without caching).
+    assert (stages[1]["x"] - ref["x"]).abs().max() < 0.1

@@ -1,0 +1,106 @@
+"""PipeFusion: the step decision travels from stage to stage, point to point.
+
+A collective that spans pipeline stages cannot sit inside the transformer's forward: while the
+first stage runs its blocks, the next stage is waiting to receive them, so both would wait for
+each other. The first stage (which holds block 0 and so the probe) decides; the decision is sent
+to the next stage before the activations are, and each stage forwards it. After a full step the
+later stages send their per-block statistics back to the first stage, which reads them when it
+next decides, by which time the pipeline has delivered them (the first stage cannot start the
+next step before the last stage has returned the current one).
+
+All messages go through a process group of their own, so they never interleave with xfuser's
+own pipeline traffic. Sends are posted without waiting (a gloo send blocks until its receive is
+posted) and their handles kept until complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class PipelineChannel:
+    """Decision and statistics messages between the stages of one pipeline.
+
+    Attributes:
+        group: a process group containing exactly this pipeline's ranks.
+        ranks: the global ranks of the stages, in stage order.
+        stage: this rank's stage index.
+        block_ranges: ``(first global block, number of blocks)`` of every stage.
+        device: where message tensors live (CPU for gloo, the model's device otherwise).
+    """
+
+    group: Any
+    ranks: list[int]
+    stage: int
+    block_ranges: list[tuple[int, int]]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    messages: int = 0
+    _pending: list[tuple[Any, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    @property
+    def total_blocks(self) -> int:
+        first, n = self.block_ranges[-1]
+        return first + n
+
+    def _send(self, t: torch.Tensor, dst_stage: int) -> None:
+        import torch.distributed as dist
+
+        self._reap()
+        t = t.to(self.device).contiguous()
+        work = dist.isend(t, dst=self.ranks[dst_stage], group=self.group)
+        self._pending.append((work, t))
+        self.messages += 1
+
+    def _recv(self, like: torch.Tensor, src_stage: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        t = torch.empty_like(like, device=self.device)
+        dist.recv(t, src=self.ranks[src_stage], group=self.group)
+        self.messages += 1
+        return t
+
+    def _reap(self) -> None:
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+
+    def forward_decision(self, values: list[int] | None, length: int) -> list[int]:
+        """First stage: send ``values`` on. Later stages: receive them (and pass them on)."""
+        if not self.is_first:
+            t = self._recv(torch.zeros(length, dtype=torch.int64), self.stage - 1)
+            values = [int(v) for v in t.tolist()]
+        assert values is not None and len(values) == length
+        if not self.is_last:
+            self._send(torch.tensor(values, dtype=torch.int64), self.stage + 1)
+        return values
+
+    def send_block_stats(self, stats: torch.Tensor) -> None:
+        """A later stage sends its blocks' statistics (rows of its own blocks) to the first."""
+        self._send(stats.to(torch.float64), 0)
+
+    def recv_block_stats(self) -> list[torch.Tensor]:
+        """The first stage receives every later stage's statistics, in stage order."""
+        return [
+            self._recv(torch.zeros(n, 2, dtype=torch.float64), s)
+            for s, (_, n) in enumerate(self.block_ranges)
+            if s > 0
+        ]
+
+    def close(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()

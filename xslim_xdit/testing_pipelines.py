@@ -1,0 +1,317 @@
+"""Tiny but real diffusers and xFuser pipelines, built offline from random components.
+
+The builders here assemble a complete :class:`diffusers.FluxPipeline` or
+:class:`diffusers.PixArtSigmaPipeline` (tokenizers built in memory, tiny CLIP/T5 text encoders,
+a tiny ``AutoencoderKL``, a tiny transformer, the real scheduler class), so tests and the
+``--tiny`` examples exercise the same code as a real checkpoint: prompt encoding, latent
+preparation, the scheduler, the VAE decode. Nothing is downloaded.
+
+xFuser pipelines (``xFuserFluxPipeline``, ``xFuserPixArtSigmaPipeline``) are built the way a
+user builds them from a checkpoint: the tiny pipeline is written with ``save_pretrained`` and
+loaded back with the xFuser class's ``from_pretrained(path, engine_config=...)``.
+
+Importing this module does not import xfuser; :func:`xfuser_engine_config` and
+:func:`load_xfuser_pipeline` do (after the CPU compatibility layer).
+
+Example:
+    >>> pipe = tiny_pipeline("pixart")
+    >>> out = pipe("a cat", num_inference_steps=2, output_type="latent", **TINY_CALL_KWARGS["pixart"])
+    >>> tuple(out.images.shape)
+    (1, 4, 8, 8)
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .testing import tiny_model
+
+__all__ = [
+    "PIPELINE_FAMILIES",
+    "TINY_CALL_KWARGS",
+    "load_xfuser_pipeline",
+    "save_tiny_pipeline",
+    "tiny_clip_text_encoder",
+    "tiny_pipeline",
+    "tiny_t5_encoder",
+    "tiny_vae",
+    "xfuser_engine_config",
+]
+
+PIPELINE_FAMILIES = ("flux", "pixart")
+
+#: Keyword arguments that make a call of the tiny pipeline of each family cheap and valid:
+#: image size (in pixels, VAE factor 8), text length, and, for PixArt, switches that need
+#: real-checkpoint sizes or extra packages (resolution binning, caption cleaning).
+TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
+    # 128 px -> 16x16 latents -> 8x8 = 64 packed tokens (divisible by SP degrees 2 and 4)
+    "flux": {"height": 128, "width": 128, "max_sequence_length": 8, "guidance_scale": 3.5},
+    # 64 px -> 8x8 latents -> 4x4 = 16 patch tokens
+    "pixart": {
+        "height": 64,
+        "width": 64,
+        "max_sequence_length": 8,
+        "guidance_scale": 4.5,
+        "use_resolution_binning": False,
+        "clean_caption": False,
+    },
+}
+
+_CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
+
+
+def _clip_tokenizer() -> Any:
+    """A character-level CLIP BPE tokenizer (no merges): every word splits into letters."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in _CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer() -> Any:
+    """A character-level T5 (unigram) tokenizer: ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in _CHARS] + [("\u2581" + c, -1.5) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_clip_text_encoder(hidden_size: int = 16, seed: int = 0) -> tuple[Any, Any]:
+    """A random one-layer ``CLIPTextModel`` and its in-memory tokenizer.
+
+    The pooled output (what FLUX uses) has ``hidden_size`` channels.
+
+    Example:
+        >>> enc, tok = tiny_clip_text_encoder()
+        >>> enc(**tok(["a cat"], return_tensors="pt")).pooler_output.shape[-1]
+        16
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = _clip_tokenizer()
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=hidden_size,
+    )
+    return CLIPTextModel(cfg).eval(), tok
+
+
+def tiny_t5_encoder(d_model: int = 24, seed: int = 0) -> tuple[Any, Any]:
+    """A random one-layer ``T5EncoderModel`` and its in-memory tokenizer.
+
+    Example:
+        >>> enc, tok = tiny_t5_encoder(d_model=24)
+        >>> enc(**tok(["a cat"], return_tensors="pt")).last_hidden_state.shape[-1]
+        24
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    tok = _t5_tokenizer()
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=d_model,
+        d_kv=d_model // 2,
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(cfg).eval(), tok
+
+
+def tiny_vae(latent_channels: int, seed: int = 0, **overrides: Any) -> Any:
+    """A random ``AutoencoderKL`` with four levels (VAE scale factor 8, as in FLUX and PixArt).
+
+    Example:
+        >>> tiny_vae(4).config.latent_channels
+        4
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    kw: dict[str, Any] = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=2,
+        sample_size=64,
+    )
+    kw.update(overrides)
+    return AutoencoderKL(**kw).eval()
+
+
+def tiny_pipeline(family: str, seed: int = 0) -> Any:
+    """A complete diffusers pipeline of ``family`` (``"flux"`` or ``"pixart"``) from tiny random
+    components; call it with :data:`TINY_CALL_KWARGS` ``[family]``.
+
+    - ``"flux"``: ``FluxPipeline`` with the tiny FLUX transformer of :mod:`xslim_xdit.testing`
+      (2 double + 3 single blocks), CLIP (pooled, 16 channels) and T5 (24 channels) encoders,
+      ``FlowMatchEulerDiscreteScheduler``, a VAE with 2 latent channels.
+    - ``"pixart"``: ``PixArtSigmaPipeline`` with a 4-block PixArt transformer predicting the
+      variance too (``out_channels = 2 * in_channels``, as PixArt-Sigma does), a T5 encoder,
+      ``DPMSolverMultistepScheduler``, a VAE with 4 latent channels.
+
+    The same ``seed`` always gives the same weights.
+
+    Example:
+        >>> pipe = tiny_pipeline("flux")
+        >>> type(pipe).__name__
+        'FluxPipeline'
+    """
+    if family == "flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        transformer = tiny_model("flux", seed=seed)
+        clip, clip_tok = tiny_clip_text_encoder(transformer.config.pooled_projection_dim, seed=seed + 1)
+        t5, t5_tok = tiny_t5_encoder(transformer.config.joint_attention_dim, seed=seed + 2)
+        vae = tiny_vae(
+            transformer.config.in_channels // 4,
+            seed=seed + 3,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        return FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=clip,
+            tokenizer=clip_tok,
+            text_encoder_2=t5,
+            tokenizer_2=t5_tok,
+            transformer=transformer,
+        )
+    if family == "pixart":
+        from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+        transformer = tiny_model("pixart", seed=seed, out_channels=8)
+        t5, t5_tok = tiny_t5_encoder(transformer.config.caption_channels, seed=seed + 2)
+        vae = tiny_vae(transformer.config.in_channels, seed=seed + 3, scaling_factor=0.13025)
+        return PixArtSigmaPipeline(
+            tokenizer=t5_tok,
+            text_encoder=t5,
+            vae=vae,
+            transformer=transformer,
+            scheduler=DPMSolverMultistepScheduler(),
+        )
+    raise ValueError(f"family must be one of {PIPELINE_FAMILIES}; got {family!r}")
+
+
+def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
+    """Write :func:`tiny_pipeline` ``(family)`` to ``path`` as a checkpoint directory that
+    ``FluxPipeline.from_pretrained`` / ``xFuserFluxPipeline.from_pretrained`` (and the PixArt
+    counterparts) load like a real one.
+
+    Example:
+        >>> import tempfile
+        >>> from diffusers import PixArtSigmaPipeline
+        >>> path = save_tiny_pipeline("pixart", tempfile.mkdtemp())
+        >>> type(PixArtSigmaPipeline.from_pretrained(path)).__name__
+        'PixArtSigmaPipeline'
+    """
+    path = Path(path)
+    tiny_pipeline(family, seed=seed).save_pretrained(path)
+    return path
+
+
+def xfuser_engine_config(dtype: torch.dtype = torch.float32, **xfuser_args: Any) -> tuple[Any, Any]:
+    """``xFuserArgs(**xfuser_args).create_config()``, made to work in any process.
+
+    - ``torch.distributed`` already initialised (by a test harness, say): xfuser's own world
+      group is built first, which ``create_config`` only does when it initialises
+      ``torch.distributed`` itself;
+    - not initialised: ``create_config`` does it from ``RANK``/``WORLD_SIZE``/``MASTER_*``
+      (``torchrun`` sets them), with gloo on CPU;
+    - ``runtime_config.dtype`` is set to ``dtype`` (xfuser defaults to float16 and allocates
+      PipeFusion's receive buffers in it whatever the model's dtype);
+    - on a CPU-only machine, Ring attention gets the ``SDPA_FLASH`` backend (it needs the
+      log-sum-exp), see ``docs/xfuser_cpu.md``.
+
+    Returns ``(engine_config, input_config)``.
+
+    Example:
+        >>> engine_config, input_config = xfuser_engine_config(  # doctest: +SKIP
+        ...     model="/ckpt/FLUX.1-dev", ulysses_degree=2, height=1024, width=1024)
+    """
+    from .integrations.xfuser_compat import apply_xfuser_cpu_compat, has_accelerator
+
+    apply_xfuser_cpu_compat()
+    from xfuser.config import xFuserArgs
+    from xfuser.core.distributed import init_distributed_environment
+
+    if torch.distributed.is_initialized():
+        init_distributed_environment(
+            rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size()
+        )
+    if (
+        xfuser_args.get("attention_backend") is None
+        and xfuser_args.get("ring_degree", 1) > 1
+        and not has_accelerator()
+    ):
+        xfuser_args["attention_backend"] = "SDPA_FLASH"
+    xfuser_args.setdefault("model", "")
+    engine_config, input_config = xFuserArgs(**xfuser_args).create_config()
+    engine_config.runtime_config.dtype = dtype
+    return engine_config, input_config
+
+
+def xfuser_pipeline_class(family: str) -> type:
+    """The xFuser pipeline class of a family (``xFuserFluxPipeline``, ``xFuserPixArtSigmaPipeline``).
+
+    Example:
+        >>> xfuser_pipeline_class("flux").__name__  # doctest: +SKIP
+        'xFuserFluxPipeline'
+    """
+    from .integrations.xfuser_compat import apply_xfuser_cpu_compat
+
+    apply_xfuser_cpu_compat()
+    if family == "flux":
+        from xfuser import xFuserFluxPipeline
+
+        return xFuserFluxPipeline
+    if family == "pixart":
+        from xfuser import xFuserPixArtSigmaPipeline
+
+        return xFuserPixArtSigmaPipeline
+    raise ValueError(f"family must be one of {PIPELINE_FAMILIES}; got {family!r}")
+
+
+def load_xfuser_pipeline(
+    family: str, path: str | Path, engine_config: Any, device: str | torch.device = "cpu", **kwargs: Any
+) -> Any:
+    """``xFuser<Family>Pipeline.from_pretrained(path, engine_config=engine_config)`` moved to
+    ``device``: the same call a user makes with a real checkpoint.
+
+    Example:
+        >>> ec, _ = xfuser_engine_config(ulysses_degree=2)  # doctest: +SKIP
+        >>> pipe = load_xfuser_pipeline("flux", save_tiny_pipeline("flux", "/tmp/f"), ec)  # doctest: +SKIP
+    """
+    cls = xfuser_pipeline_class(family)
+    kwargs.setdefault("dtype", engine_config.runtime_config.dtype)
+    return cls.from_pretrained(str(path), engine_config=engine_config, **kwargs).to(device)
