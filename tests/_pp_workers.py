@@ -78,15 +78,17 @@ def _call() -> dict[str, Any]:
 
 def single_device(which: str) -> dict:
     pipe = _make_pipe()
+    with torch.no_grad():
+        plain = pipe(generator=torch.Generator().manual_seed(3), **_call()).images
     eng = enable_xslim(pipe, XSlimConfig(**CONFIGS[which]))
     with torch.no_grad():
         out = pipe(generator=torch.Generator().manual_seed(3), **_call()).images
     log = eng.statistics.decision_log()
     disable_xslim(pipe)
-    return {"log": log, "x": out}
+    return {"log": log, "x": out, "plain": plain}
 
 
-def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: int) -> dict:
+def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: int, ulysses: int = 1) -> dict:
     from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
 
     apply_xfuser_cpu_compat()  # before xfuser is imported (an import sorter would reorder imports)
@@ -105,18 +107,22 @@ def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: in
             num_inference_steps=STEPS,
             max_sequence_length=TXT,
             pipefusion_parallel_degree=2,
+            ulysses_degree=ulysses,
             num_pipeline_patch=patches,
             warmup_steps=warmup_steps,
         )
         engine_config, _ = args.create_config()
         engine_config.runtime_config.dtype = torch.float32
         xpipe = xFuserFluxPipeline(_make_pipe(), engine_config)
+        with torch.no_grad():
+            plain = xpipe(generator=torch.Generator().manual_seed(3), **_call())
         eng = enable_xslim_xdit(xpipe, XSlimConfig(**CONFIGS[which]))
         with torch.no_grad():
             out = xpipe(generator=torch.Generator().manual_seed(3), **_call())
         res = {
             "log": eng.statistics.decision_log(),
             "x": None if out is None else out.images,
+            "plain": None if plain is None else plain.images,
             "messages": eng.pipeline.messages,
             "stage": eng.pipeline.stage,
         }
