@@ -21,26 +21,27 @@ def run(cfg, values):
 
 
 def test_dual_threshold_bands():
-    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=2)
+    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=2, polish="token", partial_reset=1.0)
     kinds = [d.kind for d in run(cfg, [None, 0.5, 0.04, 0.04, 0.04, 0.02, 0.5, 0.01, 0.01])]
     # warm-up, warm-up, skip (.04), skip (.08), token (.12 in band, resets), skip, full (>= crit), skip, last
     assert kinds == [F, F, S, S, T, S, F, S, F]
 
 
 def test_error_resets_after_full_and_partial():
-    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, partial_reset=0.5)
+    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, partial_reset=0.5, polish="token")
     ds = run(cfg, [None, 0.15, 0.0, 0.35, 0.0, 0.0])
     assert ds[1].kind == T and ds[1].error == pytest.approx(0.075)  # half the error removed
     assert ds[2].kind == S and ds[2].error == pytest.approx(0.075)
     assert ds[3].kind == F and ds[3].error == 0.0
     no_reset = run(
-        XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, partial_reset=0.0), [None, 0.15, 0.1, 0.1, 0.0]
+        XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, partial_reset=0.0, polish="token"),
+        [None, 0.15, 0.1, 0.1, 0.0],
     )
     assert [d.kind for d in no_reset] == [F, T, T, F, F]
 
 
 def test_auto_polish_splits_the_band():
-    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, polish="auto")
+    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, polish="auto", partial_reset=1.0)
     assert [d.kind for d in run(cfg, [None, 0.12, 0.25, 0.0])] == [F, B, T, F]
 
 
@@ -50,13 +51,13 @@ def test_no_polish_level_is_teacache_like():
 
 
 def test_max_skips_caps_consecutive_skips():
-    cfg = XSlimConfig(warn=0.5, crit=0.9, warmup_steps=1, max_skips=2)
+    cfg = XSlimConfig(warn=0.5, crit=0.9, warmup_steps=1, max_skips=2, polish="token")
     assert [d.kind for d in run(cfg, [None, 0.01, 0.01, 0.01, 0.01, 0.01])] == [F, S, S, T, S, F]
 
 
 def test_rescale_polynomial_applied():
     assert polyval((2.0, 1.0), 3.0) == 7.0
-    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, rescale=(10.0, 0.0))
+    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, rescale=(10.0, 0.0), polish="token")
     ds = run(cfg, [None, 0.005, 0.02, 0.0])
     assert ds[1].indicator == pytest.approx(0.05) and ds[1].kind == S
     assert ds[2].kind == T and ds[2].indicator == pytest.approx(0.2)  # 0.05 + 0.2 = 0.25: in the band
@@ -64,7 +65,7 @@ def test_rescale_polynomial_applied():
 
 
 def test_rescale_polynomial_band():
-    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, rescale=(10.0, 0.0))
+    cfg = XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1, rescale=(10.0, 0.0), polish="token")
     ds = run(cfg, [None, 0.005, 0.01, 0.0])
     assert [d.kind for d in ds] == [F, S, T, F]
 
@@ -100,3 +101,19 @@ def test_tokens_per_group():
     assert tokens_per_group(16, 1.0, groups=2) == [8, 8]
     with pytest.raises(ValueError, match="token_groups"):
         tokens_per_group(3, 0.5, groups=4)
+
+
+def test_default_polish_cannot_starve_full_steps():
+    """With polish steps keeping the error (the default), small indicators still reach crit:
+    a regression test for runs that polished for 46 steps without a single full step."""
+    for polish in ("token", "block", "auto"):
+        ctl = OnlineController(XSlimConfig(polish=polish), 50)
+        kinds = [ctl.decide(i, 0.05).kind for i in range(50)]
+        gaps = [
+            j - i
+            for i, j in zip(
+                [i for i, k in enumerate(kinds) if k == F][:-1],
+                [i for i, k in enumerate(kinds) if k == F][1:],
+            )
+        ]
+        assert max(gaps) <= 7, kinds

@@ -207,9 +207,14 @@ class XSlimConfig:
         polish: which refresh fills the warn band: ``"token"``, ``"block"``, ``"auto"`` (block
             refresh in the lower half of the band, token refresh in the upper half) or ``"none"``
             (no polish level: the band runs in full, a TeaCache-like controller).
-        partial_reset: fraction of the accumulated error removed after a polish step, in [0, 1]
-            (1 restarts the accumulation, as the published reading of the paper does).
+        partial_reset: fraction of the accumulated error removed after a polish step, in [0, 1].
+            0 (default) keeps accumulating, so polish steps fill the band until ``crit`` forces
+            a full step; 1 restarts the accumulation (the published reading of the paper), which
+            never reaches ``crit`` again when the per-step indicator is below ``crit - warn``.
         max_skips: longest run of consecutive skipped steps (``None`` for no cap).
+        extrapolate: how a skipped step (and the untouched tokens of a token refresh) estimates
+            the stack residual: ``"none"`` reuses the last computed one, ``"linear"``
+            extrapolates it from the last two computed steps.
         token_ratio: fraction of image tokens recomputed in a token refresh, in (0, 1].
         token_groups: token selection takes the top tokens within this many contiguous chunks of
             the image sequence (``1`` = one global top-k). Sequence-parallel runs select per rank,
@@ -228,15 +233,16 @@ class XSlimConfig:
     """
 
     mode: Literal["online", "schedule"] = "online"
-    warn: float = 0.08
-    crit: float = 0.25
+    warn: float = 0.1
+    crit: float = 0.3
     warmup_steps: int = 3
     last_step_full: bool = True
     step_indicator: StepIndicator = "modulated_input"
     rescale: str | tuple[float, ...] | None = None
-    polish: Polish = "token"
-    partial_reset: float = 1.0
+    polish: Polish = "none"
+    partial_reset: float = 0.0
     max_skips: int | None = None
+    extrapolate: Literal["none", "linear"] = "linear"
     token_ratio: float = 0.5
     token_groups: int = 1
     block_thresh: float | tuple[float, ...] = 2.0
@@ -277,6 +283,8 @@ class XSlimConfig:
             _fail("step_indicator", "'modulated_input' or 'first_block_residual'", self.step_indicator)
         if self.polish not in ("token", "block", "auto", "none"):
             _fail("polish", "'token', 'block', 'auto' or 'none'", self.polish)
+        if self.extrapolate not in ("none", "linear"):
+            _fail("extrapolate", "'none' or 'linear'", self.extrapolate)
         if self.block_thresh_scale not in ("stack_mean", "absolute"):
             _fail("block_thresh_scale", "'stack_mean' or 'absolute'", self.block_thresh_scale)
         thresholds = self.block_thresh if isinstance(self.block_thresh, tuple) else (self.block_thresh,)

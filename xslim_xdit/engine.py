@@ -70,7 +70,13 @@ class BranchState:
 
     probe_prev: torch.Tensor | None = None
     res_stack: torch.Tensor | None = None  # latest stack residual O - I (skip / token fill)
-    res_prev: torch.Tensor | None = None  # the one before (token indicator), token level only
+    res_prev: torch.Tensor | None = None  # the one before (token indicator / extrapolation)
+    res_step: int = -1  # step that produced res_stack
+    # linear extrapolation (extrapolate="linear"): the last exactly computed stack residual
+    # (full or block step), its step, and the per-step slope between the last two of them
+    exact_res: torch.Tensor | None = None
+    exact_step: int = -1
+    slope: torch.Tensor | None = None
     block_res: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     block_mag: torch.Tensor | None = None  # (blocks, 2) partial sums: sum|out-in|, count
 
@@ -366,7 +372,7 @@ class XSlimEngine:
         last = g == len(self.blocks) - 1
         state = self._state()
         if kind == StepKind.SKIP:
-            img = call.img + state.res_stack if g == self.seg_start else call.img
+            img = call.img + self._residual_estimate(state) if g == self.seg_start else call.img
             return self.adapter.make_output(stack, img, call.txt)
         if kind == StepKind.TOKEN:
             return self._token_block(g, call, state, last)
@@ -424,7 +430,7 @@ class XSlimEngine:
         out_sel, out_txt = self.adapter.split_output(stack, out)
         if last:
             assert plan.seg_in is not None and state.res_stack is not None
-            base = plan.seg_in + state.res_stack
+            base = plan.seg_in + self._residual_estimate(state)
             img = base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), out_sel)
             self._finish_stack(state, img, StepKind.TOKEN)
         else:
@@ -445,7 +451,24 @@ class XSlimEngine:
                 state.res_prev = state.res_prev.scatter(1, exp, torch.gather(state.res_stack, 1, exp))
             else:
                 state.res_prev = state.res_stack
+        if self.config.extrapolate == "linear" and kind in (StepKind.FULL, StepKind.BLOCK):
+            if state.exact_res is not None and state.exact_res.shape == res.shape and self.step > state.exact_step:
+                state.slope = (res - state.exact_res) / (self.step - state.exact_step)
+            else:
+                state.slope = None
+            state.exact_res, state.exact_step = res, self.step
         state.res_stack = res
+        state.res_step = self.step
+
+    def _residual_estimate(self, state: BranchState) -> torch.Tensor:
+        """The stack residual for a step that does not compute it: the latest one, or (with
+        ``extrapolate="linear"``) that one moved along the per-step slope between the last two
+        exactly computed residuals (full or block steps; token steps refresh only some rows, so
+        they update the residual but not the slope)."""
+        assert state.res_stack is not None
+        if state.slope is not None and state.slope.shape == state.res_stack.shape:
+            return state.res_stack + (self.step - state.res_step) * state.slope
+        return state.res_stack
 
     def _profile_step(self, state: BranchState, res: torch.Tensor, plan: CallPlan) -> None:
         prev = state.res_stack
@@ -640,6 +663,7 @@ class XSlimEngine:
         for st in self.branches.values():
             out["stack_residual"] += nbytes(st.res_stack)
             out["token_history"] += nbytes(st.res_prev)
+            out["stack_residual"] += nbytes(st.exact_res) + nbytes(st.slope)
             out["probe"] += nbytes(st.probe_prev)
             out["block_residuals"] += sum(nbytes(a) + nbytes(b) for a, b in st.block_res.values())
         if self.token_ctx is not None:
