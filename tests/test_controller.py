@@ -109,11 +109,6 @@ def test_default_polish_cannot_starve_full_steps():
     for polish in ("token", "block", "auto"):
         ctl = OnlineController(XSlimConfig(polish=polish), 50)
         kinds = [ctl.decide(i, 0.05).kind for i in range(50)]
-        gaps = [
-            j - i
-            for i, j in zip(
-                [i for i, k in enumerate(kinds) if k == F][:-1],
-                [i for i, k in enumerate(kinds) if k == F][1:],
-            )
-        ]
+        fulls = [i for i, k in enumerate(kinds) if k == F]
+        gaps = [b - a for a, b in zip(fulls[:-1], fulls[1:], strict=True)]
         assert max(gaps) <= 7, kinds
