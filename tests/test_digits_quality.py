@@ -34,7 +34,7 @@ def test_default_setting_halves_flops_and_beats_half_the_steps(pipe, reference):
     wrapped.disable_xslim()
     assert stats["flops_fraction"] <= 0.5
     baseline = psnr(reference["half_steps"], reference["full"])  # measured 30.1 dB on these samples
-    got = psnr(out, reference["full"])  # measured 32.0 dB (0.46 of the FLOPs)
+    got = psnr(out, reference["full"])  # measured 31.2 dB (0.42 of the FLOPs)
     # The bound: a cache must beat spending the same compute on fewer steps (30 dB here).
     assert got > baseline, (got, baseline)
     assert torch.equal(_run(pipe), reference["full"])  # disabled again: the plain pipeline
@@ -48,4 +48,4 @@ def test_linear_extrapolation_improves_skips(pipe, reference):
         kinds = wrapped.get_cache_statistics().summary()["kinds"]
         wrapped.disable_xslim()
         assert kinds.count("skip") > 20
-    assert psnrs["linear"] > psnrs["none"] + 1.0, psnrs  # measured +2.9 dB at the same decisions
+    assert psnrs["linear"] > psnrs["none"] + 1.0, psnrs  # measured about +3 dB at the same cost

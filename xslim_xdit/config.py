@@ -233,8 +233,8 @@ class XSlimConfig:
     """
 
     mode: Literal["online", "schedule"] = "online"
-    warn: float = 0.1
-    crit: float = 0.3
+    warn: float = 0.12
+    crit: float = 0.35
     warmup_steps: int = 3
     last_step_full: bool = True
     step_indicator: StepIndicator = "modulated_input"
