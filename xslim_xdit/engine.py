@@ -452,7 +452,11 @@ class XSlimEngine:
             else:
                 state.res_prev = state.res_stack
         if self.config.extrapolate == "linear" and kind in (StepKind.FULL, StepKind.BLOCK):
-            if state.exact_res is not None and state.exact_res.shape == res.shape and self.step > state.exact_step:
+            if (
+                state.exact_res is not None
+                and state.exact_res.shape == res.shape
+                and self.step > state.exact_step
+            ):
                 state.slope = (res - state.exact_res) / (self.step - state.exact_step)
             else:
                 state.slope = None
