@@ -19,7 +19,8 @@ pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TIMEOUT = 240
-XSLIM = ["--xslim", "--xslim-polish", "auto", "--xslim-warmup", "2"]
+# block polish: its decisions are global, so one process and two SP ranks must agree exactly
+XSLIM = ["--xslim", "--xslim-polish", "block", "--xslim-warmup", "2"]
 
 
 def _free_port() -> int:
