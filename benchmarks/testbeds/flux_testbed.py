@@ -1,0 +1,277 @@
+"""A tiny FLUX-architecture model on scikit-learn's digits: the FLUX testbed for cache benchmarks.
+
+A small :class:`diffusers.FluxTransformer2DModel` (double-stream blocks, then single-stream blocks,
+joint attention over text and image tokens, 3-axis RoPE) works in pixel space on the 16x16 digits
+of :func:`benchmarks.testbeds.digits.load_digits_images`, packed as FLUX packs its VAE latents:
+each 2x2 patch of the ``(1, 16, 16)`` image becomes one token of ``in_channels = 4`` values
+(``patch_size = 1``), 64 image tokens with ``img_ids = (0, row, col)``.
+
+The digit class is given through the TEXT path, as a prompt is in FLUX: a
+:class:`~benchmarks.testbeds.class_tokens.ClassTokenEncoder` (the pipeline's ``text_encoder``)
+maps the class to ``encoder_hidden_states`` (4 learned tokens, ``txt_ids`` all zero as in FLUX)
+and ``pooled_projections`` (a learned vector); class :data:`NULL_CLASS` is the empty prompt.
+
+Training is rectified flow (``x_t = (1 - s) x_0 + s * noise``, velocity target ``noise - x_0``,
+logit-normal ``s``); sampling is :class:`~diffusers.FlowMatchEulerDiscreteScheduler` with FLUX's
+resolution-dependent time shift (``use_dynamic_shifting``; ``mu`` from the image sequence length
+by :func:`calculate_shift`, with ``base/max_image_seq_len`` scaled to this model's 64 tokens) and
+true classifier-free guidance: the conditional and unconditional branches run batched in ONE
+transformer forward per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from benchmarks.testbeds.class_tokens import ClassTokenEncoder
+from benchmarks.testbeds.digits import IMAGE_SIZE, NUM_CLASSES
+
+NULL_CLASS = NUM_CLASSES
+"""Class index of the empty prompt used by classifier-free guidance."""
+TEXT_TOKENS = 4
+"""Length of the learned class-token sequence."""
+DEFAULT_GUIDANCE_SCALE = 7.0
+"""Guidance scale the committed checkpoint was evaluated with (see ``docs/testbeds.md``)."""
+DEFAULT_MAX_SHIFT = 2.2
+"""FLUX ``max_shift`` (= ``mu`` for 64 tokens, shift factor ``exp(2.2) = 9.0``) of the committed sampler."""
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "digits_flux"
+"""Folder of the committed checkpoint (``transformer/``, ``text_encoder/``, ``scheduler/``)."""
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX's time-shift exponent ``mu``, linear in the image sequence length (as in ``FluxPipeline``)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def pack(images: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H/2 * W/2, C * 4)``: 2x2 patches as tokens, as ``FluxPipeline._pack_latents``."""
+    b, c, h, w = images.shape
+    x = images.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``(B, H/2 * W/2, C * 4)`` -> ``(B, C, H, W)``."""
+    b, _, d = tokens.shape
+    c = d // 4
+    x = tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def image_ids(height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> torch.Tensor:
+    """FLUX ``img_ids`` ``(H/2 * W/2, 3)``: ``(0, row, col)`` per packed token."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def text_ids(num_tokens: int = TEXT_TOKENS) -> torch.Tensor:
+    """FLUX ``txt_ids`` ``(L, 3)``: all zero."""
+    return torch.zeros(num_tokens, 3)
+
+
+def make_transformer(
+    width: int = 128,
+    double_blocks: int = 2,
+    single_blocks: int = 4,
+    head_dim: int = 32,
+    text_dim: int = 64,
+    pooled_dim: int = 64,
+) -> FluxTransformer2DModel:
+    """Build an untrained FLUX transformer for packed 16x16 1-channel digits.
+
+    Args:
+        width: Hidden size (``num_attention_heads * attention_head_dim``).
+        double_blocks: Double-stream (``FluxTransformerBlock``) blocks.
+        single_blocks: Single-stream (``FluxSingleTransformerBlock``) blocks.
+        head_dim: Attention head dimension; RoPE axes split it ``(head_dim/4, 3/8, 3/8)``.
+        text_dim: ``joint_attention_dim`` (width of the class tokens).
+        pooled_dim: ``pooled_projection_dim``.
+    """
+    if width % head_dim or head_dim % 8:
+        raise ValueError(f"width {width} must be a multiple of head_dim {head_dim}, itself a multiple of 8")
+    axes = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
+        attention_head_dim=head_dim,
+        num_attention_heads=width // head_dim,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=pooled_dim,
+        guidance_embeds=False,
+        axes_dims_rope=axes,
+    )
+
+
+def make_text_encoder(text_dim: int = 64, pooled_dim: int = 64) -> ClassTokenEncoder:
+    """The learned class-token "text encoder" (null class :data:`NULL_CLASS`, all tokens valid)."""
+    return ClassTokenEncoder(NUM_CLASSES, TEXT_TOKENS, text_dim, pooled_dim)
+
+
+def make_scheduler(
+    base_shift: float = 0.5,
+    max_shift: float = DEFAULT_MAX_SHIFT,
+    base_seq_len: int = 16,
+    max_seq_len: int = 64,
+) -> FlowMatchEulerDiscreteScheduler:
+    """FLUX's sampler config, with the shift's sequence-length range scaled to 64-token images.
+
+    A 64-token image gets ``mu = max_shift``, as a 4096-token image does in FLUX.1 (whose
+    ``max_shift = 1.15``, shift factor ``exp(1.15) = 3.2``). The committed checkpoint uses
+    :data:`DEFAULT_MAX_SHIFT` (shift factor 9.0), which makes 25 steps differ from 50 steps by
+    about 29 dB instead of 36 dB with FLUX.1's value (``docs/testbeds.md``).
+    """
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=base_shift,
+        max_shift=max_shift,
+        base_image_seq_len=base_seq_len,
+        max_image_seq_len=max_seq_len,
+        time_shift_type="exponential",
+    )
+
+
+class DigitsFluxPipeline(DiffusionPipeline):
+    """Class-conditional FLUX-style sampling (flow-matching Euler, true CFG) for the digits FLUX testbed.
+
+    Mirrors :class:`diffusers.FluxPipeline` without a VAE: initial noise ``randn(B, 1, 16, 16)`` is
+    packed to 64 tokens; ``sigmas = linspace(1, 1/n, n)`` and ``mu`` from :func:`calculate_shift`
+    go to ``scheduler.set_timesteps`` (once per call); every step calls ``self.transformer``
+    exactly once on ``[cond; uncond]`` (the class prompts first, then :data:`NULL_CLASS`) and
+    combines ``v = uncond + s * (cond - uncond)``. With ``guidance_scale <= 1`` only the
+    conditional half runs.
+
+    Args:
+        transformer: The trained ``FluxTransformer2DModel``.
+        scheduler: A ``FlowMatchEulerDiscreteScheduler`` with dynamic shifting.
+        text_encoder: The trained :class:`ClassTokenEncoder`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(
+        self,
+        transformer: FluxTransformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder: ClassTokenEncoder,
+    ) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path = DEFAULT_CHECKPOINT, torch_dtype: torch.dtype = torch.float32
+    ) -> DigitsFluxPipeline:
+        """Load a checkpoint folder written by ``train_flux_testbed.py``.
+
+        Args:
+            path: Folder with ``transformer/``, ``text_encoder/`` and ``scheduler/`` subfolders.
+            torch_dtype: Compute dtype; fp16-stored weights are upcast (fp32 by default).
+        """
+        path = Path(path)
+        transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
+        text_encoder = ClassTokenEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
+        return cls(transformer=transformer.eval(), scheduler=scheduler, text_encoder=text_encoder.eval())
+
+    def encode_prompt(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(encoder_hidden_states, pooled_projections, txt_ids)`` of the class labels."""
+        tokens, pooled, _ = self.text_encoder(labels)
+        dtype = self.transformer.dtype
+        return tokens.to(dtype), pooled.to(dtype), text_ids(tokens.shape[1]).to(labels.device, dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | torch.Tensor,
+        num_inference_steps: int = 50,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pt",
+        progress: bool = True,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor | np.ndarray:
+        """Generate digits.
+
+        Args:
+            class_labels: Digit class per image (0..9); the batch size is its length.
+            num_inference_steps: Euler steps.
+            guidance_scale: Classifier-free guidance scale; ``<= 1`` disables guidance.
+            generator: Seeds the initial noise (``randn(B, 1, 16, 16)``), so the same seed gives
+                the same starting noise for any step count.
+            output_type: ``"pt"`` for ``(B, 1, 16, 16)``, ``"np"`` for ``(B, 16, 16, 1)``.
+            progress: Show the tqdm progress bar.
+            latents: Optional initial noise ``(B, 1, 16, 16)`` used instead of drawing it.
+
+        Returns:
+            Images in ``[0, 1]``.
+        """
+        if output_type not in ("pt", "np"):
+            raise ValueError(f"output_type must be 'pt' or 'np', got {output_type!r}")
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+        batch_size = labels.shape[0]
+        channels = self.transformer.config.in_channels // 4
+        shape = (batch_size, channels, IMAGE_SIZE, IMAGE_SIZE)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=dtype)
+        latents = pack(latents)
+
+        do_cfg = guidance_scale > 1.0
+        labels_input = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if do_cfg else labels
+        prompt_embeds, pooled, txt_ids = self.encode_prompt(labels_input)
+        img_ids = image_ids().to(device, dtype)
+
+        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        cfg = self.scheduler.config
+        mu = calculate_shift(
+            latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift
+        )
+        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+        self.set_progress_bar_config(disable=not progress)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            timestep = t.expand(model_input.shape[0]).to(dtype) / 1000
+            velocity = self.transformer(
+                hidden_states=model_input,
+                timestep=timestep,
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
+            if do_cfg:
+                cond, uncond = velocity.chunk(2)
+                velocity = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+        images = (unpack(latents.float()) / 2 + 0.5).clamp(0, 1)
+        self.maybe_free_model_hooks()
+        if output_type == "np":
+            return images.cpu().permute(0, 2, 3, 1).numpy()
+        return images

@@ -1,0 +1,271 @@
+"""A tiny HunyuanVideo-architecture model on synthetic moving digits: the video testbed.
+
+Clips (:func:`make_clips`) are :data:`NUM_FRAMES` frames of one 16x16 digit from
+:func:`benchmarks.testbeds.digits.load_digits_images` translating in a straight line, one pixel
+per frame along one of 8 directions (``(vx, vy)`` in ``{-1, 0, 1}^2 \\ {(0, 0)}``), through offsets
+``-1, 0, 1, 2`` times the velocity, the uncovered border filled with the background. Clips are
+``(B, 1, T, 16, 16)`` in ``[-1, 1]``, the layout ``HunyuanVideoTransformer3DModel`` takes.
+
+A small :class:`diffusers.HunyuanVideoTransformer3DModel` (token refiner, double-stream blocks,
+single-stream blocks, 3-axis RoPE over frames/rows/columns, 2x2 spatial patches: 64 tokens per
+frame) denoises the clips in pixel space. The digit class goes through the TEXT path: a
+:class:`~benchmarks.testbeds.class_tokens.ClassTokenEncoder` (the pipeline's ``text_encoder``)
+gives 4 learned tokens with an ``encoder_attention_mask`` (the null class, the "empty prompt",
+has one valid token and three padding tokens) and a pooled vector. There is no guidance
+embedding (``guidance_embeds=False``): guidance is true classifier-free guidance.
+
+Training is rectified flow (velocity target ``noise - x_0``); sampling follows
+:class:`diffusers.HunyuanVideoPipeline`: ``sigmas = linspace(1, 0, n + 1)[:-1]`` on a
+:class:`~diffusers.FlowMatchEulerDiscreteScheduler` with a static time shift, and the
+conditional and unconditional branches batched in ONE transformer forward per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from benchmarks.testbeds.class_tokens import ClassTokenEncoder
+from benchmarks.testbeds.digits import IMAGE_SIZE, NUM_CLASSES
+
+NUM_FRAMES = 4
+"""Frames per clip."""
+NULL_CLASS = NUM_CLASSES
+"""Class index of the empty prompt used by classifier-free guidance."""
+TEXT_TOKENS = 4
+"""Length of the learned class-token sequence."""
+NULL_VALID_TOKENS = 1
+"""Unmasked tokens of the null class (the rest is padding, masked by ``encoder_attention_mask``)."""
+DEFAULT_GUIDANCE_SCALE = 7.0
+"""Guidance scale the committed checkpoint was evaluated with (see ``docs/testbeds.md``)."""
+DEFAULT_FLOW_SHIFT = 10.0
+"""Static time shift of the committed sampler."""
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "video_hunyuan"
+"""Folder of the committed checkpoint (``transformer/``, ``text_encoder/``, ``scheduler/``)."""
+VELOCITIES = [(vx, vy) for vy in (-1, 0, 1) for vx in (-1, 0, 1) if (vx, vy) != (0, 0)]
+"""The 8 motion directions, pixels per frame."""
+
+
+def make_clips(
+    images: torch.Tensor, velocities: torch.Tensor, num_frames: int = NUM_FRAMES, background: float = -1.0
+) -> torch.Tensor:
+    """Translate each image along its velocity to make a clip.
+
+    Frame ``f`` shows the image shifted by ``(f - 1) * (vx, vy)`` pixels (right/down positive), the
+    uncovered border filled with ``background``.
+
+    Args:
+        images: ``(B, 1, H, W)`` in ``[-1, 1]``.
+        velocities: int64 ``(B, 2)`` of ``(vx, vy)``.
+        num_frames: Clip length.
+        background: Fill value.
+
+    Returns:
+        ``(B, 1, num_frames, H, W)``.
+    """
+    b, c, h, w = images.shape
+    offsets = [f - 1 for f in range(num_frames)]
+    pad = max(abs(o) for o in offsets)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), value=background)
+    frames = torch.empty(b, c, num_frames, h, w, dtype=images.dtype)
+    for i in range(b):
+        vx, vy = (int(v) for v in velocities[i])
+        for f, o in enumerate(offsets):
+            dx, dy = o * vx, o * vy
+            frames[i, :, f] = padded[i, :, pad - dy : pad - dy + h, pad - dx : pad - dx + w]
+    return frames
+
+
+def random_velocities(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(n, 2)`` velocities drawn uniformly from :data:`VELOCITIES`."""
+    idx = torch.randint(0, len(VELOCITIES), (n,), generator=generator)
+    return torch.tensor(VELOCITIES, dtype=torch.long)[idx]
+
+
+def make_transformer(
+    width: int = 128,
+    double_blocks: int = 2,
+    single_blocks: int = 2,
+    refiner_blocks: int = 1,
+    head_dim: int = 32,
+    text_dim: int = 64,
+    pooled_dim: int = 64,
+) -> HunyuanVideoTransformer3DModel:
+    """Build an untrained HunyuanVideo transformer for 1-channel 16x16 clips (2x2 patches, 1 frame each).
+
+    Args:
+        width: Hidden size (``num_attention_heads * attention_head_dim``).
+        double_blocks: Double-stream blocks.
+        single_blocks: Single-stream blocks.
+        refiner_blocks: Token-refiner blocks.
+        head_dim: Attention head dimension; RoPE axes (t, h, w) split it ``(1/4, 3/8, 3/8)``.
+        text_dim: ``text_embed_dim`` (width of the class tokens).
+        pooled_dim: ``pooled_projection_dim``.
+    """
+    if width % head_dim or head_dim % 8:
+        raise ValueError(f"width {width} must be a multiple of head_dim {head_dim}, itself a multiple of 8")
+    return HunyuanVideoTransformer3DModel(
+        in_channels=1,
+        out_channels=1,
+        num_attention_heads=width // head_dim,
+        attention_head_dim=head_dim,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
+        num_refiner_layers=refiner_blocks,
+        mlp_ratio=4.0,
+        patch_size=2,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        guidance_embeds=False,
+        text_embed_dim=text_dim,
+        pooled_projection_dim=pooled_dim,
+        rope_theta=256.0,
+        rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
+    )
+
+
+def make_text_encoder(text_dim: int = 64, pooled_dim: int = 64) -> ClassTokenEncoder:
+    """The learned class-token "text encoder" (null class with :data:`NULL_VALID_TOKENS` valid tokens)."""
+    return ClassTokenEncoder(NUM_CLASSES, TEXT_TOKENS, text_dim, pooled_dim, NULL_VALID_TOKENS)
+
+
+def make_scheduler(shift: float = DEFAULT_FLOW_SHIFT) -> FlowMatchEulerDiscreteScheduler:
+    """HunyuanVideo's sampler: flow-matching Euler with a static time shift (``flow_shift``).
+
+    HunyuanVideo samples with ``flow_shift = 7``; the committed checkpoint uses
+    :data:`DEFAULT_FLOW_SHIFT` (25 vs 50 steps about 29 dB instead of 32 dB, ``docs/testbeds.md``).
+    """
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+class MovingDigitsVideoPipeline(DiffusionPipeline):
+    """Class-conditional video sampling (flow-matching Euler, true CFG) for the HunyuanVideo testbed.
+
+    Mirrors :class:`diffusers.HunyuanVideoPipeline` without a VAE: ``sigmas = linspace(1, 0, n + 1)[:-1]``
+    go to ``scheduler.set_timesteps`` once per call; every step calls ``self.transformer`` exactly
+    once on ``[cond; uncond]`` (class prompts first, then :data:`NULL_CLASS`, with their
+    ``encoder_attention_mask``), ``timestep = t`` (0..1000), and combines
+    ``v = uncond + s * (cond - uncond)``. With ``guidance_scale <= 1`` only the conditional half runs.
+
+    Args:
+        transformer: The trained ``HunyuanVideoTransformer3DModel``.
+        scheduler: A ``FlowMatchEulerDiscreteScheduler``.
+        text_encoder: The trained :class:`ClassTokenEncoder`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(
+        self,
+        transformer: HunyuanVideoTransformer3DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder: ClassTokenEncoder,
+    ) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path = DEFAULT_CHECKPOINT, torch_dtype: torch.dtype = torch.float32
+    ) -> MovingDigitsVideoPipeline:
+        """Load a checkpoint folder written by ``train_video_testbed.py``.
+
+        Args:
+            path: Folder with ``transformer/``, ``text_encoder/`` and ``scheduler/`` subfolders.
+            torch_dtype: Compute dtype; fp16-stored weights are upcast (fp32 by default).
+        """
+        path = Path(path)
+        transformer = HunyuanVideoTransformer3DModel.from_pretrained(
+            path / "transformer", torch_dtype=torch_dtype
+        )
+        text_encoder = ClassTokenEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
+        return cls(transformer=transformer.eval(), scheduler=scheduler, text_encoder=text_encoder.eval())
+
+    def encode_prompt(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(encoder_hidden_states, pooled_projections, encoder_attention_mask)`` of the class labels."""
+        tokens, pooled, mask = self.text_encoder(labels)
+        dtype = self.transformer.dtype
+        return tokens.to(dtype), pooled.to(dtype), mask
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | torch.Tensor,
+        num_inference_steps: int = 50,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pt",
+        progress: bool = True,
+        latents: torch.Tensor | None = None,
+        num_frames: int = NUM_FRAMES,
+    ) -> torch.Tensor | np.ndarray:
+        """Generate clips of moving digits.
+
+        Args:
+            class_labels: Digit class per clip (0..9); the batch size is its length.
+            num_inference_steps: Euler steps.
+            guidance_scale: Classifier-free guidance scale; ``<= 1`` disables guidance.
+            generator: Seeds the initial noise (``randn(B, 1, T, 16, 16)``), so the same seed
+                gives the same starting noise for any step count.
+            output_type: ``"pt"`` for ``(B, 1, T, 16, 16)``, ``"np"`` for ``(B, T, 16, 16, 1)``.
+            progress: Show the tqdm progress bar.
+            latents: Optional initial noise ``(B, 1, T, 16, 16)`` used instead of drawing it.
+            num_frames: Clip length ``T``.
+
+        Returns:
+            Clips in ``[0, 1]``.
+        """
+        if output_type not in ("pt", "np"):
+            raise ValueError(f"output_type must be 'pt' or 'np', got {output_type!r}")
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+        batch_size = labels.shape[0]
+        shape = (batch_size, self.transformer.config.in_channels, num_frames, IMAGE_SIZE, IMAGE_SIZE)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=dtype)
+
+        do_cfg = guidance_scale > 1.0
+        labels_input = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if do_cfg else labels
+        prompt_embeds, pooled, mask = self.encode_prompt(labels_input)
+
+        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+        self.scheduler.set_timesteps(sigmas=sigmas, device=device)
+        self.set_progress_bar_config(disable=not progress)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            timestep = t.expand(model_input.shape[0]).to(dtype)
+            velocity = self.transformer(
+                hidden_states=model_input,
+                timestep=timestep,
+                encoder_hidden_states=prompt_embeds,
+                encoder_attention_mask=mask,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+            if do_cfg:
+                cond, uncond = velocity.chunk(2)
+                velocity = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+        clips = (latents.float() / 2 + 0.5).clamp(0, 1)
+        self.maybe_free_model_hooks()
+        if output_type == "np":
+            return clips.cpu().permute(0, 2, 3, 4, 1).numpy()
+        return clips
+
+
+def frames_of(clips: torch.Tensor) -> torch.Tensor:
+    """``(B, C, T, H, W)`` clips -> ``(B * T, C, H, W)`` frames (clip-major), for per-frame metrics."""
+    b, c, t, h, w = clips.shape
+    return clips.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
