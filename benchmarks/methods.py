@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,7 +194,10 @@ class _DiffusersHook(_TransformerWrap):
             tr.enable_cache(config)
         else:
             self._apply(tr, config)
-            HookRegistry.check_if_exists_or_initialize(tr).invalidate_child_registries_cache()
+        # the registry caches its children's registries; a cache built before the block hooks
+        # existed would leave the blocks out of the cache context (FBC's tail hook then sees no
+        # head-block output)
+        HookRegistry.check_if_exists_or_initialize(tr).invalidate_child_registries_cache()
         self._transformer = tr
         self._install(pipe, self._forward)
 
@@ -320,26 +324,78 @@ class TaylorSeer(_DiffusersHook):
 class TeaCache(Method):
     """TeaCache where an implementation exists for the model.
 
-    diffusers 0.42.1 ships no TeaCache hook and cache-dit 1.5.3 has none; xfuser 0.7.0's TeaCache
-    (``xfuser.model_executor.cache.adapters.flux.apply_teacache``) patches FLUX's block lists only.
-    On any other model the method is refused with that reason.
+    diffusers 0.42.1 ships no TeaCache hook and cache-dit 1.5.3 has none. xfuser 0.7.0's TeaCache
+    (``xfuser.model_executor.cache.adapters.flux.apply_teacache``: TeaCache's FLUX rescale
+    polynomial on block 0's modulated input, accumulated until ``rel_l1_thresh``, the skipped
+    steps reuse the whole stack's residual) patches ``FluxTransformer2DModel``'s block lists only;
+    it runs here after :func:`xslim_xdit.integrations.xfuser_compat.apply_xfuser_cpu_compat`
+    (``import xfuser`` raises "No Accelerators" on a CPU-only machine otherwise). On any other
+    model the method is refused with that reason.
     """
 
     def __init__(self, threshold: float) -> None:
         super().__init__(
             name=f"TeaCache {threshold:g}", family="teacache", params={"rel_l1_thresh": threshold}
         )
+        self.threshold = threshold
+        self._steps = 0
+        self._saved: tuple[Any, Any] | None = None
 
     def prepare(self, pipe: Any, testbed: Any, steps: int) -> None:
         cls = type(pipe.transformer).__name__
-        if not cls.startswith("Flux"):
+        if cls != "FluxTransformer2DModel":
             raise MethodRefused(
                 f"no TeaCache implementation applies to {cls}: diffusers 0.42.1 has no TeaCache hook, "
                 "cache-dit 1.5.3 has no TeaCache, and xfuser 0.7.0's apply_teacache "
-                "(xfuser/model_executor/cache/adapters/flux.py) patches FluxTransformer2DModel only "
-                "(and `import xfuser` raises 'No Accelerators' on a CPU-only machine)"
+                "(xfuser/model_executor/cache/adapters/flux.py) patches FluxTransformer2DModel only"
             )
-        raise MethodRefused("xfuser TeaCache on FLUX is not wired into this runner yet")
+        from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
+
+        apply_xfuser_cpu_compat()
+        try:
+            from xfuser.core.distributed import (
+                init_distributed_environment,
+                initialize_model_parallel,
+                model_parallel_is_initialized,
+            )
+            from xfuser.model_executor.cache.adapters import flux  # noqa: F401
+
+            # xfuser's cached blocks ask for the sequence-parallel world size: one gloo rank
+            if not model_parallel_is_initialized():
+                for k, v in (
+                    ("MASTER_ADDR", "127.0.0.1"),
+                    ("MASTER_PORT", "29561"),
+                    ("RANK", "0"),
+                    ("WORLD_SIZE", "1"),
+                    ("LOCAL_RANK", "0"),
+                ):
+                    os.environ.setdefault(k, v)
+                init_distributed_environment(rank=0, world_size=1, backend="gloo")
+                initialize_model_parallel()
+        except Exception as e:  # noqa: BLE001 - the reason goes into the report
+            raise MethodRefused(f"xfuser's TeaCache does not run: {type(e).__name__}: {e}") from e
+        self._steps = self.num_steps(steps)
+        self.note = (
+            "xfuser 0.7.0 apply_teacache (FLUX rescale polynomial), run after xslim_xdit's "
+            f"apply_xfuser_cpu_compat, on a one-rank gloo group; num_steps={self._steps}"
+        )
+
+    def enable(self, pipe: Any, *, measure: bool = True) -> None:
+        from xfuser.model_executor.cache.adapters.flux import apply_teacache
+
+        tr = pipe.transformer
+        self._saved = (tr.transformer_blocks, tr.single_transformer_blocks)
+        apply_teacache(tr, rel_l1_thresh=self.threshold, num_steps=self._steps)
+        self._cached = tr.transformer_blocks[0]
+
+    def disable(self, pipe: Any) -> None:
+        if self._saved is not None:
+            tr = pipe.transformer
+            tr.transformer_blocks, tr.single_transformer_blocks = self._saved
+            self._saved = None
+
+    def run_stats(self) -> dict[str, Any]:
+        return {}
 
 
 class DBCache(Method):
@@ -386,39 +442,94 @@ class DBCache(Method):
                 patch_functor=DiTPatchFunctor(),
                 check_forward_pattern=True,
             )
+        # cache-dit's own recipes for these transformer classes (what enable_cache(pipe) would use
+        # for FluxPipeline / HunyuanVideoPipeline), applied to the custom pipeline
+        from cache_dit.caching.block_adapters import adapters
+
+        if name == "FluxTransformer2DModel":
+            return adapters.flux_adapter(pipe)
+        if name == "HunyuanVideoTransformer3DModel":
+            return adapters.hunyuanvideo_adapter(pipe)
         raise MethodRefused(f"no BlockAdapter recipe for {name} in this runner")
+
+    @staticmethod
+    def _recipe(pipe: Any) -> str:
+        return {
+            "DiTTransformer2DModel": "cache_dit.BlockAdapter(Pattern_3, DiTPatchFunctor)",
+            "FluxTransformer2DModel": "cache-dit's flux_adapter (FluxPipeline's recipe: double+single "
+            "blocks as one list, Pattern_1, FluxPatchFunctor)",
+            "HunyuanVideoTransformer3DModel": "cache-dit's hunyuanvideo_adapter (HunyuanVideoPipeline's "
+            "recipe: double and single block lists, Pattern_0)",
+        }.get(type(pipe.transformer).__name__, "?")
+
+    @staticmethod
+    def _min_blocks(adapter: Any) -> int:
+        blocks = adapter.blocks
+        if isinstance(blocks, (list, tuple)) and blocks and isinstance(blocks[0], nn.ModuleList):
+            return min(len(b) for b in blocks)
+        return len(blocks)
 
     def prepare(self, pipe: Any, testbed: Any, steps: int) -> None:
         import cache_dit
 
         notes = []
+        saved = self._snapshot(pipe)
         try:
             cache_dit.enable_cache(pipe, cache_config=self._cache_config())
             cache_dit.disable_cache(pipe)
         except Exception as e:  # noqa: BLE001 - the reason goes into the report
             notes.append(f"cache_dit.enable_cache(pipe) refused: {type(e).__name__}: {e}")
-        n_blocks = len(pipe.transformer.transformer_blocks)
+        try:
+            n_blocks = self._min_blocks(self._adapter(pipe))  # building an adapter may patch
+        finally:
+            self._restore(pipe, saved)
         fn_eff = 8 if self.fn is None else self.fn
         if fn_eff > n_blocks:
             raise MethodRefused(
                 "; ".join(
                     notes
                     + [
-                        f"with cache-dit's default DBCacheConfig (Fn_compute_blocks=8) the first call asserts "
-                        f"'Fn_compute_blocks 8 must be less than the number of transformer blocks {n_blocks}'"
+                        f"through {self._recipe(pipe)}, cache-dit's default DBCacheConfig "
+                        f"(Fn_compute_blocks=8) asserts on the first call: 'Fn_compute_blocks 8 must be "
+                        f"less than the number of transformer blocks {n_blocks}'"
                     ]
                 )
             )
-        notes.append("run through cache_dit.BlockAdapter(Pattern_3, DiTPatchFunctor)")
+        notes.append(f"run through {self._recipe(pipe)}")
         self.note = "; ".join(notes)
+
+    @staticmethod
+    def _snapshot(pipe: Any) -> list[tuple[nn.Module, set[str], Any, list[str]]]:
+        """Per module of the transformer: its instance attributes, its ``forward`` if set, and the
+        order of its children."""
+        return [
+            (m, set(m.__dict__), m.__dict__.get("forward"), list(m._modules))
+            for m in pipe.transformer.modules()
+        ]
+
+    @staticmethod
+    def _restore(pipe: Any, saved: list[tuple[nn.Module, set[str], Any, list[str]]]) -> None:
+        """Undo what cache-dit 1.5.3 leaves behind after ``disable_cache``: its patch functors
+        replace the transformer's ``forward`` (DiT, FLUX) and add attributes (``_is_patched``,
+        ``_norm1_emb``), and its FLUX recipe (the single blocks as "dummy blocks" of one list) puts
+        ``single_transformer_blocks`` back *before* ``transformer_blocks`` in the module order, so
+        that diffusers' First-Block-Cache, which takes the first block of ``named_modules()``,
+        would then hook a single-stream block as the first block and crash."""
+        for m, keys, fwd, order in saved:
+            for k in set(m.__dict__) - keys:
+                del m.__dict__[k]
+            if fwd is not None:
+                m.__dict__["forward"] = fwd
+            if list(m._modules) != order and set(m._modules) == set(order):
+                children = dict(m._modules)
+                m._modules.clear()
+                for k in order:
+                    m._modules[k] = children[k]
 
     def enable(self, pipe: Any, *, measure: bool = True) -> None:
         import cache_dit
 
-        tr = pipe.transformer
-        self._saved = {
-            k: tr.__dict__[k] for k in ("forward", "_is_patched", "_norm1_emb") if k in tr.__dict__
-        }
+        self._saved = self._snapshot(pipe)
         cache_dit.enable_cache(self._adapter(pipe), cache_config=self._cache_config())
 
     def disable(self, pipe: Any) -> None:
@@ -429,13 +540,7 @@ class DBCache(Method):
         except Exception:  # noqa: BLE001
             self._summary = []
         cache_dit.disable_cache(pipe)
-        # cache-dit 1.5.3 leaves its patched DiT forward (and two attributes) on the transformer.
-        tr = pipe.transformer
-        for k in ("forward", "_is_patched", "_norm1_emb"):
-            if k in self._saved:
-                tr.__dict__[k] = self._saved[k]
-            elif k in tr.__dict__:
-                del tr.__dict__[k]
+        self._restore(pipe, self._saved)
 
     def run_stats(self) -> dict[str, Any]:
         if not self._summary:
@@ -494,15 +599,19 @@ class XSlimCalibrated(XSlim):
     """X-Slim's offline mode: :func:`xslim_xdit.calibration.calibrate` on one calibration sample
     (its own seed and class, not one of the evaluated samples), then the emitted schedule."""
 
-    def __init__(self, target_speedup: float, polish: str = "token", **kw: Any) -> None:
+    def __init__(
+        self, target_speedup: float, polish: str = "token", extrapolate: str = "linear", **kw: Any
+    ) -> None:
+        suffix = "" if extrapolate == "linear" else f" extrapolate={extrapolate}"
         super().__init__(
-            name=f"X-Slim calib {target_speedup:g}x {polish}",
-            family="xslim-calibrated",
+            name=f"X-Slim calib {target_speedup:g}x {polish}{suffix}",
+            family="xslim-calibrated" if extrapolate == "linear" else f"xslim-calibrated-{extrapolate}",
             target_speedup=target_speedup,
             polish=polish,
+            extrapolate=extrapolate,
             **kw,
         )
-        self.target_speedup, self.polish, self.kw = target_speedup, polish, kw
+        self.target_speedup, self.polish, self.extrapolate, self.kw = target_speedup, polish, extrapolate, kw
 
     def prepare(self, pipe: Any, testbed: Any, steps: int) -> None:
         from xslim_xdit.calibration import calibrate
@@ -515,7 +624,7 @@ class XSlimCalibrated(XSlim):
             polish=self.polish,  # type: ignore[arg-type]
             **self.kw,
         )
-        self.config = result.config()
+        self.config = result.config(extrapolate=self.extrapolate)
         self.params["calibration_seconds"] = time.perf_counter() - t0
         self.params["schedule"] = result.schedule.to_dict()
         self.params["estimated_flops_fraction"] = result.estimated_fraction
@@ -537,6 +646,59 @@ def quick_methods() -> list[Method]:
     ]
 
 
+#: warn values of the step-only online controller (``polish="none"``). On the digits DiT at 50
+#: steps they span about 1.3x (0.05) to 5x (0.45) in FLOPs with linear extrapolation.
+STEP_WARNS: tuple[float, ...] = (0.05, 0.08, 0.12, 0.16, 0.2, 0.3, 0.45)
+
+
+def _crit(warn: float) -> float:
+    """``crit`` paired with a ``warn``: the default 0.35, or 3x ``warn`` above it. With ``polish="none"``
+    the band ``[warn, crit)`` runs in full like ``>= crit``, so only ``warn`` sets the cost."""
+    return round(max(0.35, 3 * warn), 4)
+
+
+def xslim_methods(steps: int) -> list[Method]:
+    """X-Slim, one ingredient at a time.
+
+    - step only (``polish="none"``), the skipped step's residual extrapolated linearly (the
+      default) and reused as is (``extrapolate="none"``), at the warn values of :data:`STEP_WARNS`;
+    - step only with one warm-up step instead of three (high speedups, where 3 warm-up steps are
+      a large share of the budget);
+    - ``+block`` / ``+token`` / ``+auto``: the polish levels, with the defaults ``partial_reset=0``
+      and ``extrapolate="linear"``, at two bands;
+    - the default :class:`~xslim_xdit.XSlimConfig`;
+    - calibrated schedules (replayed with linear extrapolation; one with ``extrapolate="none"``
+      for contrast, one with token polish);
+    - the published presets, rescaled to ``steps``.
+    """
+    ms: list[Method] = []
+    for extrapolate, warns in (("linear", STEP_WARNS), ("none", (0.05, 0.08, 0.12, 0.2, 0.3, 0.45))):
+        for warn in warns:
+            cfg = XSlimConfig(warn=warn, crit=_crit(warn), polish="none", extrapolate=extrapolate)  # type: ignore[arg-type]
+            ms.append(XSlim(f"X-Slim step {extrapolate} {warn:g}", f"xslim-step-{extrapolate}", cfg))
+    for warn in (0.2, 0.3, 0.45):
+        cfg = XSlimConfig(warn=warn, crit=_crit(warn), polish="none", warmup_steps=1)
+        ms.append(XSlim(f"X-Slim step linear {warn:g} wu1", "xslim-step-linear-wu1", cfg))
+    for polish in ("block", "token", "auto"):
+        for warn, crit in ((0.08, 0.25), (0.12, 0.35)):
+            cfg = XSlimConfig(warn=warn, crit=crit, polish=polish)  # type: ignore[arg-type]
+            ms.append(XSlim(f"X-Slim +{polish} {warn:g}/{crit:g}", f"xslim-{polish}", cfg))
+    ms.append(XSlim("X-Slim default config", "xslim-default", XSlimConfig()))
+    for target in (2.0, 3.0, 4.0, 5.0):
+        ms.append(XSlimCalibrated(target, polish="none"))
+    ms.append(XSlimCalibrated(3.0, polish="none", extrapolate="none"))
+    ms.append(XSlimCalibrated(3.0, polish="token"))
+    for preset in ("flux-slow", "flux-fast", "hunyuan_video-slow", "hunyuan_video-fast"):
+        cfg = XSlimConfig.from_preset(preset, block_thresh=2.0, block_thresh_scale="stack_mean")
+        m = XSlim(f"X-Slim preset {preset}", "xslim-preset", cfg, preset=preset)
+        m.note = (
+            f"published 50-step schedule rescaled to {steps} steps; its absolute block thresholds "
+            "(tuned on the real model) replaced by the stack-mean threshold 2.0"
+        )
+        ms.append(m)
+    return ms
+
+
 def full_methods(steps: int) -> list[Method]:
     """Every method of the full benchmark, at settings chosen to span ~1.3x to ~5x."""
     ms: list[Method] = [Method()]
@@ -544,33 +706,6 @@ def full_methods(steps: int) -> list[Method]:
     ms += [UniformReuse(n) for n in (2, 3, 4)]
     ms += [FirstBlockCache(t) for t in (0.05, 0.1, 0.15, 0.2, 0.3)]
     ms += [TaylorSeer(3, 1), TaylorSeer(6, 1), TaylorSeer(3, 2)]
-    ms += [TeaCache(0.25)]
-    ms += [DBCache()] + [DBCache(1, 0, t) for t in (0.08, 0.12, 0.2, 0.3)]
-    # X-Slim online, one level at a time. partial_reset=0 (only a full step restarts the error):
-    # with the default partial_reset=1 a polish step restarts the accumulation and a run can go
-    # to its end without a full step (see docs/benchmarks.md); the default is measured once.
-    for warn, crit in ((0.05, 0.15), (0.1, 0.3), (0.2, 0.5), (0.3, 0.8)):
-        ms.append(
-            XSlim(
-                f"X-Slim step {warn:g}/{crit:g}",
-                "xslim-online",
-                XSlimConfig(warn=warn, crit=crit, polish="none"),
-            )
-        )
-    for polish in ("block", "token", "auto"):
-        for warn, crit in ((0.05, 0.15), (0.1, 0.3), (0.2, 0.5)):
-            cfg = XSlimConfig(warn=warn, crit=crit, polish=polish, partial_reset=0.0)  # type: ignore[arg-type]
-            ms.append(XSlim(f"X-Slim +{polish} {warn:g}/{crit:g}", f"xslim-online-{polish}", cfg))
-    ms.append(XSlim("X-Slim default config", "xslim-online-token", XSlimConfig()))
-    for target in (2.0, 3.0, 4.0):
-        ms.append(XSlimCalibrated(target, polish="none"))
-        ms.append(XSlimCalibrated(target, polish="token"))
-    for preset in ("flux-slow", "flux-fast"):
-        cfg = XSlimConfig.from_preset(preset, block_thresh=2.0, block_thresh_scale="stack_mean")
-        m = XSlim(f"X-Slim preset {preset}", "xslim-preset", cfg, preset=preset)
-        m.note = (
-            f"published 50-step FLUX schedule rescaled to {steps} steps; its absolute FLUX block "
-            "thresholds (1.5, 10) replaced by the stack-mean threshold 2.0"
-        )
-        ms.append(m)
-    return ms
+    ms += [TeaCache(t) for t in (0.25, 0.4, 0.6, 0.8, 1.2)]
+    ms += [DBCache()] + [DBCache(1, 0, t) for t in (0.08, 0.12, 0.2, 0.3, 0.5)]
+    return ms + xslim_methods(steps)

@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="testbed checkpoint folder (default: the committed one); 'random' for untrained weights",
     )
-    p.add_argument("--methods", default=None, help="comma-separated substrings: keep only matching methods")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated substrings: keep only matching methods ('=name' matches the name exactly)",
+    )
     p.add_argument("--seed", type=int, default=0, help="base seed; batch b uses seed+b")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -70,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _matches(key: str, name: str) -> bool:
+    """``--methods`` filter: ``=name`` is an exact name, anything else a substring."""
+    return name == key[1:] if key.startswith("=") else key in name
 
 
 def _batches(n: int, size: int) -> list[tuple[int, int]]:
@@ -241,11 +250,12 @@ def run_testbed(
         ff = e.get("flops_fraction")
         e["flops_speedup"] = 1.0 / ff if ff else None
         e["speedup_vs_flops"] = e["speedup"] / e["flops_speedup"] if e["flops_speedup"] else None
-        per = psnr_per_image(imgs, ref_images)
-        e["psnr"] = _finite(psnr(imgs, ref_images))
+        view, ref_view = testbed.as_images(imgs), testbed.as_images(ref_images)  # frames, for video
+        per = psnr_per_image(view, ref_view)
+        e["psnr"] = _finite(psnr(view, ref_view))
         e["psnr_median"] = _finite(float(per.median()))
         e["psnr_min"] = _finite(float(per.min()))
-        e["ssim"] = ssim(imgs, ref_images)
+        e["ssim"] = ssim(view, ref_view)
         e.update(testbed.sample_quality(imgs, conds))
         xs = [
             s.get("xslim_flops_fraction") for s in e["run_stats"] if s.get("xslim_flops_fraction") is not None
@@ -389,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = quick_methods() if args.quick else full_methods(steps)
         if args.methods:
             keys = [k.strip() for k in args.methods.split(",") if k.strip()]
-            methods = [m for i, m in enumerate(methods) if i == 0 or any(k in m.name for k in keys)]
+            methods = [m for i, m in enumerate(methods) if i == 0 or any(_matches(k, m.name) for k in keys)]
         tb = run_testbed(
             testbed,
             pipe,

@@ -55,6 +55,11 @@ class Testbed(ABC):
     def floors(self, n: int, seed: int = 0) -> dict[str, float]:
         """The same metrics on real data (the best a generator can score), for ``n`` samples."""
 
+    def as_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """The images PSNR and SSIM are computed on: the samples themselves (videos: their frames,
+        so that PSNR is per frame, as the video papers report it)."""
+        return samples
+
     def calibration_run(self, pipe: Any, steps: int) -> Callable[[], Any]:
         """A callable that runs one generation for X-Slim's offline calibration (one sample whose
         seed and condition differ from the evaluated ones)."""
@@ -174,5 +179,180 @@ class DigitsTestbed(Testbed):
         return d
 
 
-#: Registered testbeds: name -> class. FLUX- and HunyuanVideo-architecture testbeds go here.
-TESTBEDS: dict[str, type[Testbed]] = {"digits": DigitsTestbed}
+class _ClassTokenTestbed(Testbed):
+    """Shared parts of the FLUX and HunyuanVideo testbeds: digits classes given through the text
+    path, samples scored frame by frame with the committed digits classifier."""
+
+    module: Any = None  # the testbed module (flux_testbed / video_testbed)
+    pipeline_attr = ""
+
+    def __init__(self) -> None:
+        self.guidance_scale = self.module.DEFAULT_GUIDANCE_SCALE
+        self._classifier: Any = None
+
+    def _random_pipeline(self) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def load(self, checkpoint: str | None) -> Any:
+        pipeline_cls = getattr(self.module, self.pipeline_attr)
+        if checkpoint == "random":
+            torch.manual_seed(0)
+            self.checkpoint_note = "random weights (untrained): quality numbers are meaningless"
+            return self._random_pipeline()
+        path = Path(checkpoint) if checkpoint else self.module.DEFAULT_CHECKPOINT
+        if not (path / "transformer").is_dir():
+            raise FileNotFoundError(f"no {self.name} checkpoint at {path} (or pass --checkpoint random)")
+        self.checkpoint_note = str(path)
+        return pipeline_cls.from_checkpoint(path)
+
+    def conditions(self, n: int) -> list[Any]:
+        return [i % 10 for i in range(n)]
+
+    def generate(self, pipe: Any, conditions: list[Any], steps: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return pipe(
+            torch.tensor(conditions),
+            num_inference_steps=steps,
+            guidance_scale=self.guidance_scale,
+            generator=gen,
+            progress=False,
+        )
+
+    def _clf(self) -> Any:
+        if self._classifier is None:
+            from benchmarks.testbeds.digits_classifier import load_classifier
+
+            self._classifier = load_classifier()
+        return self._classifier
+
+    def _labels(self, images: torch.Tensor, conditions: list[Any]) -> torch.Tensor:
+        frames = self.as_images(images)
+        return torch.tensor(conditions).repeat_interleave(frames.shape[0] // len(conditions))
+
+    def sample_quality(self, images: torch.Tensor, conditions: list[Any]) -> dict[str, float]:
+        from benchmarks.metrics import sample_quality
+
+        q = sample_quality(self.as_images(images), self._labels(images, conditions), self._clf())
+        return {"accuracy": q["accuracy"], "frechet_distance": q["frechet_distance"]}
+
+    def _real(self, split: str, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real data as the testbed's samples look (``[0, 1]``), and their labels."""
+        from benchmarks.testbeds.digits import load_digits_images
+
+        x, y = load_digits_images(split)
+        if n is not None:
+            rng = random.Random(seed)
+            by_class: dict[int, list[int]] = {}
+            for i, c in enumerate(y.tolist()):
+                by_class.setdefault(c, []).append(i)
+            for v in by_class.values():
+                rng.shuffle(v)
+            conds = self.conditions(n)
+            counters: dict[int, int] = {}
+            idx = []
+            for c in conds:
+                k = counters.get(c, 0)
+                idx.append(by_class[c][k % len(by_class[c])])
+                counters[c] = k + 1
+            x, y = x[idx], y[idx]
+        return (self._as_samples(x, seed) + 1) / 2, y
+
+    def _as_samples(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        return x
+
+    def floors(self, n: int, seed: int = 0) -> dict[str, float]:
+        """Real-vs-real: ``n`` real training items (balanced as the samples) scored like samples,
+        and the whole train split against the test split (as frames, for video)."""
+        from benchmarks.metrics import frechet_distance, sample_quality
+        from benchmarks.testbeds.digits_classifier import classify
+
+        real, y = self._real("train", n, seed)
+        q = sample_quality(self.as_images(real), self._labels(real, y.tolist()), self._clf())
+        tr, _ = self._real("train", None, seed)
+        te, y_te = self._real("test", None, seed)
+        logits_t, feats_t = classify(self.as_images(te), self._clf())
+        _, feats_tr = classify(self.as_images(tr), self._clf())
+        labels_te = self._labels(te, y_te.tolist())
+        return {
+            "accuracy_real_n": q["accuracy"],
+            "frechet_distance_real_n": q["frechet_distance"],
+            "accuracy_real_test": float((logits_t.argmax(1) == labels_te).float().mean()),
+            "frechet_distance_train_vs_test": frechet_distance(feats_tr, feats_t),
+            "n": float(n),
+        }
+
+
+class FluxTestbed(_ClassTokenTestbed):
+    """The FLUX-architecture testbed: ``FluxTransformer2DModel`` (2 double-stream + 4 single-stream
+    blocks, width 128, 64 image + 4 class tokens), flow matching with FLUX's time shift, class as
+    the prompt, true CFG batched in one forward (:mod:`benchmarks.testbeds.flux_testbed`)."""
+
+    name = "flux"
+    pipeline_attr = "DigitsFluxPipeline"
+
+    def __init__(self) -> None:
+        from benchmarks.testbeds import flux_testbed
+
+        self.module = flux_testbed
+        super().__init__()
+
+    def _random_pipeline(self) -> Any:
+        m = self.module
+        return m.DigitsFluxPipeline(
+            m.make_transformer().eval(), m.make_scheduler(), m.make_text_encoder().eval()
+        )
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(
+            model="FluxTransformer2DModel (2 double-stream + 4 single-stream blocks, width 128, "
+            "64 image tokens + 4 class tokens through the text path), velocity prediction",
+            sampler="FlowMatchEulerDiscreteScheduler with FLUX's dynamic time shift (max_shift "
+            f"{self.module.DEFAULT_MAX_SHIFT}), true CFG batched [cond; uncond] in one forward",
+            data="scikit-learn digits, 16x16, packed 2x2 as FLUX packs latents, 10 classes",
+        )
+        return d
+
+
+class VideoTestbed(_ClassTokenTestbed):
+    """The HunyuanVideo-architecture testbed: ``HunyuanVideoTransformer3DModel`` on 4-frame clips of
+    moving digits (256 image tokens, 4 class tokens with an attention mask), flow matching with a
+    static shift, true CFG batched in one forward (:mod:`benchmarks.testbeds.video_testbed`).
+    PSNR/SSIM/accuracy/FD are per frame."""
+
+    name = "video"
+    pipeline_attr = "MovingDigitsVideoPipeline"
+
+    def __init__(self) -> None:
+        from benchmarks.testbeds import video_testbed
+
+        self.module = video_testbed
+        super().__init__()
+
+    def _random_pipeline(self) -> Any:
+        m = self.module
+        return m.MovingDigitsVideoPipeline(
+            m.make_transformer().eval(), m.make_scheduler(), m.make_text_encoder().eval()
+        )
+
+    def as_images(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.module.frames_of(samples) if samples.ndim == 5 else samples
+
+    def _as_samples(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return self.module.make_clips(x, self.module.random_velocities(len(x), gen))
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(
+            model="HunyuanVideoTransformer3DModel (token refiner, 2 double-stream + 2 single-stream "
+            "blocks, width 128, 4 frames x 64 tokens, 4 masked class tokens), velocity prediction",
+            sampler="FlowMatchEulerDiscreteScheduler, static shift "
+            f"{self.module.DEFAULT_FLOW_SHIFT}, true CFG batched [cond; uncond] in one forward",
+            data="moving scikit-learn digits, 4 frames of 16x16, 8 directions, 10 classes",
+        )
+        return d
+
+
+#: Registered testbeds: name -> class.
+TESTBEDS: dict[str, type[Testbed]] = {"digits": DigitsTestbed, "flux": FluxTestbed, "video": VideoTestbed}
