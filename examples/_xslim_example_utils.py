@@ -181,3 +181,62 @@ def report(
 def xslim_config(args: argparse.Namespace) -> Any:
     """The :class:`~xslim_xdit.XSlimConfig` of the ``--xslim-*`` flags (None without ``--xslim``)."""
     return config_from_args(args)
+
+
+def pipeline_output_tensor(out: object) -> torch.Tensor | None:
+    """A pipeline output as one float tensor (None on ranks that return nothing)."""
+    import numpy as np
+
+    if out is None:
+        return None
+    images = out.images  # type: ignore[attr-defined]
+    if isinstance(images, list):  # PIL images
+        return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
+    return torch.as_tensor(images).float()
+
+
+def compare_and_report(
+    name: str,
+    pipe: Any,
+    generate: Callable[[], Any],
+    args: argparse.Namespace,
+    engine_args: Any,
+    engine_config: Any,
+    input_config: Any,
+    device: torch.device,
+) -> None:
+    """Run the plain pipeline, then with X-Slim (each after a warm-up run unless --no_warmup),
+    print the statistics and speedup, and save PIL images if --save_dir is given."""
+    baseline = t_baseline = None
+    if not args.skip_baseline:
+        if not args.no_warmup:
+            generate()
+        baseline, t_baseline = timed(generate, device)
+
+    out, engine, t_xslim = baseline, None, None
+    config = xslim_config(args)
+    if config is not None:
+        engine = pipe.enable_xslim(config)
+        if not args.no_warmup:
+            generate()
+        out, t_xslim = timed(generate, device)
+
+    parallel_info = (
+        f"dp{engine_args.data_parallel_degree}_cfg{engine_config.parallel_config.cfg_degree}_"
+        f"ulysses{engine_args.ulysses_degree}_ring{engine_args.ring_degree}_"
+        f"pp{engine_args.pipefusion_parallel_degree}_patch{engine_args.num_pipeline_patch}"
+    )
+    report(
+        name,
+        parallel_info,
+        engine,
+        t_baseline,
+        t_xslim,
+        pipeline_output_tensor(baseline),
+        pipeline_output_tensor(out),
+    )
+    if args.save_dir and out is not None and input_config.output_type == "pil" and pipe.is_dp_last_group():
+        os.makedirs(args.save_dir, exist_ok=True)
+        tag = "xslim" if engine is not None else "plain"
+        for i, image in enumerate(out.images):
+            image.save(os.path.join(args.save_dir, f"{name}_{parallel_info}_{tag}_{i}.png"))

@@ -24,8 +24,6 @@ from __future__ import annotations
 import tempfile
 
 import _xslim_example_utils as ex
-import numpy as np
-import torch
 
 from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper
 from xslim_xdit.testing_pipelines import TINY_CALL_KWARGS, save_tiny_pipeline
@@ -37,16 +35,6 @@ TINY_DEFAULTS = {
     "num_inference_steps": 10,
     "prompt": ["a photo of a cat"],
 }
-
-
-def as_tensor(out: object) -> torch.Tensor | None:
-    """The pipeline output as one float tensor (None on ranks that return nothing)."""
-    if out is None:
-        return None
-    images = out.images
-    if isinstance(images, list):  # PIL images
-        return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
-    return torch.as_tensor(images).float()
 
 
 def main() -> None:
@@ -85,34 +73,7 @@ def main() -> None:
             generator=ex.generator(input_config.seed),
         )
 
-    baseline = t_baseline = None
-    if not args.skip_baseline:
-        if not args.no_warmup:
-            generate()
-        baseline, t_baseline = ex.timed(generate, device)
-
-    out, engine, t_xslim = baseline, None, None
-    config = ex.xslim_config(args)
-    if config is not None:
-        engine = pipe.enable_xslim(config)
-        if not args.no_warmup:
-            generate()
-        out, t_xslim = ex.timed(generate, device)
-
-    parallel_info = (
-        f"dp{engine_args.data_parallel_degree}_cfg{engine_config.parallel_config.cfg_degree}_"
-        f"ulysses{engine_args.ulysses_degree}_ring{engine_args.ring_degree}_"
-        f"pp{engine_args.pipefusion_parallel_degree}_patch{engine_args.num_pipeline_patch}"
-    )
-    ex.report("flux", parallel_info, engine, t_baseline, t_xslim, as_tensor(baseline), as_tensor(out))
-
-    if args.save_dir and out is not None and input_config.output_type == "pil" and pipe.is_dp_last_group():
-        import os
-
-        os.makedirs(args.save_dir, exist_ok=True)
-        tag = "xslim" if engine is not None else "plain"
-        for i, image in enumerate(out.images):
-            image.save(os.path.join(args.save_dir, f"flux_{parallel_info}_{tag}_{i}.png"))
+    ex.compare_and_report("flux", pipe, generate, args, engine_args, engine_config, input_config, device)
     get_runtime_state().destroy_distributed_env()
     if tmp is not None:
         tmp.cleanup()
