@@ -214,7 +214,7 @@ class XSlimConfig:
         max_skips: longest run of consecutive skipped steps (``None`` for no cap).
         extrapolate: how a skipped step (and the untouched tokens of a token refresh) estimates
             the stack residual: ``"none"`` reuses the last computed one, ``"linear"``
-            extrapolates it from the last two computed steps.
+            extrapolates it along the slope between the last two full steps.
         token_ratio: fraction of image tokens recomputed in a token refresh, in (0, 1].
         token_groups: token selection takes the top tokens within this many contiguous chunks of
             the image sequence (``1`` = one global top-k). Sequence-parallel runs select per rank,

@@ -73,7 +73,7 @@ class BranchState:
     res_prev: torch.Tensor | None = None  # the one before (token indicator / extrapolation)
     res_step: int = -1  # step that produced res_stack
     # linear extrapolation (extrapolate="linear"): the last exactly computed stack residual
-    # (full or block step), its step, and the per-step slope between the last two of them
+    # (full step), its step, and the per-step slope between the last two of them
     exact_res: torch.Tensor | None = None
     exact_step: int = -1
     slope: torch.Tensor | None = None
@@ -451,7 +451,9 @@ class XSlimEngine:
                 state.res_prev = state.res_prev.scatter(1, exp, torch.gather(state.res_stack, 1, exp))
             else:
                 state.res_prev = state.res_stack
-        if self.config.extrapolate == "linear" and kind in (StepKind.FULL, StepKind.BLOCK):
+        # Only full steps give exact stack residuals: a block step's residual carries the stale
+        # residuals of the blocks it reused, which would bend the slope (measured: worse than skips).
+        if self.config.extrapolate == "linear" and kind == StepKind.FULL:
             if (
                 state.exact_res is not None
                 and state.exact_res.shape == res.shape
@@ -467,8 +469,8 @@ class XSlimEngine:
     def _residual_estimate(self, state: BranchState) -> torch.Tensor:
         """The stack residual for a step that does not compute it: the latest one, or (with
         ``extrapolate="linear"``) that one moved along the per-step slope between the last two
-        exactly computed residuals (full or block steps; token steps refresh only some rows, so
-        they update the residual but not the slope)."""
+        exactly computed residuals (full steps; block and token steps refresh the residual but
+        not the slope)."""
         assert state.res_stack is not None
         if state.slope is not None and state.slope.shape == state.res_stack.shape:
             return state.res_stack + (self.step - state.res_step) * state.slope
