@@ -86,11 +86,10 @@ class CallPlan:
     """What the current call does, fixed at the first block."""
 
     decision: StepDecision
-    compute: list[bool] | None = None  # per managed block, BLOCK steps
+    compute: list[bool] | None = None  # whole-depth mask (global block indices), BLOCK steps
     token_index: torch.Tensor | None = None  # (B, k) image-token positions, TOKEN steps
     token_count: int = 0
     seg_in: torch.Tensor | None = None
-    txt_in: torch.Tensor | None = None
     blocks_computed: int = 0
     tokens_computed: int = 0
     flops: int = 0
@@ -176,6 +175,7 @@ class XSlimEngine:
         self.plan: CallPlan | None = None
         self._step_plan: CallPlan | None = None
         self._flop_mode: Any = None
+        self._call_key: tuple = ()  # the current call's input shapes, set before the forward
         self._full_block_flops: dict[int, int] = {}
         #: per-step measurements of a run, filled when ``profiling`` is set (see calibration)
         self.profiling = False
@@ -293,8 +293,9 @@ class XSlimEngine:
             self._step_plan = None
         self._last_t = t
         self.plan = None
+        self._call_key = ("forward", _shape_key(args, kwargs))
         if self.count_flops:
-            key = ("forward", _shape_key(args, kwargs))
+            key = self._call_key
             if key not in self._meter.cache:
                 self._flop_mode = (key, counter())
                 self._flop_mode[1].__enter__()
@@ -305,8 +306,7 @@ class XSlimEngine:
         if plan is None:
             return
         rows_full = plan.rows_full
-        key = ("forward", _shape_key(args, kwargs))
-        full_flops = self._meter.cache.get(key, 0)
+        full_flops = self._meter.cache.get(self._call_key, 0)
         nonblock = max(0, full_flops - sum(self._full_block_flops.values()))
         d = plan.decision
         self.statistics.add(
