@@ -86,9 +86,13 @@ def test_bad_arguments_fail_before_anything_is_patched(pipe):
     assert get_engine(pipe) is None
 
 
-def test_calibration_round_trip(tmp_path):
+@pytest.mark.parametrize("strategy", ["optimal", "threshold"])
+def test_calibration_round_trip(tmp_path, strategy):
     m = tiny_model("flux")
-    result = calibrate(m, lambda: sample(m, "flux", steps=20), num_inference_steps=20, target_speedup=2.5)
+    result = calibrate(
+        m, lambda: sample(m, "flux", steps=20), num_inference_steps=20, target_speedup=2.5, strategy=strategy
+    )
+    assert result.strategy == strategy
     assert result.schedule.num_steps == 20
     assert result.estimated_fraction <= 1 / 2.5 + 1e-9
     assert len(result.profile) == 20 and result.profile[0]["residual_change"] is None
@@ -98,7 +102,12 @@ def test_calibration_round_trip(tmp_path):
     path = tmp_path / "calib.json"
     result.save(path)
     again = CalibrationResult.load(path)
-    assert again.schedule == result.schedule and again.crit == pytest.approx(result.crit)
+    assert again.schedule == result.schedule and again.crit == result.crit
+    if strategy == "threshold":
+        assert again.online_config().crit == result.crit
+    else:
+        with pytest.raises(ConfigError, match="no thresholds"):
+            again.online_config()
     assert again.config() == result.config()
     # the schedule replays exactly
     eng = enable_xslim(m, again.config(), num_inference_steps=20)

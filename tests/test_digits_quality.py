@@ -18,13 +18,13 @@ def pipe():
     return DigitsDiTPipeline.from_checkpoint()
 
 
-def _run(p, steps=50):
+def _run(p, steps: int = 50):
     return p(LABELS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), progress=False)
 
 
 @pytest.fixture(scope="module")
 def reference(pipe):
-    return {"full": _run(pipe), "half_steps": _run(pipe, 25)}
+    return {"full": _run(pipe), "half_steps": _run(pipe, 25), "third_steps": _run(pipe, 17)}
 
 
 def test_default_setting_halves_flops_and_beats_half_the_steps(pipe, reference):
@@ -49,3 +49,25 @@ def test_linear_extrapolation_improves_skips(pipe, reference):
         wrapped.disable_xslim()
         assert kinds.count("skip") > 20
     assert psnrs["linear"] > psnrs["none"] + 1.0, psnrs  # measured about +3 dB at the same cost
+
+
+def test_optimal_calibration_beats_fewer_steps_by_3db_at_3x(pipe, reference):
+    from xslim_xdit.calibration import calibrate
+
+    # calibrated on one sample that is not evaluated (its own class and seed)
+    result = calibrate(
+        pipe,
+        lambda: pipe(
+            [3], num_inference_steps=50, generator=torch.Generator().manual_seed(987), progress=False
+        ),
+        target_speedup=3.0,
+    )
+    assert len(result.schedule.full_steps) == 16  # 0.32 of the steps, fewer than 17 steps' 0.34
+    wrapped = XSlimPipelineWrapper(pipe, result.config())
+    out = _run(wrapped)
+    kinds = wrapped.get_cache_statistics().summary()["kinds"]
+    wrapped.disable_xslim()
+    assert [i for i, k in enumerate(kinds) if k == "full"] == list(result.schedule.full_steps)
+    baseline = psnr(reference["third_steps"], reference["full"])  # measured 24.9 dB
+    got = psnr(out, reference["full"])  # measured 30.0 dB
+    assert got > baseline + 3.0, (got, baseline)

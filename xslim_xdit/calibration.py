@@ -1,11 +1,18 @@
-"""Offline calibration: profile one full run, then emit a schedule and thresholds.
+"""Offline calibration: profile one full run, then emit a schedule.
 
 X-Slim's released code runs no online controller: it records how much the stack residual
 changes from step to step in one full run of one prompt (the change is U-shaped over the run and
-depends little on the prompt), and builds a static schedule from it. :func:`calibrate` does the
-same with the pure controller: it replays the recorded indicator through
-:class:`~xslim_xdit.controller.OnlineController` at thresholds searched to hit a target compute
-fraction, and returns the resulting schedule, which saves to a JSON file a person can edit.
+depends little on the prompt), and builds a static schedule from it. :func:`calibrate` profiles
+one full run and builds the schedule in one of two ways:
+
+- ``strategy="optimal"`` (default): the full steps that minimise the error the skipped steps
+  would make with the engine's own residual estimate (:mod:`xslim_xdit.planner`, an exact
+  search on the profile's Gram matrix). Full and skipped steps only.
+- ``strategy="threshold"``: the recorded indicator replayed through
+  :class:`~xslim_xdit.controller.OnlineController` at thresholds searched to hit the target
+  compute fraction (X-Slim's published procedure; the only one with polish steps).
+
+The result saves to a JSON file a person can edit.
 
 Example:
     >>> from xslim_xdit.testing import tiny_model, sample
@@ -25,26 +32,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from .api import disable_xslim, enable_xslim
 from .config import ConfigError, Schedule, XSlimConfig
 from .controller import OnlineController, StepKind
+from .planner import optimal_full_steps, skip_errors_of
 
 Indicator = Literal["residual_change", "probe_change"]
+Strategy = Literal["optimal", "threshold"]
 
 
 @dataclass
 class CalibrationResult:
-    """A calibrated schedule, the thresholds that produced it, and the profile behind it."""
+    """A calibrated schedule, how it was found, and the profile behind it.
+
+    ``warn`` and ``crit`` are the thresholds of ``strategy="threshold"`` (``None`` for
+    ``"optimal"``, which has none).
+    """
 
     schedule: Schedule
-    warn: float
-    crit: float
+    warn: float | None
+    crit: float | None
     polish: str
     token_ratio: float
     block_thresh: float
     indicator: str
     estimated_fraction: float
     profile: list[dict[str, Any]] = field(default_factory=list)
+    strategy: str = "threshold"
+    extrapolate: str = "linear"
+    #: ``strategy="optimal"``: the schedules tried on the calibration run, with their error
+    candidates: list[dict[str, Any]] = field(default_factory=list)
 
     def config(self, **overrides: Any) -> XSlimConfig:
         """A schedule-mode config that replays this schedule (rescaled to any step count)."""
@@ -53,12 +72,19 @@ class CalibrationResult:
             schedule=self.schedule,
             token_ratio=self.token_ratio,
             block_thresh=self.block_thresh,
+            extrapolate=self.extrapolate,
         )
         kw.update(overrides)
         return XSlimConfig(**kw)
 
     def online_config(self, **overrides: Any) -> XSlimConfig:
-        """An online config with the calibrated thresholds (for the same indicator)."""
+        """An online config with the calibrated thresholds (for the same indicator); only for
+        ``strategy="threshold"`` results."""
+        if self.warn is None or self.crit is None:
+            raise ConfigError(
+                f"strategy={self.strategy!r} found no thresholds: use config() to replay the schedule, "
+                "or calibrate with strategy='threshold' for online thresholds"
+            )
         kw: dict[str, Any] = dict(
             warn=self.warn,
             crit=self.crit,
@@ -76,6 +102,9 @@ class CalibrationResult:
             "polish": self.polish,
             "token_ratio": self.token_ratio,
             "indicator": self.indicator,
+            "strategy": self.strategy,
+            "extrapolate": self.extrapolate,
+            "candidates": self.candidates,
             "estimated_flops_fraction": self.estimated_fraction,
             "profile": self.profile,
         }
@@ -94,14 +123,17 @@ class CalibrationResult:
         th = d["thresholds"]
         res = cls(
             schedule=Schedule.from_dict(d["schedule"]),
-            warn=float(th["warn"]),
-            crit=float(th["crit"]),
+            warn=None if th.get("warn") is None else float(th["warn"]),
+            crit=None if th.get("crit") is None else float(th["crit"]),
             block_thresh=float(th.get("block_thresh", 2.0)),
             polish=d.get("polish", "token"),
             token_ratio=float(d.get("token_ratio", 0.5)),
             indicator=d.get("indicator", "residual_change"),
             estimated_fraction=float(d.get("estimated_flops_fraction", float("nan"))),
             profile=d.get("profile", []),
+            strategy=d.get("strategy", "threshold"),
+            extrapolate=d.get("extrapolate", "linear"),
+            candidates=d.get("candidates", []),
         )
         res.config()  # validate now, not at first use
         return res
@@ -135,18 +167,36 @@ def estimated_cost(kinds: Sequence[StepKind], token_ratio: float, block_fraction
     return sum(cost[k] for k in kinds) / max(len(kinds), 1)
 
 
+def profile_gram(profile: Sequence[dict[str, Any]]) -> list[list[float]]:
+    """The ``N x N`` Gram matrix of the stack residuals, from the profile's ``gram_row`` entries
+    (row ``i`` holds the inner products of step ``i`` with steps ``0 .. i``)."""
+    n = len(profile)
+    rows = [p.get("gram_row") for p in profile]
+    if any(r is None or len(r) != i + 1 for i, r in enumerate(rows)):
+        raise ConfigError("profile: every step needs a gram_row of its step index + 1 entries")
+    g = [[0.0] * n for _ in range(n)]
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r):  # type: ignore[arg-type]
+            g[i][j] = g[j][i] = float(v)
+    return g
+
+
 def calibrate(
     pipe_or_transformer: Any,
     run: Callable[[], Any],
     *,
     num_inference_steps: int | None = None,
     target_speedup: float = 2.5,
-    polish: Literal["token", "block", "auto", "none"] = "token",
+    strategy: Strategy = "optimal",
+    polish: Literal["token", "block", "auto", "none"] | None = None,
     token_ratio: float = 0.5,
     block_thresh: float = 2.0,
-    warmup_steps: int = 3,
+    warmup_steps: int | None = None,
     warn_fraction: float = 0.5,
     indicator: Indicator = "residual_change",
+    extrapolate: Literal["linear", "none"] = "linear",
+    max_gap: int | None = None,
+    closed_loop_check: bool = True,
 ) -> CalibrationResult:
     """Profile one full run and return a schedule that reaches ``target_speedup`` (in FLOPs).
 
@@ -155,33 +205,118 @@ def calibrate(
         run: a callable that performs one generation (e.g. ``lambda: pipe(prompt, ...)``).
         num_inference_steps: steps of that run, when ``pipe_or_transformer`` is a bare transformer.
         target_speedup: wanted ratio of full compute to cached compute (> 1).
-        polish, token_ratio, block_thresh: the polish level of the band between the thresholds.
-        warmup_steps: steps always computed at the start.
-        warn_fraction: ``warn = warn_fraction * crit``, in (0, 1).
+        strategy: ``"optimal"`` (full steps placed to minimise the skip error, see
+            :mod:`xslim_xdit.planner`) or ``"threshold"`` (the indicator replayed through the
+            online controller, X-Slim's published procedure).
+        polish, token_ratio, block_thresh: the polish level of the band between the thresholds
+            (``strategy="threshold"``; default ``"token"``). ``"optimal"`` accepts only
+            ``"none"``.
+        warmup_steps: steps always computed at the start (default 1 for ``"optimal"``, which
+            places the others itself, and 3 for ``"threshold"``).
+        warn_fraction: ``warn = warn_fraction * crit``, in (0, 1) (``"threshold"``).
         indicator: ``"residual_change"`` (relative change of the stack residual, X-Slim's offline
-            profile) or ``"probe_change"`` (relative change of block 0's modulated input).
+            profile) or ``"probe_change"`` (relative change of block 0's modulated input)
+            (``"threshold"``).
+        extrapolate: the residual estimate the schedule will be replayed with (the returned
+            :meth:`CalibrationResult.config` uses it); ``"optimal"`` plans for it.
+        max_gap: the longest run of skipped steps plus one that ``"optimal"`` considers
+            (default: three times the mean gap, at least 8).
+        closed_loop_check: ``"optimal"`` plans on the full run's trajectory, which misjudges how
+            errors of the first steps carry on; with this set it plans for warm-ups of
+            ``warmup_steps`` to ``warmup_steps + 3`` steps, replays each plan on ``run`` (each
+            costs about ``1 / target_speedup`` of a full run) and keeps the one whose last
+            transformer output is closest to the full run's.
     """
-    if not target_speedup > 1.0:
+    if not (isinstance(target_speedup, (int, float)) and target_speedup > 1.0):
         raise ConfigError(f"target_speedup must be > 1; got {target_speedup!r}")
+    if strategy not in ("optimal", "threshold"):
+        raise ConfigError(f"strategy must be 'optimal' or 'threshold'; got {strategy!r}")
+    if polish is None:
+        polish = "none" if strategy == "optimal" else "token"
+    if strategy == "optimal" and polish != "none":
+        raise ConfigError(
+            f"polish must be 'none' with strategy='optimal' (it places full steps only); got {polish!r}; "
+            "use strategy='threshold' for block or token steps"
+        )
+    if warmup_steps is None:
+        warmup_steps = 1 if strategy == "optimal" else 3
     if not 0.0 < warn_fraction < 1.0:
         raise ConfigError(f"warn_fraction must be in (0, 1); got {warn_fraction!r}")
     if indicator not in ("residual_change", "probe_change"):
         raise ConfigError(f"indicator must be 'residual_change' or 'probe_change'; got {indicator!r}")
-    XSlimConfig(polish=polish, token_ratio=token_ratio, block_thresh=block_thresh, warmup_steps=warmup_steps)
+    if max_gap is not None and (not isinstance(max_gap, int) or max_gap < 1):
+        raise ConfigError(f"max_gap must be an integer >= 1; got {max_gap!r}")
+    XSlimConfig(
+        polish=polish,
+        token_ratio=token_ratio,
+        block_thresh=block_thresh,
+        warmup_steps=warmup_steps,
+        extrapolate=extrapolate,
+    )
+    if strategy == "optimal" and num_inference_steps is not None:
+        _check_reachable(num_inference_steps, target_speedup, warmup_steps)
     # Every step full, with block statistics recorded: thresholds that nothing stays under.
     record_cfg = XSlimConfig(warn=1e-12, crit=2e-12, polish="block", warmup_steps=1)
     engine = enable_xslim(pipe_or_transformer, record_cfg, num_inference_steps=num_inference_steps)
     engine.profiling = True
     try:
-        run()
+        reference = _last_output(engine.model, run)
     finally:
         disable_xslim(pipe_or_transformer)
     profile = engine.profile
     if not profile:
         raise RuntimeError("calibration run called the transformer no time: check `run`")
-    values = [p[indicator] for p in profile]
-    n = len(values)
+    n = len(profile)
     target = 1.0 / target_speedup
+
+    if strategy == "optimal":
+        _check_reachable(n, target_speedup, warmup_steps)
+        gram = profile_gram(profile)
+        w = min(warmup_steps, n)
+        num_full = max(min(n, w + 1), int(n * target + 1e-9))
+        plans: list[tuple[int, ...]] = []
+        for warm in range(w, w + 4 if closed_loop_check else w + 1):
+            if warm + 1 > num_full and warm > w:
+                break
+            plan = optimal_full_steps(
+                gram, num_full, warmup_steps=warm, max_gap=max_gap, extrapolate=extrapolate
+            )
+            if plan not in plans:
+                plans.append(plan)
+        candidates = [{"full_steps": list(p), "closed_loop_error": None} for p in plans]
+        if len(plans) > 1 and reference is not None:
+            for cand, plan in zip(candidates, plans, strict=True):
+                cfg = XSlimConfig(
+                    mode="schedule", schedule=Schedule(num_steps=n, full_steps=plan), extrapolate=extrapolate
+                )
+                enable_xslim(pipe_or_transformer, cfg, num_inference_steps=num_inference_steps)
+                try:
+                    out = _last_output(engine.model, run)
+                finally:
+                    disable_xslim(pipe_or_transformer)
+                cand["closed_loop_error"] = _relative_error(out, reference)
+            best_i = min(range(len(plans)), key=lambda i: candidates[i]["closed_loop_error"])
+        else:
+            best_i = 0
+        full = plans[best_i]
+        for p, err in zip(profile, skip_errors_of(gram, full, extrapolate), strict=True):
+            p["planned_skip_error"] = err
+        return CalibrationResult(
+            schedule=Schedule(num_steps=n, full_steps=full),
+            warn=None,
+            crit=None,
+            polish="none",
+            token_ratio=token_ratio,
+            block_thresh=block_thresh,
+            indicator="gram",
+            estimated_fraction=len(full) / n,
+            profile=profile,
+            strategy="optimal",
+            extrapolate=extrapolate,
+            candidates=candidates,
+        )
+
+    values = [p[indicator] for p in profile]
     block_fraction = min(1.0, 1.0 / block_thresh)
 
     def kinds_for(crit: float) -> list[StepKind]:
@@ -215,4 +350,47 @@ def calibrate(
         indicator=indicator,
         estimated_fraction=estimated_cost(best, token_ratio, block_fraction),
         profile=profile,
+        strategy="threshold",
+        extrapolate=extrapolate,
     )
+
+
+def _check_reachable(num_steps: int, target_speedup: float, warmup_steps: int) -> None:
+    """``strategy="optimal"`` keeps the warm-up and the last step full: that bounds the speedup."""
+    fixed = min(num_steps, warmup_steps + 1)
+    if num_steps / fixed + 1e-9 < target_speedup:
+        raise ConfigError(
+            f"target_speedup={target_speedup!r} is out of reach for {num_steps} steps: with warmup_steps="
+            f"{warmup_steps} and the last step full, at most {num_steps / fixed:.3g}"
+        )
+
+
+def _last_output(model: Any, run: Callable[[], Any]) -> torch.Tensor | None:
+    """Run ``run`` and return the first tensor of the model's last output (``None`` if the
+    model was not called or returned no tensor)."""
+    box: list[torch.Tensor | None] = [None]
+
+    def hook(_m: Any, _a: Any, out: Any) -> None:
+        while not isinstance(out, torch.Tensor):
+            if isinstance(out, (tuple, list)) and out:
+                out = out[0]
+            elif hasattr(out, "sample"):
+                out = out.sample
+            else:
+                return
+        box[0] = out.detach().clone()
+
+    handle = model.register_forward_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return box[0]
+
+
+def _relative_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:
+    if out is None or out.shape != ref.shape:
+        return float("inf")
+    num = (out.double() - ref.double()).norm()
+    den = ref.double().norm()
+    return float(num / den) if float(den) > 0 else float(num)

@@ -180,6 +180,10 @@ class XSlimEngine:
         #: per-step measurements of a run, filled when ``profiling`` is set (see calibration)
         self.profiling = False
         self.profile: list[dict[str, Any]] = []
+        #: at most this many elements of each profiled stack residual (a strided subsample) go
+        #: into the profile's Gram matrix (see :mod:`xslim_xdit.planner`); kept as float32: 1M elements = 4 MB per step
+        self.profile_max_elements = 1 << 20
+        self._profile_vectors: list[torch.Tensor] = []
 
     def set_pipeline(self, channel: Any, global_stacks: list[tuple[int, int]]) -> None:
         """Run as one stage of a PipeFusion pipeline (see :mod:`xslim_xdit.parallel.pipeline`).
@@ -250,6 +254,7 @@ class XSlimEngine:
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_steps!r}")
         self.reset_state()
+        self._profile_vectors = []
         self.run_index += 1
         self.num_steps = num_steps
         self.controller = make_controller(self.config, num_steps)
@@ -497,8 +502,21 @@ class XSlimEngine:
                 "probe_change": plan.decision.indicator,
                 "residual_change": change,
                 "block_magnitudes": mags,
+                "gram_row": self._gram_row(res),
             }
         )
+
+    def _gram_row(self, res: torch.Tensor) -> list[float]:
+        """Inner products of this step's stack residual with every earlier profiled one (and
+        itself), over a strided subsample, summed over ranks: one row of the profile's Gram
+        matrix (sums over tokens, so sequence-parallel shards add up exactly)."""
+        flat = res.reshape(-1)
+        stride = max(1, -(-flat.numel() // self.profile_max_elements))
+        vec = flat[::stride].to(torch.float32, copy=True)  # kept for the later rows
+        self._profile_vectors.append(vec)
+        v64 = vec.double()
+        dots = torch.stack([torch.dot(v64, v.double()) for v in self._profile_vectors])
+        return self.sync.sum_partials(dots).tolist()
 
     def _record_block_mag(self, state: BranchState, g: int, out: torch.Tensor, inp: torch.Tensor) -> None:
         if state.block_mag is None:
