@@ -597,21 +597,38 @@ class XSlim(Method):
 
 class XSlimCalibrated(XSlim):
     """X-Slim's offline mode: :func:`xslim_xdit.calibration.calibrate` on one calibration sample
-    (its own seed and class, not one of the evaluated samples), then the emitted schedule."""
+    (its own seed and class, not one of the evaluated samples), then the emitted schedule.
+
+    ``strategy="optimal"`` (named "X-Slim optimal Nx") plans the full steps on the profile;
+    ``"threshold"`` (named "X-Slim calib Nx <polish>") replays the indicator through the
+    controller, X-Slim's published procedure.
+    """
 
     def __init__(
-        self, target_speedup: float, polish: str = "token", extrapolate: str = "linear", **kw: Any
+        self,
+        target_speedup: float,
+        polish: str = "token",
+        extrapolate: str = "linear",
+        strategy: str = "threshold",
+        **kw: Any,
     ) -> None:
         suffix = "" if extrapolate == "linear" else f" extrapolate={extrapolate}"
+        if strategy == "optimal":
+            name, family = f"X-Slim optimal {target_speedup:g}x{suffix}", "xslim-optimal"
+        else:
+            name = f"X-Slim calib {target_speedup:g}x {polish}{suffix}"
+            family = "xslim-calibrated" if extrapolate == "linear" else f"xslim-calibrated-{extrapolate}"
         super().__init__(
-            name=f"X-Slim calib {target_speedup:g}x {polish}{suffix}",
-            family="xslim-calibrated" if extrapolate == "linear" else f"xslim-calibrated-{extrapolate}",
+            name=name,
+            family=family,
             target_speedup=target_speedup,
             polish=polish,
             extrapolate=extrapolate,
+            strategy=strategy,
             **kw,
         )
         self.target_speedup, self.polish, self.extrapolate, self.kw = target_speedup, polish, extrapolate, kw
+        self.strategy = strategy
 
     def prepare(self, pipe: Any, testbed: Any, steps: int) -> None:
         from xslim_xdit.calibration import calibrate
@@ -622,12 +639,16 @@ class XSlimCalibrated(XSlim):
             testbed.calibration_run(pipe, steps),
             target_speedup=self.target_speedup,
             polish=self.polish,  # type: ignore[arg-type]
+            strategy=self.strategy,  # type: ignore[arg-type]
+            extrapolate=self.extrapolate,  # type: ignore[arg-type]
             **self.kw,
         )
-        self.config = result.config(extrapolate=self.extrapolate)
+        self.config = result.config()
         self.params["calibration_seconds"] = time.perf_counter() - t0
         self.params["schedule"] = result.schedule.to_dict()
         self.params["estimated_flops_fraction"] = result.estimated_fraction
+        if result.candidates:
+            self.params["candidates"] = result.candidates
         self.profile = result.profile
         super().prepare(pipe, testbed, steps)
 
@@ -667,8 +688,10 @@ def xslim_methods(steps: int) -> list[Method]:
     - ``+block`` / ``+token`` / ``+auto``: the polish levels, with the defaults ``partial_reset=0``
       and ``extrapolate="linear"``, at two bands;
     - the default :class:`~xslim_xdit.XSlimConfig`;
-    - calibrated schedules (replayed with linear extrapolation; one with ``extrapolate="none"``
-      for contrast, one with token polish);
+    - optimal calibrated schedules (full steps planned on the profile) from 1.5x to 6x, one
+      planned for ``extrapolate="none"``;
+    - threshold-calibrated schedules (replayed with linear extrapolation; one with
+      ``extrapolate="none"`` for contrast, one with token polish);
     - the published presets, rescaled to ``steps``.
     """
     ms: list[Method] = []
@@ -684,6 +707,9 @@ def xslim_methods(steps: int) -> list[Method]:
             cfg = XSlimConfig(warn=warn, crit=crit, polish=polish)  # type: ignore[arg-type]
             ms.append(XSlim(f"X-Slim +{polish} {warn:g}/{crit:g}", f"xslim-{polish}", cfg))
     ms.append(XSlim("X-Slim default config", "xslim-default", XSlimConfig()))
+    for target in (1.5, 2.0, 3.0, 4.0, 5.0, 6.0):
+        ms.append(XSlimCalibrated(target, polish="none", strategy="optimal"))
+    ms.append(XSlimCalibrated(3.0, polish="none", strategy="optimal", extrapolate="none"))
     for target in (2.0, 3.0, 4.0, 5.0):
         ms.append(XSlimCalibrated(target, polish="none"))
     ms.append(XSlimCalibrated(3.0, polish="none", extrapolate="none"))
