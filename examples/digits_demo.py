@@ -10,6 +10,7 @@ Run from the repository root::
 
     python examples/digits_demo.py --help
     python examples/digits_demo.py --per-class 8 --steps 50 --out outputs/digits_demo.png
+    python examples/digits_demo.py --calibrate 3   # a schedule planned for 3x on one other sample
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--preset", default=None, help="an X-Slim preset instead of the default online controller")
+    p.add_argument(
+        "--calibrate",
+        type=float,
+        default=None,
+        metavar="SPEEDUP",
+        help="calibrate a schedule for this FLOP speedup on one sample that is not drawn (a '3' with\n"
+        "its own seed), then draw with it, instead of the online controller",
+    )
     p.add_argument("--out", default="outputs/digits_demo.png", help="where to save the grid PNG")
     p.add_argument("--stats", action="store_true", help="print X-Slim's per-step statistics table")
     return p.parse_args(argv)
@@ -76,8 +85,27 @@ def main(argv: list[str] | None = None) -> dict:
         out = p(labels, num_inference_steps=args.steps, generator=g, progress=False)
         return out, time.perf_counter() - t0
 
+    if args.preset and args.calibrate:
+        raise SystemExit("--preset and --calibrate are alternatives: pass one")
     config = XSlimConfig.from_preset(args.preset) if args.preset else XSlimConfig()
-    xslim = XSlimPipelineWrapper(DigitsDiTPipeline.from_checkpoint(args.checkpoint), config)
+    described = f"preset {args.preset}" if args.preset else "default online controller"
+    xslim_pipe = DigitsDiTPipeline.from_checkpoint(args.checkpoint)
+    if args.calibrate:
+        from xslim_xdit.calibration import calibrate
+
+        result = calibrate(
+            xslim_pipe,
+            lambda: xslim_pipe(
+                [3],
+                num_inference_steps=args.steps,
+                generator=torch.Generator().manual_seed(12345),
+                progress=False,
+            ),
+            target_speedup=args.calibrate,
+        )
+        config = result.config()
+        described = f"calibrated for {args.calibrate:g}x, full steps {list(result.schedule.full_steps)}"
+    xslim = XSlimPipelineWrapper(xslim_pipe, config)
     generate(pipe)  # warm-up of both pipelines (first calls allocate and count FLOPs)
     generate(xslim)
     times_full, times_xslim = [], []
@@ -108,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stats:
         print(stats.table())
     print(f"digits DiT, {len(labels)} images, {args.steps} DDIM steps, guidance 6 (batched CFG)")
-    print(f"X-Slim config: {config.preset or 'default online controller'}")
+    print(f"X-Slim config: {described}")
     print(
         f"decisions: full {summary['full']}, block {summary['block']}, token {summary['token']}, "
         f"skip {summary['skip']} of {summary['steps']} steps"
