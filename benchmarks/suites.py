@@ -71,120 +71,17 @@ class Testbed(ABC):
         return {"name": self.name, "guidance_scale": self.guidance_scale, "checkpoint": self.checkpoint_note}
 
 
-class DigitsTestbed(Testbed):
-    """The class-conditional DiT on scikit-learn's digits (16x16, DDIM, batched CFG).
+class _DigitsClassesTestbed(Testbed):
+    """Shared parts of the testbeds: the 10 digits classes as conditions, samples scored (frame by
+    frame for video) with the committed digits classifier, real digits as the floors.
 
-    ``checkpoint=None`` loads the committed checkpoint; ``"random"`` builds an untrained DiT of
+    ``checkpoint=None`` loads the committed checkpoint; ``"random"`` builds an untrained model of
     the same shape (for CI when no checkpoint exists; its quality numbers mean nothing).
     """
 
-    name = "digits"
-
-    def __init__(self) -> None:
-        from benchmarks.testbeds.digits import DEFAULT_GUIDANCE_SCALE
-
-        self.guidance_scale = DEFAULT_GUIDANCE_SCALE
-        self._classifier: Any = None
-
-    def load(self, checkpoint: str | None) -> Any:
-        from benchmarks.testbeds.digits import (
-            DEFAULT_CHECKPOINT,
-            DigitsDiTPipeline,
-            make_transformer,
-        )
-
-        if checkpoint == "random":
-            from benchmarks.testbeds.train_digits_dit import make_sampling_scheduler, make_train_scheduler
-
-            torch.manual_seed(0)
-            tr = make_transformer().eval()
-            self.checkpoint_note = "random weights (untrained): quality numbers are meaningless"
-            return DigitsDiTPipeline(tr, make_sampling_scheduler(make_train_scheduler()))
-        path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-        if not (path / "transformer").is_dir():
-            raise FileNotFoundError(
-                f"no digits DiT checkpoint at {path} (train one with "
-                "`python -m benchmarks.testbeds.train_digits_dit`, or pass --checkpoint random)"
-            )
-        self.checkpoint_note = str(path)
-        return DigitsDiTPipeline.from_checkpoint(path)
-
-    def conditions(self, n: int) -> list[Any]:
-        return [i % 10 for i in range(n)]
-
-    def generate(self, pipe: Any, conditions: list[Any], steps: int, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return pipe(
-            torch.tensor(conditions),
-            num_inference_steps=steps,
-            guidance_scale=self.guidance_scale,
-            generator=gen,
-            progress=False,
-        )
-
-    def _clf(self) -> Any:
-        if self._classifier is None:
-            from benchmarks.testbeds.digits_classifier import load_classifier
-
-            self._classifier = load_classifier()
-        return self._classifier
-
-    def sample_quality(self, images: torch.Tensor, conditions: list[Any]) -> dict[str, float]:
-        from benchmarks.metrics import sample_quality
-
-        q = sample_quality(images, torch.tensor(conditions), self._clf())
-        return {"accuracy": q["accuracy"], "frechet_distance": q["frechet_distance"]}
-
-    def floors(self, n: int, seed: int = 0) -> dict[str, float]:
-        """Real-vs-real: ``n`` real training digits (balanced as the samples) scored like samples,
-        and the whole train split against the test split."""
-        from benchmarks.metrics import frechet_distance, sample_quality
-        from benchmarks.testbeds.digits import load_digits_images
-        from benchmarks.testbeds.digits_classifier import classify
-
-        x_train, y_train = load_digits_images("train")
-        x_test, y_test = load_digits_images("test")
-        rng = random.Random(seed)
-        by_class: dict[int, list[int]] = {}
-        for i, y in enumerate(y_train.tolist()):
-            by_class.setdefault(y, []).append(i)
-        for v in by_class.values():
-            rng.shuffle(v)
-        conds = self.conditions(n)
-        counters: dict[int, int] = {}
-        idx = []
-        for c in conds:
-            k = counters.get(c, 0)
-            idx.append(by_class[c][k % len(by_class[c])])
-            counters[c] = k + 1
-        real = (x_train[idx] + 1) / 2
-        q = sample_quality(real, torch.tensor(conds), self._clf())
-        logits_t, feats_t = classify((x_test + 1) / 2, self._clf())
-        _, feats_tr = classify((x_train + 1) / 2, self._clf())
-        return {
-            "accuracy_real_n": q["accuracy"],
-            "frechet_distance_real_n": q["frechet_distance"],
-            "accuracy_real_test": float((logits_t.argmax(1) == y_test).float().mean()),
-            "frechet_distance_train_vs_test": frechet_distance(feats_tr, feats_t),
-            "n": float(n),
-        }
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d.update(
-            model="DiTTransformer2DModel (6 blocks, width 128, 64 tokens), epsilon-prediction",
-            sampler="DDIM eta=0, classifier-free guidance batched [cond; uncond] in one forward",
-            data="scikit-learn digits, 16x16, 10 classes",
-        )
-        return d
-
-
-class _ClassTokenTestbed(Testbed):
-    """Shared parts of the FLUX and HunyuanVideo testbeds: digits classes given through the text
-    path, samples scored frame by frame with the committed digits classifier."""
-
-    module: Any = None  # the testbed module (flux_testbed / video_testbed)
+    module: Any = None  # the testbed module (digits / flux_testbed / video_testbed)
     pipeline_attr = ""
+    missing_checkpoint = "no {name} checkpoint at {path} (or pass --checkpoint random)"
 
     def __init__(self) -> None:
         self.guidance_scale = self.module.DEFAULT_GUIDANCE_SCALE
@@ -201,7 +98,7 @@ class _ClassTokenTestbed(Testbed):
             return self._random_pipeline()
         path = Path(checkpoint) if checkpoint else self.module.DEFAULT_CHECKPOINT
         if not (path / "transformer").is_dir():
-            raise FileNotFoundError(f"no {self.name} checkpoint at {path} (or pass --checkpoint random)")
+            raise FileNotFoundError(self.missing_checkpoint.format(name=self.name, path=path))
         self.checkpoint_note = str(path)
         return pipeline_cls.from_checkpoint(path)
 
@@ -282,7 +179,39 @@ class _ClassTokenTestbed(Testbed):
         }
 
 
-class FluxTestbed(_ClassTokenTestbed):
+class DigitsTestbed(_DigitsClassesTestbed):
+    """The class-conditional DiT on scikit-learn's digits (16x16, DDIM, batched CFG)."""
+
+    name = "digits"
+    pipeline_attr = "DigitsDiTPipeline"
+    missing_checkpoint = (
+        "no digits DiT checkpoint at {path} (train one with "
+        "`python -m benchmarks.testbeds.train_digits_dit`, or pass --checkpoint random)"
+    )
+
+    def __init__(self) -> None:
+        from benchmarks.testbeds import digits
+
+        self.module = digits
+        super().__init__()
+
+    def _random_pipeline(self) -> Any:
+        from benchmarks.testbeds.train_digits_dit import make_sampling_scheduler, make_train_scheduler
+
+        tr = self.module.make_transformer().eval()
+        return self.module.DigitsDiTPipeline(tr, make_sampling_scheduler(make_train_scheduler()))
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(
+            model="DiTTransformer2DModel (6 blocks, width 128, 64 tokens), epsilon-prediction",
+            sampler="DDIM eta=0, classifier-free guidance batched [cond; uncond] in one forward",
+            data="scikit-learn digits, 16x16, 10 classes",
+        )
+        return d
+
+
+class FluxTestbed(_DigitsClassesTestbed):
     """The FLUX-architecture testbed: ``FluxTransformer2DModel`` (2 double-stream + 4 single-stream
     blocks, width 128, 64 image + 4 class tokens), flow matching with FLUX's time shift, class as
     the prompt, true CFG batched in one forward (:mod:`benchmarks.testbeds.flux_testbed`)."""
@@ -314,7 +243,7 @@ class FluxTestbed(_ClassTokenTestbed):
         return d
 
 
-class VideoTestbed(_ClassTokenTestbed):
+class VideoTestbed(_DigitsClassesTestbed):
     """The HunyuanVideo-architecture testbed: ``HunyuanVideoTransformer3DModel`` on 4-frame clips of
     moving digits (256 image tokens, 4 class tokens with an attention mask), flow matching with a
     static shift, true CFG batched in one forward (:mod:`benchmarks.testbeds.video_testbed`).

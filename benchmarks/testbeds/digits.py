@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DiffusionPipeline, DiTTransformer2DModel
+from diffusers import DDIMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
-from diffusers.utils.torch_utils import randn_tensor
+
+from benchmarks.testbeds.sampling import ClassConditionalPipeline
 
 IMAGE_SIZE = 16
 """Side of the (square, 1-channel) images the model works on."""
@@ -123,7 +124,7 @@ def disable_builtin_label_dropout(transformer: DiTTransformer2DModel) -> None:
             module.dropout_prob = 0.0
 
 
-class DigitsDiTPipeline(DiffusionPipeline):
+class DigitsDiTPipeline(ClassConditionalPipeline):
     """Class-conditional DDIM sampling with classifier-free guidance for the digits DiT.
 
     Mirrors :class:`diffusers.DiTPipeline` without a VAE (pixel space): after
@@ -138,6 +139,7 @@ class DigitsDiTPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer"
+    null_class = NULL_CLASS
 
     def __init__(self, transformer: DiTTransformer2DModel, scheduler: DDIMScheduler) -> None:
         super().__init__()
@@ -189,44 +191,23 @@ class DigitsDiTPipeline(DiffusionPipeline):
         Returns:
             Images in ``[0, 1]``.
         """
-        if output_type not in ("pt", "np"):
-            raise ValueError(f"output_type must be 'pt' or 'np', got {output_type!r}")
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-        batch_size = labels.shape[0]
-        channels = self.transformer.config.in_channels
         size = self.transformer.config.sample_size
-        shape = (batch_size, channels, size, size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
+        labels, latents = self._prepare(
+            class_labels, output_type, (self.transformer.config.in_channels, size, size), generator, latents
+        )
         latents = latents * self.scheduler.init_noise_sigma
+        labels_input = self._cfg_labels(labels, guidance_scale)
+        device = self._execution_device
 
-        do_cfg = guidance_scale > 1.0
-        if do_cfg:
-            null = torch.full_like(labels, NULL_CLASS)
-            labels_input = torch.cat([labels, null])
-        else:
-            labels_input = labels
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        self.set_progress_bar_config(disable=not progress)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
+        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t.reshape(1).to(device).expand(model_input.shape[0])
-            noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=labels_input).sample
-            if do_cfg:
-                cond, uncond = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
+            return self.transformer(model_input, timestep=timesteps, class_labels=labels_input).sample
 
-        images = (latents.float() / 2 + 0.5).clamp(0, 1)
-        self.maybe_free_model_hooks()
-        if output_type == "np":
-            return images.cpu().permute(0, 2, 3, 1).numpy()
-        return images
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self._denoise(latents, guidance_scale, progress, predict)
+        return self._output(latents.float(), output_type)
+
+    def _step(self, prediction: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """One DDIM step (eta = 0)."""
+        return self.scheduler.step(prediction, t, latents, eta=0.0).prev_sample

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from benchmarks.testbeds.class_tokens import ClassTokenEncoder
 from benchmarks.testbeds.digits import IMAGE_SIZE, NUM_CLASSES
+from benchmarks.testbeds.sampling import ClassTokenPipeline
 
 NULL_CLASS = NUM_CLASSES
 """Class index of the empty prompt used by classifier-free guidance."""
@@ -150,7 +150,7 @@ def make_scheduler(
     )
 
 
-class DigitsFluxPipeline(DiffusionPipeline):
+class DigitsFluxPipeline(ClassTokenPipeline):
     """Class-conditional FLUX-style sampling (flow-matching Euler, true CFG) for the digits FLUX testbed.
 
     Mirrors :class:`diffusers.FluxPipeline` without a VAE: initial noise ``randn(B, 1, 16, 16)`` is
@@ -166,32 +166,9 @@ class DigitsFluxPipeline(DiffusionPipeline):
         text_encoder: The trained :class:`ClassTokenEncoder`.
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer"
-
-    def __init__(
-        self,
-        transformer: FluxTransformer2DModel,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        text_encoder: ClassTokenEncoder,
-    ) -> None:
-        super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder)
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | Path = DEFAULT_CHECKPOINT, torch_dtype: torch.dtype = torch.float32
-    ) -> DigitsFluxPipeline:
-        """Load a checkpoint folder written by ``train_flux_testbed.py``.
-
-        Args:
-            path: Folder with ``transformer/``, ``text_encoder/`` and ``scheduler/`` subfolders.
-            torch_dtype: Compute dtype; fp16-stored weights are upcast (fp32 by default).
-        """
-        path = Path(path)
-        transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
-        text_encoder = ClassTokenEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-        return cls(transformer=transformer.eval(), scheduler=scheduler, text_encoder=text_encoder.eval())
+    null_class = NULL_CLASS
+    transformer_cls = FluxTransformer2DModel
+    default_checkpoint = DEFAULT_CHECKPOINT
 
     def encode_prompt(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(encoder_hidden_states, pooled_projections, txt_ids)`` of the class labels."""
@@ -225,26 +202,26 @@ class DigitsFluxPipeline(DiffusionPipeline):
         Returns:
             Images in ``[0, 1]``.
         """
-        if output_type not in ("pt", "np"):
-            raise ValueError(f"output_type must be 'pt' or 'np', got {output_type!r}")
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-        batch_size = labels.shape[0]
         channels = self.transformer.config.in_channels // 4
-        shape = (batch_size, channels, IMAGE_SIZE, IMAGE_SIZE)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
+        labels, latents = self._prepare(
+            class_labels, output_type, (channels, IMAGE_SIZE, IMAGE_SIZE), generator, latents
+        )
+        device, dtype = self._execution_device, self.transformer.dtype
         latents = pack(latents)
 
-        do_cfg = guidance_scale > 1.0
-        labels_input = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if do_cfg else labels
-        prompt_embeds, pooled, txt_ids = self.encode_prompt(labels_input)
+        prompt_embeds, pooled, txt_ids = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
         img_ids = image_ids().to(device, dtype)
+
+        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.transformer(
+                hidden_states=model_input,
+                timestep=t.expand(model_input.shape[0]).to(dtype) / 1000,
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
 
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         cfg = self.scheduler.config
@@ -252,26 +229,5 @@ class DigitsFluxPipeline(DiffusionPipeline):
             latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift
         )
         self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-        self.set_progress_bar_config(disable=not progress)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            timestep = t.expand(model_input.shape[0]).to(dtype) / 1000
-            velocity = self.transformer(
-                hidden_states=model_input,
-                timestep=timestep,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=txt_ids,
-                img_ids=img_ids,
-                return_dict=False,
-            )[0]
-            if do_cfg:
-                cond, uncond = velocity.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-
-        images = (unpack(latents.float()) / 2 + 0.5).clamp(0, 1)
-        self.maybe_free_model_hooks()
-        if output_type == "np":
-            return images.cpu().permute(0, 2, 3, 1).numpy()
-        return images
+        latents = self._denoise(latents, guidance_scale, progress, predict)
+        return self._output(unpack(latents.float()), output_type)

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
 
 from benchmarks.testbeds.class_tokens import ClassTokenEncoder
 from benchmarks.testbeds.digits import IMAGE_SIZE, NUM_CLASSES
+from benchmarks.testbeds.sampling import ClassTokenPipeline
 
 NUM_FRAMES = 4
 """Frames per clip."""
@@ -143,7 +143,7 @@ def make_scheduler(shift: float = DEFAULT_FLOW_SHIFT) -> FlowMatchEulerDiscreteS
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
-class MovingDigitsVideoPipeline(DiffusionPipeline):
+class MovingDigitsVideoPipeline(ClassTokenPipeline):
     """Class-conditional video sampling (flow-matching Euler, true CFG) for the HunyuanVideo testbed.
 
     Mirrors :class:`diffusers.HunyuanVideoPipeline` without a VAE: ``sigmas = linspace(1, 0, n + 1)[:-1]``
@@ -158,34 +158,9 @@ class MovingDigitsVideoPipeline(DiffusionPipeline):
         text_encoder: The trained :class:`ClassTokenEncoder`.
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer"
-
-    def __init__(
-        self,
-        transformer: HunyuanVideoTransformer3DModel,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        text_encoder: ClassTokenEncoder,
-    ) -> None:
-        super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder)
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | Path = DEFAULT_CHECKPOINT, torch_dtype: torch.dtype = torch.float32
-    ) -> MovingDigitsVideoPipeline:
-        """Load a checkpoint folder written by ``train_video_testbed.py``.
-
-        Args:
-            path: Folder with ``transformer/``, ``text_encoder/`` and ``scheduler/`` subfolders.
-            torch_dtype: Compute dtype; fp16-stored weights are upcast (fp32 by default).
-        """
-        path = Path(path)
-        transformer = HunyuanVideoTransformer3DModel.from_pretrained(
-            path / "transformer", torch_dtype=torch_dtype
-        )
-        text_encoder = ClassTokenEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-        return cls(transformer=transformer.eval(), scheduler=scheduler, text_encoder=text_encoder.eval())
+    null_class = NULL_CLASS
+    transformer_cls = HunyuanVideoTransformer3DModel
+    default_checkpoint = DEFAULT_CHECKPOINT
 
     def encode_prompt(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(encoder_hidden_states, pooled_projections, encoder_attention_mask)`` of the class labels."""
@@ -221,48 +196,25 @@ class MovingDigitsVideoPipeline(DiffusionPipeline):
         Returns:
             Clips in ``[0, 1]``.
         """
-        if output_type not in ("pt", "np"):
-            raise ValueError(f"output_type must be 'pt' or 'np', got {output_type!r}")
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-        batch_size = labels.shape[0]
-        shape = (batch_size, self.transformer.config.in_channels, num_frames, IMAGE_SIZE, IMAGE_SIZE)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
+        sample_shape = (self.transformer.config.in_channels, num_frames, IMAGE_SIZE, IMAGE_SIZE)
+        labels, latents = self._prepare(class_labels, output_type, sample_shape, generator, latents)
+        device, dtype = self._execution_device, self.transformer.dtype
+        prompt_embeds, pooled, mask = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
 
-        do_cfg = guidance_scale > 1.0
-        labels_input = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if do_cfg else labels
-        prompt_embeds, pooled, mask = self.encode_prompt(labels_input)
-
-        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
-        self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        self.set_progress_bar_config(disable=not progress)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            timestep = t.expand(model_input.shape[0]).to(dtype)
-            velocity = self.transformer(
+        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.transformer(
                 hidden_states=model_input,
-                timestep=timestep,
+                timestep=t.expand(model_input.shape[0]).to(dtype),
                 encoder_hidden_states=prompt_embeds,
                 encoder_attention_mask=mask,
                 pooled_projections=pooled,
                 return_dict=False,
             )[0]
-            if do_cfg:
-                cond, uncond = velocity.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
-        clips = (latents.float() / 2 + 0.5).clamp(0, 1)
-        self.maybe_free_model_hooks()
-        if output_type == "np":
-            return clips.cpu().permute(0, 2, 3, 4, 1).numpy()
-        return clips
+        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+        self.scheduler.set_timesteps(sigmas=sigmas, device=device)
+        latents = self._denoise(latents, guidance_scale, progress, predict)
+        return self._output(latents.float(), output_type)
 
 
 def frames_of(clips: torch.Tensor) -> torch.Tensor:
