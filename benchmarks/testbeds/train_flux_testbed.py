@@ -16,14 +16,8 @@ Example::
 from __future__ import annotations
 
 import argparse
-import copy
-import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler
-from torch import nn
 
 from benchmarks.testbeds.digits import load_digits_images
 from benchmarks.testbeds.flux_testbed import (
@@ -37,16 +31,23 @@ from benchmarks.testbeds.flux_testbed import (
     pack,
     text_ids,
 )
-from benchmarks.testbeds.train_digits_dit import lr_at
+from benchmarks.testbeds.training import (
+    WithTextEncoder,
+    add_flow_args,
+    add_optimizer_args,
+    add_save_args,
+    add_state_args,
+    run_text_flow_training,
+    seed_everything,
+    training_parser,
+)
 
 
-class FluxWithText(nn.Module):
+class FluxWithText(WithTextEncoder):
     """Transformer and class-token encoder as one trainable module (velocity of packed tokens)."""
 
-    def __init__(self, transformer: nn.Module, text_encoder: nn.Module) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
+    def __init__(self, transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+        super().__init__(transformer, text_encoder)
         self.register_buffer("img_ids", image_ids(), persistent=False)
         self.register_buffer("txt_ids", text_ids(), persistent=False)
 
@@ -64,138 +65,41 @@ class FluxWithText(nn.Module):
         )[0]
 
 
-def sample_sigmas(n: int, gen: torch.Generator, mean: float = 0.0, shift: float = 1.0) -> torch.Tensor:
-    """Logit-normal noise levels ``sigmoid(N(mean, 1))``, then ``shift * s / (1 + (shift - 1) s)``."""
-    s = torch.sigmoid(torch.randn(n, generator=gen) + mean)
-    return shift * s / (1 + (shift - 1) * s)
-
-
-def save_checkpoint(
-    ema: FluxWithText, scheduler: FlowMatchEulerDiscreteScheduler, out: Path, dtype: torch.dtype
-) -> None:
-    """Save the EMA transformer and text encoder (in ``dtype``) and the sampler config under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    copy.deepcopy(ema.transformer).to(dtype).save_pretrained(out / "transformer", safe_serialization=True)
-    copy.deepcopy(ema.text_encoder).to(dtype).save_pretrained(out / "text_encoder", safe_serialization=True)
-    scheduler.save_pretrained(out / "scheduler")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-time budget of the training loop")
-    p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
-    p.add_argument("--ema-decay", type=float, default=0.998)
-    p.add_argument("--cfg-dropout", type=float, default=0.1, help="probability of the null class")
+    p = training_parser(__doc__, minutes=30.0, out=DEFAULT_CHECKPOINT, batch_size=64)
+    add_optimizer_args(p, lr=5e-4, ema_decay=0.998, null_name="class")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--double-blocks", type=int, default=2)
     p.add_argument("--single-blocks", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--text-dim", type=int, default=64)
-    p.add_argument("--logit-mean", type=float, default=0.0, help="mean of the logit-normal noise level")
-    p.add_argument(
-        "--train-shift", type=float, default=1.0, help="time shift applied to training noise levels"
-    )
+    add_flow_args(p)
     p.add_argument(
         "--max-shift",
         type=float,
         default=DEFAULT_MAX_SHIFT,
         help="sampler's FLUX max_shift (mu for 64 tokens)",
     )
-    p.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16")
-    p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoint saves")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    p.add_argument("--state", type=Path, default=None, help="fp32 training state (.pt) written at every save")
-    p.add_argument("--resume", action="store_true", help="continue from --state")
+    add_save_args(p, log_every=50)
+    add_state_args(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Train and save the digits FLUX testbed."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = seed_everything(args)
 
     images, labels = load_digits_images("train")
     x_all = pack(images)
-    n = x_all.shape[0]
     sample_sched = make_scheduler(max_shift=args.max_shift)
     model = FluxWithText(
         make_transformer(args.width, args.double_blocks, args.single_blocks, args.head_dim, args.text_dim),
         make_text_encoder(args.text_dim),
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    step = 0
-    if args.resume and args.state is not None and args.state.exists():
-        state = torch.load(args.state, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        print(f"resumed from {args.state} at step {step}", flush=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"train images {n}, params {n_params}, budget {args.minutes} min", flush=True)
 
-    def save() -> None:
-        save_checkpoint(
-            ema, sample_sched, args.out, torch.float16 if args.save_dtype == "fp16" else torch.float32
-        )
-        if args.state is not None:
-            torch.save(
-                {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step},
-                args.state,
-            )
-
-    budget = args.minutes * 60.0
-    t_start = time.time()
-    last_save = t_start
-    running = 0.0
-    model.train()
-    while (elapsed := time.time() - t_start) < budget:
-        idx = torch.randint(0, n, (args.batch_size,), generator=gen)
-        x0 = x_all[idx]
-        y = labels[idx].clone()
-        y[torch.rand(args.batch_size, generator=gen) < args.cfg_dropout] = NULL_CLASS
-        sigma = sample_sigmas(args.batch_size, gen, args.logit_mean, args.train_shift)
-        noise = torch.randn(x0.shape, generator=gen)
-        s = sigma.view(-1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
-
-        lr = lr_at(step, elapsed / budget, args.lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = F.mse_loss(model(xt, sigma, y), noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-
-        running = loss.item() if step == 1 else 0.98 * running + 0.02 * loss.item()
-        if step % args.log_every == 0:
-            print(f"step {step} t {elapsed / 60:.1f}min loss {running:.4f} lr {lr:.2e}", flush=True)
-        if time.time() - last_save > args.save_every * 60:
-            save()
-            last_save = time.time()
-            print(f"saved at step {step}", flush=True)
-
-    save()
-    print(
-        f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, final loss {running:.4f}, "
-        f"saved to {args.out}",
-        flush=True,
-    )
+    run_text_flow_training(args, gen, model, lambda i: x_all[i], labels, NULL_CLASS, sample_sched)
 
 
 if __name__ == "__main__":
