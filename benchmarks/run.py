@@ -214,26 +214,46 @@ def run_testbed(
     for m in active:
         entries[m.name]["flops_fraction"] = entries[m.name]["flops"] / ref_flops if ref_flops else None
 
-    # 4. timing: interleaved, order rotated every repeat
+    # 4. timing: every method next to a run of the reference, order rotated every repeat;
+    # a method's speedup is the median of its per-pair ratios, so a load that drifts over minutes
+    # (other jobs on the machine) cancels out of each ratio
     times: dict[str, list[float]] = {m.name: [] for m in active}
+    pair_ratios: dict[str, list[float]] = {m.name: [] for m in active}
     bookkeeping: dict[str, list[float]] = {m.name: [] for m in active}
+    ref = active[0]
+
+    def timed(m: Method) -> float:
+        m.enable(pipe, measure=False)
+        try:
+            t0 = time.perf_counter()
+            testbed.generate(pipe, timing_conds, m.num_steps(steps), seed)
+            return time.perf_counter() - t0
+        finally:
+            m.disable(pipe)
+
     testbed.generate(pipe, timing_conds, steps, seed)  # warm-up
-    bar = tqdm(total=repeats * len(active), desc=f"[{testbed.name}] timing", disable=not progress)
+    load_before = _loadavg()
+    others = active[1:]
+    bar = tqdm(total=repeats * max(1, len(others)), desc=f"[{testbed.name}] timing", disable=not progress)
     for r in range(repeats):
-        k = r % len(active)
-        for m in active[k:] + active[:k]:
-            m.enable(pipe, measure=False)
-            try:
-                t0 = time.perf_counter()
-                testbed.generate(pipe, timing_conds, m.num_steps(steps), seed)
-                times[m.name].append(time.perf_counter() - t0)
-            finally:
-                m.disable(pipe)
+        k = r % max(1, len(others))
+        for m in others[k:] + others[:k] or [ref]:
+            if m is ref:
+                t_ref = t = timed(ref)
+            elif r % 2 == 0:  # alternate which of the pair runs first
+                t_ref, t = timed(ref), timed(m)
+            else:
+                t, t_ref = timed(m), timed(ref)
+            times[ref.name].append(t_ref)
+            if m is not ref:
+                times[m.name].append(t)
+            pair_ratios[m.name].append(t_ref / t)
             bk = m.run_stats().get("bookkeeping_seconds")
             if bk is not None:
                 bookkeeping[m.name].append(bk)
             bar.update()
     bar.close()
+    out["timing_load_average"] = {"before": load_before, "after": _loadavg(), "cpu_count": os.cpu_count()}
 
     # 5. metrics
     ref_name = active[0].name
@@ -246,7 +266,7 @@ def run_testbed(
         t_med = statistics.median(times[m.name])
         e["times"] = times[m.name]
         e["median_seconds"] = t_med
-        e["speedup"] = t_ref / t_med
+        e["speedup"] = statistics.median(pair_ratios[m.name]) if m.name != ref_name else 1.0
         ff = e.get("flops_fraction")
         e["flops_speedup"] = 1.0 / ff if ff else None
         e["speedup_vs_flops"] = e["speedup"] / e["flops_speedup"] if e["flops_speedup"] else None
@@ -277,6 +297,15 @@ def run_testbed(
     out["floors"] = testbed.floors(samples, seed)
     out["_images"] = images  # removed before JSON; used by the report
     return out
+
+
+def _loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages (``None`` where the OS has none): a load above the core
+    count while timing means the wall-clock ratios are noisier than usual."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _machine() -> dict[str, Any]:
@@ -333,6 +362,17 @@ def sensitivity_line(tb: dict[str, Any], steps: int) -> str:
         f"testbed sensitivity: {e['steps']} vs {steps} steps PSNR {e['psnr']:.2f} dB "
         "(realism criterion: at most 35 dB required, 30 dB or less is the aim)"
     )
+
+
+def load_line(tb: dict[str, Any]) -> str:
+    """The machine's load while the wall clock was measured, with a warning when it was busy."""
+    load = tb.get("timing_load_average") or {}
+    before, after, cores = load.get("before"), load.get("after"), load.get("cpu_count")
+    if not before or not after or not cores:
+        return "load while timing: unknown"
+    busy = max(before[0], after[0]) > cores
+    text = f"load average while timing: {before[0]:.2f} -> {after[0]:.2f} (1 min) on {cores} cores"
+    return text + (" -- busy machine: wall-clock speedups are noisy" if busy else "")
 
 
 SUMMARY_HEADER = [
@@ -430,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({samples} real digits); train-vs-test FD {fl['frechet_distance_train_vs_test']:.2f}"
         )
         print(sensitivity_line(tb, steps))
+        print(load_line(tb))
         for m, r in tb["refused"].items():
             print(f"refused: {m}: {r['reason']}")
         print(f"plain pipeline restored bit-identically after all methods: {tb['restored_bit_identical']}")

@@ -56,8 +56,13 @@ def test_json_has_methods_with_finite_numbers(quick_run: Path) -> None:
             keys.append("psnr")  # the reference against itself is "inf"
         for k in keys:
             assert isinstance(e[k], (int, float)) and math.isfinite(e[k]), (name, k, e[k])
-        assert len(e["times"]) == res["meta"]["repeats"]
+        # every other method is timed next to a run of the reference, once per repeat
+        per_repeat = len(EXPECTED_METHODS) - 1 if name == "full" else 1
+        assert len(e["times"]) == res["meta"]["repeats"] * per_repeat
     assert tb["methods"]["full"]["psnr"] == "inf"
+    assert tb["methods"]["full"]["speedup"] == 1.0
+    load = tb["timing_load_average"]
+    assert load["cpu_count"] >= 1 and (load["before"] is None or len(load["before"]) == 3)
     assert tb["methods"]["full"]["flops_fraction"] == pytest.approx(1.0)
     assert tb["methods"]["steps/2"]["flops_fraction"] == pytest.approx(0.5)
     xs = tb["methods"]["X-Slim step 0.1/0.3"]
