@@ -31,25 +31,32 @@ def single_device(sp: int, which: str) -> dict:
     return {"log": log, "x": x, "plain": plain}
 
 
+def _xfuser_tiny_flux(ulysses: int, ring: int) -> torch.nn.Module:
+    """The tiny FLUX transformer wrapped by xfuser, its runtime set up for HW x HW image tokens."""
+    from xslim_xdit.integrations.xfuser_runtime import init_xfuser_runtime, to_xfuser_flux1
+
+    model = tiny_model("flux")
+    _, cond = make_inputs("flux", height=HW, width=HW)
+    init_xfuser_runtime(
+        model,
+        height=HW * 16,
+        width=HW * 16,
+        max_condition_sequence_length=cond["encoder_hidden_states"].shape[1],
+        ulysses_degree=ulysses,
+        ring_degree=ring,
+    )
+    return to_xfuser_flux1(model)
+
+
 def local_indicators(rank: int, world: int) -> dict:
     """Control: plain xfuser Ulysses=2, each rank measuring block 0's modulated-input change on
     its own shard only (what a cache without reductions would decide on)."""
     from xslim_xdit.adapters import adapter_for
     from xslim_xdit.calibration import simulate
-    from xslim_xdit.integrations.xfuser_runtime import init_xfuser_runtime, to_xfuser_flux1
 
     dist.init_process_group("gloo")
     try:
-        model = tiny_model("flux")
-        _, cond = make_inputs("flux", height=HW, width=HW)
-        init_xfuser_runtime(
-            model,
-            height=HW * 16,
-            width=HW * 16,
-            max_condition_sequence_length=cond["encoder_hidden_states"].shape[1],
-            ulysses_degree=2,
-        )
-        xmodel = to_xfuser_flux1(model)
+        xmodel = _xfuser_tiny_flux(ulysses=2, ring=1)
         block0 = xmodel.transformer_blocks[0]
         probes: list[torch.Tensor] = []
         block0.register_forward_pre_hook(
@@ -78,22 +85,11 @@ def local_indicators(rank: int, world: int) -> dict:
 
 def usp(rank: int, world: int, ulysses: int, ring: int, which: str, reduced: bool = True) -> dict:
     from xslim_xdit.integrations.xfuser import enable_xslim_xdit
-    from xslim_xdit.integrations.xfuser_runtime import init_xfuser_runtime, to_xfuser_flux1
     from xslim_xdit.parallel import LocalSync
 
     dist.init_process_group("gloo")
     try:
-        model = tiny_model("flux")
-        _, cond = make_inputs("flux", height=HW, width=HW)
-        init_xfuser_runtime(
-            model,
-            height=HW * 16,
-            width=HW * 16,
-            max_condition_sequence_length=cond["encoder_hidden_states"].shape[1],
-            ulysses_degree=ulysses,
-            ring_degree=ring,
-        )
-        xmodel = to_xfuser_flux1(model)
+        xmodel = _xfuser_tiny_flux(ulysses, ring)
         plain = sample(xmodel, "flux", steps=STEPS, height=HW, width=HW)
         cfg = configs(1)[which]  # each rank selects within its own shard
         if reduced:

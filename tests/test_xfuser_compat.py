@@ -214,21 +214,10 @@ def test_pipefusion_async_phase_completes(parallel_results: dict[str, list[Any]]
 
 
 def _tiny_flux() -> Any:
-    import torch
-    from diffusers import FluxTransformer2DModel
+    from xslim_xdit.testing import tiny_model
+    from xslim_xdit.testing_pipelines import TINY_FLUX_EMBEDS_TRANSFORMER
 
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return tiny_model("flux", num_single_layers=2, **TINY_FLUX_EMBEDS_TRANSFORMER)
 
 
 def _flux_inputs(height: int, width: int, txt_len: int) -> dict[str, Any]:
@@ -281,59 +270,30 @@ def _sp_case(mode: str, height: int = 64, width: int = 64) -> dict[str, Any]:
 
 def _pipefusion_case(steps: int = 3, warmup_steps: int | None = None, patches: int = 2) -> dict[str, Any]:
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from torch.distributed import get_rank, get_world_size
 
     from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
+    from xslim_xdit.testing_pipelines import (
+        tiny_flux_embeds_call,
+        tiny_flux_embeds_pipeline,
+        xfuser_engine_config,
+    )
 
     apply_xfuser_cpu_compat()
-    from xfuser import xFuserArgs, xFuserFluxPipeline
-    from xfuser.core.distributed import get_world_group, init_distributed_environment
+    from xfuser import xFuserFluxPipeline
+    from xfuser.core.distributed import get_world_group
 
     height = width = 64
     txt_len = 8
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        latent_channels=16,
-        norm_num_groups=4,
-        layers_per_block=1,
-    ).eval()
 
     def make_pipe() -> Any:
-        return FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=_tiny_flux(),
-        )
+        return tiny_flux_embeds_pipeline(num_single_layers=2, vae_seed=0)
 
-    g = torch.Generator().manual_seed(2)
-    embeds = torch.randn(1, txt_len, 32, generator=g)
-    pooled = torch.randn(1, 32, generator=g)
-    call = {
-        "height": height,
-        "width": width,
-        "num_inference_steps": steps,
-        "prompt_embeds": embeds,
-        "pooled_prompt_embeds": pooled,
-        "max_sequence_length": txt_len,
-        "output_type": "latent",
-        "guidance_scale": 1.0,
-    }
+    call = tiny_flux_embeds_call(steps, height, width, txt_len)
     with torch.no_grad():
         ref = make_pipe()(generator=torch.Generator().manual_seed(3), **call).images
 
-    init_distributed_environment(rank=get_rank(), world_size=get_world_size())
-    args = xFuserArgs(
-        model="",
+    engine_config, _ = xfuser_engine_config(
+        torch.float32,  # PipeFusion's receive buffers take this dtype (default float16), not the model's.
         height=height,
         width=width,
         num_inference_steps=steps,
@@ -342,9 +302,6 @@ def _pipefusion_case(steps: int = 3, warmup_steps: int | None = None, patches: i
         num_pipeline_patch=patches,
         warmup_steps=steps if warmup_steps is None else warmup_steps,
     )
-    engine_config, _ = args.create_config()
-    # PipeFusion's receive buffers take this dtype (default float16), not the model's.
-    engine_config.runtime_config.dtype = torch.float32
     xpipe = xFuserFluxPipeline(make_pipe(), engine_config)
     with torch.no_grad():
         out = xpipe(generator=torch.Generator().manual_seed(3), **call)

@@ -21,13 +21,11 @@ from torch import nn
 FAMILIES = ("dit", "pixart", "flux", "hunyuan_video")
 
 
-def tiny_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
-    """A small random transformer of ``family`` (one of :data:`FAMILIES`), in eval mode."""
-    torch.manual_seed(seed)
-    if family == "dit":
-        from diffusers import DiTTransformer2DModel
-
-        kw = dict(
+#: Per family: the diffusers transformer class and the keyword arguments of its tiny version.
+_TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dit": (
+        "DiTTransformer2DModel",
+        dict(
             num_attention_heads=2,
             attention_head_dim=8,
             in_channels=4,
@@ -36,13 +34,11 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
             sample_size=8,
             patch_size=2,
             num_embeds_ada_norm=10,
-        )
-        kw.update(overrides)
-        model = DiTTransformer2DModel(**kw)
-    elif family == "pixart":
-        from diffusers import PixArtTransformer2DModel
-
-        kw = dict(
+        ),
+    ),
+    "pixart": (
+        "PixArtTransformer2DModel",
+        dict(
             num_attention_heads=2,
             attention_head_dim=8,
             in_channels=4,
@@ -54,13 +50,11 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
             caption_channels=24,
             norm_type="ada_norm_single",
             use_additional_conditions=False,
-        )
-        kw.update(overrides)
-        model = PixArtTransformer2DModel(**kw)
-    elif family == "flux":
-        from diffusers import FluxTransformer2DModel
-
-        kw = dict(
+        ),
+    ),
+    "flux": (
+        "FluxTransformer2DModel",
+        dict(
             patch_size=1,
             in_channels=8,
             num_layers=2,
@@ -70,13 +64,11 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
             joint_attention_dim=24,
             pooled_projection_dim=16,
             axes_dims_rope=(4, 6, 6),
-        )
-        kw.update(overrides)
-        model = FluxTransformer2DModel(**kw)
-    elif family == "hunyuan_video":
-        from diffusers import HunyuanVideoTransformer3DModel
-
-        kw = dict(
+        ),
+    ),
+    "hunyuan_video": (
+        "HunyuanVideoTransformer3DModel",
+        dict(
             in_channels=4,
             out_channels=4,
             num_attention_heads=2,
@@ -89,12 +81,20 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
             text_embed_dim=16,
             pooled_projection_dim=8,
             rope_axes_dim=(4, 6, 6),
-        )
-        kw.update(overrides)
-        model = HunyuanVideoTransformer3DModel(**kw)
-    else:
+        ),
+    ),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A small random transformer of ``family`` (one of :data:`FAMILIES`), in eval mode."""
+    torch.manual_seed(seed)
+    if family not in _TINY_MODELS:
         raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
-    return model.eval()
+    import diffusers
+
+    class_name, kw = _TINY_MODELS[family]
+    return getattr(diffusers, class_name)(**{**kw, **overrides}).eval()
 
 
 def make_inputs(family: str, batch: int = 1, seed: int = 0, **shape: int) -> tuple[torch.Tensor, dict]:

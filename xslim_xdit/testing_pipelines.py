@@ -33,9 +33,12 @@ from .testing import tiny_model
 __all__ = [
     "PIPELINE_FAMILIES",
     "TINY_CALL_KWARGS",
+    "TINY_FLUX_EMBEDS_TRANSFORMER",
     "load_xfuser_pipeline",
     "save_tiny_pipeline",
     "tiny_clip_text_encoder",
+    "tiny_flux_embeds_call",
+    "tiny_flux_embeds_pipeline",
     "tiny_pipeline",
     "tiny_t5_encoder",
     "tiny_vae",
@@ -166,6 +169,28 @@ def tiny_vae(latent_channels: int, seed: int = 0, **overrides: Any) -> Any:
     return AutoencoderKL(**kw).eval()
 
 
+def _flux_pipeline(
+    transformer: Any,
+    vae: Any,
+    text_encoder: Any = None,
+    tokenizer: Any = None,
+    text_encoder_2: Any = None,
+    tokenizer_2: Any = None,
+) -> Any:
+    """A ``FluxPipeline`` of these components with a default ``FlowMatchEulerDiscreteScheduler``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
 def tiny_pipeline(family: str, seed: int = 0) -> Any:
     """A complete diffusers pipeline of ``family`` (``"flux"`` or ``"pixart"``) from tiny random
     components; call it with :data:`TINY_CALL_KWARGS` ``[family]``.
@@ -185,8 +210,6 @@ def tiny_pipeline(family: str, seed: int = 0) -> Any:
         'FluxPipeline'
     """
     if family == "flux":
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
         transformer = tiny_model("flux", seed=seed)
         clip, clip_tok = tiny_clip_text_encoder(transformer.config.pooled_projection_dim, seed=seed + 1)
         t5, t5_tok = tiny_t5_encoder(transformer.config.joint_attention_dim, seed=seed + 2)
@@ -198,15 +221,7 @@ def tiny_pipeline(family: str, seed: int = 0) -> Any:
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
-        return FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-            vae=vae,
-            text_encoder=clip,
-            tokenizer=clip_tok,
-            text_encoder_2=t5,
-            tokenizer_2=t5_tok,
-            transformer=transformer,
-        )
+        return _flux_pipeline(transformer, vae, clip, clip_tok, t5, t5_tok)
     if family == "pixart":
         from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
@@ -221,6 +236,58 @@ def tiny_pipeline(family: str, seed: int = 0) -> Any:
             scheduler=DPMSolverMultistepScheduler(),
         )
     raise ValueError(f"family must be one of {PIPELINE_FAMILIES}; got {family!r}")
+
+
+#: :func:`~xslim_xdit.testing.tiny_model` ``("flux")`` overrides of the transformer of
+#: :func:`tiny_flux_embeds_pipeline`: 64 input channels (16 latent channels packed 2x2, as in
+#: FLUX.1), text and pooled embeddings 32 wide.
+TINY_FLUX_EMBEDS_TRANSFORMER: dict[str, Any] = {
+    "in_channels": 64,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+}
+
+
+def tiny_flux_embeds_pipeline(num_single_layers: int = 4, seed: int = 0, vae_seed: int = 1) -> Any:
+    """A ``FluxPipeline`` without text encoders, to call with :func:`tiny_flux_embeds_call`.
+
+    A VAE with 16 latent channels (seed ``vae_seed``), then the tiny FLUX transformer with
+    :data:`TINY_FLUX_EMBEDS_TRANSFORMER` and ``num_single_layers`` single-stream blocks (seed
+    ``seed``); what the xFuser tests wrap in ``xFuserFluxPipeline``.
+
+    Example:
+        >>> pipe = tiny_flux_embeds_pipeline()
+        >>> tuple(pipe(**tiny_flux_embeds_call(2)).images.shape)
+        (1, 16, 64)
+    """
+    vae = tiny_vae(16, seed=vae_seed, norm_num_groups=4, sample_size=32)
+    transformer = tiny_model(
+        "flux", seed=seed, num_single_layers=num_single_layers, **TINY_FLUX_EMBEDS_TRANSFORMER
+    )
+    return _flux_pipeline(transformer, vae)
+
+
+def tiny_flux_embeds_call(
+    steps: int, height: int = 64, width: int = 64, text_len: int = 8, seed: int = 2
+) -> dict[str, Any]:
+    """Keyword arguments of a call of :func:`tiny_flux_embeds_pipeline`: random prompt and pooled
+    embeddings (drawn from ``seed``), ``steps`` steps, no guidance, latent output.
+
+    Example:
+        >>> tiny_flux_embeds_call(4)["prompt_embeds"].shape
+        torch.Size([1, 8, 32])
+    """
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "height": height,
+        "width": width,
+        "num_inference_steps": steps,
+        "prompt_embeds": torch.randn(1, text_len, 32, generator=g),
+        "pooled_prompt_embeds": torch.randn(1, 32, generator=g),
+        "max_sequence_length": text_len,
+        "output_type": "latent",
+        "guidance_scale": 1.0,
+    }
 
 
 def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
