@@ -1,8 +1,8 @@
 """Shared plumbing of the X-Slim xDiT examples: the command line, device and dtype, timing, report.
 
-Not an example itself; ``flux_example.py``, ``pixart_example.py`` (whose whole run is
-:func:`run_pipeline_example`) and ``hunyuan_video_example.py`` import it (it sits next to them,
-so ``python`` and ``torchrun`` find it on ``sys.path``).
+Not an example itself; ``flux_example.py``, ``pixart_example.py`` and
+``hunyuan_video_example.py`` import it (it sits next to them, so ``python`` and ``torchrun`` find
+it on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +19,7 @@ from typing import Any
 import torch
 
 # X-Slim's xfuser integration applies the CPU compatibility layer before xfuser is imported.
-from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper, add_xslim_args, config_from_args
-from xslim_xdit.testing_pipelines import TINY_CALL_KWARGS, save_tiny_pipeline, xfuser_pipeline_class
+from xslim_xdit.integrations.xfuser import add_xslim_args, config_from_args
 
 from xfuser.config import FlexibleArgumentParser, xFuserArgs  # isort: skip
 
@@ -75,19 +73,6 @@ def build_parser(description: str, tiny_defaults: dict[str, Any]) -> FlexibleArg
     g.add_argument("--save_dir", default=None, help="save the images/video here (last rank of each DP group)")
     parser.set_defaults(_tiny_defaults=tiny_defaults)
     return parser
-
-
-def tiny_defaults(family: str, **flags: Any) -> dict[str, Any]:
-    """``--tiny`` flag values of a tiny pipeline of ``family``: its image size and text length
-    (:data:`~xslim_xdit.testing_pipelines.TINY_CALL_KWARGS`), 10 steps, a cat prompt, then ``flags``."""
-    return {
-        "height": TINY_CALL_KWARGS[family]["height"],
-        "width": TINY_CALL_KWARGS[family]["width"],
-        "max_sequence_length": TINY_CALL_KWARGS[family]["max_sequence_length"],
-        "num_inference_steps": 10,
-        "prompt": ["a photo of a cat"],
-        **flags,
-    }
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -210,34 +195,6 @@ def pipeline_output_tensor(out: object) -> torch.Tensor | None:
     return torch.as_tensor(images).float()
 
 
-def run_plain_and_xslim(
-    generate: Callable[[], Any],
-    enable: Callable[[Any], Any],
-    args: argparse.Namespace,
-    device: torch.device,
-) -> tuple[Any, float | None, Any, Any, float | None]:
-    """Time ``generate()`` plain (unless --skip_baseline), then with X-Slim turned on by
-    ``enable(config)`` (with --xslim), each after a warm-up call unless --no_warmup.
-
-    Returns ``(baseline, seconds_baseline, out, engine, seconds_xslim)``; without --xslim, ``out``
-    is the baseline and ``engine`` and ``seconds_xslim`` are None.
-    """
-    baseline = t_baseline = None
-    if not args.skip_baseline:
-        if not args.no_warmup:
-            generate()
-        baseline, t_baseline = timed(generate, device)
-
-    out, engine, t_xslim = baseline, None, None
-    config = xslim_config(args)
-    if config is not None:
-        engine = enable(config)
-        if not args.no_warmup:
-            generate()
-        out, t_xslim = timed(generate, device)
-    return baseline, t_baseline, out, engine, t_xslim
-
-
 def compare_and_report(
     name: str,
     pipe: Any,
@@ -250,9 +207,20 @@ def compare_and_report(
 ) -> None:
     """Run the plain pipeline, then with X-Slim (each after a warm-up run unless --no_warmup),
     print the statistics and speedup, and save PIL images if --save_dir is given."""
-    baseline, t_baseline, out, engine, t_xslim = run_plain_and_xslim(
-        generate, pipe.enable_xslim, args, device
-    )
+    baseline = t_baseline = None
+    if not args.skip_baseline:
+        if not args.no_warmup:
+            generate()
+        baseline, t_baseline = timed(generate, device)
+
+    out, engine, t_xslim = baseline, None, None
+    config = xslim_config(args)
+    if config is not None:
+        engine = pipe.enable_xslim(config)
+        if not args.no_warmup:
+            generate()
+        out, t_xslim = timed(generate, device)
+
     parallel_info = (
         f"dp{engine_args.data_parallel_degree}_cfg{engine_config.parallel_config.cfg_degree}_"
         f"ulysses{engine_args.ulysses_degree}_ring{engine_args.ring_degree}_"
@@ -272,70 +240,3 @@ def compare_and_report(
         tag = "xslim" if engine is not None else "plain"
         for i, image in enumerate(out.images):
             image.save(os.path.join(args.save_dir, f"{name}_{parallel_info}_{tag}_{i}.png"))
-
-
-def image_call_kwargs(input_config: Any) -> dict[str, Any]:
-    """The arguments of an xFuser image pipeline call from xDiT's ``input_config``: size, prompt,
-    steps, output type, text length and guidance scale."""
-    return dict(
-        height=input_config.height,
-        width=input_config.width,
-        prompt=input_config.prompt,
-        num_inference_steps=input_config.num_inference_steps,
-        output_type=input_config.output_type,
-        max_sequence_length=input_config.max_sequence_length,
-        guidance_scale=input_config.guidance_scale,
-    )
-
-
-def run_pipeline_example(
-    family: str,
-    description: str,
-    tiny_defaults: dict[str, Any],
-    extra_call_kwargs: Callable[[argparse.Namespace, Any], dict[str, Any]] | None = None,
-) -> None:
-    """The whole FLUX / PixArt example: parse the flags, load ``xFuser<Family>Pipeline`` from
-    ``--model`` (or a tiny random checkpoint written to a temporary directory with ``--tiny``),
-    then :func:`compare_and_report` with calls ``pipe(**image_call_kwargs(input_config),
-    **extra_call_kwargs(args, input_config), generator=...)``.
-
-    Args:
-        family: ``"flux"`` or ``"pixart"`` (see :mod:`xslim_xdit.testing_pipelines`); also the
-            example's name in the report.
-        description: The ``--help`` description.
-        tiny_defaults: Flag values ``--tiny`` applies (see :func:`build_parser`).
-        extra_call_kwargs: The family's further call arguments, from the parsed flags and
-            xDiT's ``input_config``.
-    """
-    ensure_single_process_env()
-    parser = build_parser(description, tiny_defaults)
-    args = parse_args(parser)
-    tmp = None
-    if args.tiny:
-        tmp = tempfile.TemporaryDirectory()
-        args.model = str(save_tiny_pipeline(family, tmp.name))
-
-    from xfuser.core.distributed import get_runtime_state
-
-    engine_args = xFuserArgs.from_cli_args(args)
-    engine_config, input_config = engine_args.create_config()
-    dtype = pick_dtype(args)
-    engine_config.runtime_config.dtype = dtype
-    device = local_device()
-
-    pipe = (
-        xfuser_pipeline_class(family)
-        .from_pretrained(engine_config.model_config.model, engine_config=engine_config, dtype=dtype)
-        .to(device)
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe = XSlimXFuserWrapper(pipe)  # X-Slim off until enable_xslim
-
-    def generate() -> object:
-        extra = extra_call_kwargs(args, input_config) if extra_call_kwargs is not None else {}
-        return pipe(**image_call_kwargs(input_config), **extra, generator=generator(input_config.seed))
-
-    compare_and_report(family, pipe, generate, args, engine_args, engine_config, input_config, device)
-    get_runtime_state().destroy_distributed_env()
-    if tmp is not None:
-        tmp.cleanup()

@@ -21,13 +21,62 @@ JSON line. ``--help`` lists xDiT's flags, the ``--xslim-*`` flags and this scrip
 
 from __future__ import annotations
 
+import tempfile
+
 import _xslim_example_utils as ex
 
-TINY_DEFAULTS = ex.tiny_defaults("flux")
+from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper
+from xslim_xdit.testing_pipelines import TINY_CALL_KWARGS, save_tiny_pipeline
+
+TINY_DEFAULTS = {
+    "height": TINY_CALL_KWARGS["flux"]["height"],
+    "width": TINY_CALL_KWARGS["flux"]["width"],
+    "max_sequence_length": TINY_CALL_KWARGS["flux"]["max_sequence_length"],
+    "num_inference_steps": 10,
+    "prompt": ["a photo of a cat"],
+}
 
 
 def main() -> None:
-    ex.run_pipeline_example("flux", "FLUX on xDiT with X-Slim caching", TINY_DEFAULTS)
+    ex.ensure_single_process_env()
+    parser = ex.build_parser("FLUX on xDiT with X-Slim caching", TINY_DEFAULTS)
+    args = ex.parse_args(parser)
+    tmp = None
+    if args.tiny:
+        tmp = tempfile.TemporaryDirectory()
+        args.model = str(save_tiny_pipeline("flux", tmp.name))
+
+    from xfuser import xFuserArgs, xFuserFluxPipeline
+    from xfuser.core.distributed import get_runtime_state
+
+    engine_args = xFuserArgs.from_cli_args(args)
+    engine_config, input_config = engine_args.create_config()
+    dtype = ex.pick_dtype(args)
+    engine_config.runtime_config.dtype = dtype
+    device = ex.local_device()
+
+    pipe = xFuserFluxPipeline.from_pretrained(
+        engine_config.model_config.model, engine_config=engine_config, dtype=dtype
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = XSlimXFuserWrapper(pipe)  # X-Slim off until enable_xslim
+
+    def generate() -> object:
+        return pipe(
+            height=input_config.height,
+            width=input_config.width,
+            prompt=input_config.prompt,
+            num_inference_steps=input_config.num_inference_steps,
+            output_type=input_config.output_type,
+            max_sequence_length=input_config.max_sequence_length,
+            guidance_scale=input_config.guidance_scale,
+            generator=ex.generator(input_config.seed),
+        )
+
+    ex.compare_and_report("flux", pipe, generate, args, engine_args, engine_config, input_config, device)
+    get_runtime_state().destroy_distributed_env()
+    if tmp is not None:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -81,12 +81,19 @@ def run_tiny(args: object) -> None:
             width=TINY_HW,
         )
 
-    def enable(config: object) -> object:
+    baseline = t_baseline = None
+    if not args.skip_baseline:
+        if not args.no_warmup:
+            generate()
+        baseline, t_baseline = ex.timed(generate, device)
+    out, engine, t_xslim = baseline, None, None
+    config = ex.xslim_config(args)
+    if config is not None:
         engine = enable_xslim_xdit(xmodel, config)
         engine.default_steps = steps  # a bare transformer has no scheduler to announce the step count
-        return engine
-
-    baseline, t_baseline, out, engine, t_xslim = ex.run_plain_and_xslim(generate, enable, args, device)
+        if not args.no_warmup:
+            generate()
+        out, t_xslim = ex.timed(generate, device)
     info = f"dp{args.data_parallel_degree}_ulysses{args.ulysses_degree}_ring{args.ring_degree}_tiny"
     ex.report("hunyuan_video", info, engine, t_baseline, t_xslim, baseline, out)
     if engine is not None:
@@ -144,9 +151,18 @@ def run_checkpoint(args: object) -> None:
             return None
         return torch.from_numpy(np.asarray(out.frames, dtype=np.float32))
 
-    baseline, t_baseline, out, engine, t_xslim = ex.run_plain_and_xslim(
-        generate, wrapped.enable_xslim, args, device
-    )
+    baseline = t_baseline = None
+    if not args.skip_baseline:
+        if not args.no_warmup:
+            generate()
+        baseline, t_baseline = ex.timed(generate, device)
+    out, engine, t_xslim = baseline, None, None
+    config = ex.xslim_config(args)
+    if config is not None:
+        engine = wrapped.enable_xslim(config)
+        if not args.no_warmup:
+            generate()
+        out, t_xslim = ex.timed(generate, device)
     info = f"dp{engine_args.data_parallel_degree}_ulysses{engine_args.ulysses_degree}_ring{engine_args.ring_degree}"
     ex.report("hunyuan_video", info, engine, t_baseline, t_xslim, frames(baseline), frames(out))
     if args.save_dir and out is not None and is_dp_last_group():
