@@ -237,3 +237,45 @@ def test_adapter_exposes_stack_boundaries():
     stacks = adapter_for(m).stacks(m)
     assert [s.name for s in stacks] == ["double", "single"]
     assert [len(s.blocks) for s in stacks] == [2, 3]
+
+
+@pytest.mark.parametrize("extrapolate", ["linear", "none"])
+def test_reused_blocks_move_along_their_own_slope(extrapolate):
+    """On a block step a reused block adds its cached residual moved along the slope between the
+    last two times it ran (extrapolate="linear"), as a skipped stack does. Blocks 1.. are replaced
+    by functions whose residual grows linearly with the step, so the extrapolated reuse is exact
+    and a block step must equal a full step; without extrapolation it lags."""
+    m = tiny_model("dit")
+    n = len(m.transformer_blocks)
+    direction = torch.randn(
+        m.config.num_attention_heads * m.config.attention_head_dim, generator=torch.Generator().manual_seed(3)
+    )
+    calls = {"step": -1}
+    m.register_forward_pre_hook(lambda *_: calls.__setitem__("step", calls["step"] + 1))
+
+    def linear_in_step(hidden_states, *a, **k):
+        return hidden_states + 0.1 * calls["step"] * direction
+
+    outs: dict[str, list[torch.Tensor]] = {}
+    for name, sched in (
+        ("full", Schedule(6, tuple(range(6)))),
+        ("block", Schedule(6, (0, 1, 2, 5), block_steps=(3, 4))),
+    ):
+        calls["step"] = -1
+        for blk in list(m.transformer_blocks)[1:]:
+            blk.forward = linear_in_step  # disable_xslim removes instance forwards: set each run
+        cfg = XSlimConfig(mode="schedule", schedule=sched, block_thresh=1e6, extrapolate=extrapolate)
+        eng = enable_xslim(m, cfg, num_inference_steps=6)
+        seen: list[torch.Tensor] = []
+        h = m.register_forward_hook(lambda mod, a, out, seen=seen: seen.append(out[0].detach().clone()))
+        sample(m, "dit", steps=6)
+        h.remove()
+        kinds = eng.statistics.summary()["kinds"]
+        masks = [r.blocks_mask for r in eng.statistics.records]
+        disable_xslim(m)
+        outs[name] = seen
+    assert kinds == ["full", "full", "full", "block", "block", "full"]
+    assert masks[3] == [1] + [0] * (n - 1)  # only block 0 ran on the block steps
+    for step in (3, 4):
+        same = torch.allclose(outs["block"][step], outs["full"][step], atol=1e-5)
+        assert same == (extrapolate == "linear"), step

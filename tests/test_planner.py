@@ -150,3 +150,18 @@ def test_calibrate_optimal_rejects_what_it_cannot_do():
         calibrate(m, lambda: None, num_inference_steps=10, strategy="greedy")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_gap"):
         calibrate(m, lambda: None, num_inference_steps=10, max_gap=0)
+
+
+def test_step_weights_scale_each_steps_error():
+    n, k = 9, 4
+    g = _gram(_residuals(n, seed=7))
+    weights = [float(x) for x in torch.rand(n, generator=torch.Generator().manual_seed(1)) * 3]
+    got = optimal_full_steps(g, k, max_gap=n, step_weights=weights)
+
+    def total(fulls):
+        return sum(w * e for w, e in zip(weights, skip_errors_of(g, fulls), strict=True) if e is not None)
+
+    best = min(total((0, *c, n - 1)) for c in itertools.combinations(range(1, n - 1), k - 2))
+    assert total(got) == pytest.approx(best, rel=1e-12)
+    with pytest.raises(ValueError, match="step_weights"):
+        optimal_full_steps(g, k, step_weights=[1.0] * (n - 1))

@@ -78,6 +78,11 @@ class BranchState:
     exact_step: int = -1
     slope: torch.Tensor | None = None
     block_res: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # per block: the step that computed block_res, and (extrapolate="linear") the per-step slope
+    # of its residuals between the last two times it ran, so that a reused block moves along
+    # its slope as a skipped stack does (a block step would otherwise be staler than a skip)
+    block_step: dict[int, int] = field(default_factory=dict)
+    block_slope: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     block_mag: torch.Tensor | None = None  # (blocks, 2) partial sums: sum|out-in|, count
 
 
@@ -383,6 +388,12 @@ class XSlimEngine:
             return self._token_block(g, call, state, last)
         if kind == StepKind.BLOCK and not plan.compute[g + self.block_offset]:
             d_img, d_txt = state.block_res[g]
+            slope = state.block_slope.get(g)
+            if slope is not None:
+                gap = self.step - state.block_step[g]
+                d_img = d_img + gap * slope[0]
+                if d_txt is not None and slope[1] is not None:
+                    d_txt = d_txt + gap * slope[1]
             txt = call.txt + d_txt if (call.txt is not None and d_txt is not None) else call.txt
             out_img = call.img + d_img
             if last:
@@ -402,7 +413,19 @@ class XSlimEngine:
         out_img, out_txt = self.adapter.split_output(stack, out)
         if self.use_block:
             d_txt = out_txt - call.txt if (out_txt is not None and call.txt is not None) else None
-            state.block_res[g] = (out_img - call.img, d_txt)
+            d_img = out_img - call.img
+            prev = state.block_res.get(g)
+            if self.config.extrapolate == "linear" and prev is not None and prev[0].shape == d_img.shape:
+                gap = self.step - state.block_step[g]
+                if gap > 0:
+                    s_txt = None
+                    if d_txt is not None and prev[1] is not None and prev[1].shape == d_txt.shape:
+                        s_txt = (d_txt - prev[1]) / gap
+                    state.block_slope[g] = ((d_img - prev[0]) / gap, s_txt)
+            else:
+                state.block_slope.pop(g, None)
+            state.block_res[g] = (d_img, d_txt)
+            state.block_step[g] = self.step
             if kind == StepKind.FULL:
                 self._record_block_mag(state, g, out_img, call.img)
         if last:
@@ -690,6 +713,7 @@ class XSlimEngine:
             out["stack_residual"] += nbytes(st.exact_res) + nbytes(st.slope)
             out["probe"] += nbytes(st.probe_prev)
             out["block_residuals"] += sum(nbytes(a) + nbytes(b) for a, b in st.block_res.values())
+            out["block_residuals"] += sum(nbytes(a) + nbytes(b) for a, b in st.block_slope.values())
         if self.token_ctx is not None:
             out["kv"] = self.token_ctx.cache_bytes()
         return out

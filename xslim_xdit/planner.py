@@ -72,6 +72,7 @@ def optimal_full_steps(
     warmup_steps: int = 1,
     max_gap: int | None = None,
     extrapolate: Extrapolate = "linear",
+    step_weights: Sequence[float] | None = None,
 ) -> tuple[int, ...]:
     """The ``num_full`` full steps that minimise the summed skip error (see the module docstring).
 
@@ -87,6 +88,8 @@ def optimal_full_steps(
             :func:`default_max_gap`).
         extrapolate: how skipped steps estimate the residual, as in
             :class:`~xslim_xdit.config.XSlimConfig`.
+        step_weights: a weight per step multiplying its skip error (default: all 1), for
+            runs whose output is more sensitive to some steps than to others.
 
     Returns:
         The full steps, ascending.
@@ -98,6 +101,10 @@ def optimal_full_steps(
         raise ValueError(f"extrapolate must be 'linear' or 'none'; got {extrapolate!r}")
     if not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise ValueError(f"warmup_steps must be an integer >= 1; got {warmup_steps!r}")
+    if step_weights is not None and (
+        len(step_weights) != n or not all(math.isfinite(x) and x >= 0 for x in step_weights)
+    ):
+        raise ValueError(f"step_weights must be {n} finite numbers >= 0 (one per step)")
     w = min(warmup_steps, n)
     lowest = w if w == n else w + 1
     if not isinstance(num_full, int) or not lowest <= num_full <= n:
@@ -106,7 +113,7 @@ def optimal_full_steps(
         )
     if num_full == n or w == n:
         return tuple(range(n))
-    return _dp(gram, num_full, w, n, max_gap, extrapolate)
+    return _dp(gram, num_full, w, n, max_gap, extrapolate, step_weights)
 
 
 def _dp(
@@ -116,6 +123,7 @@ def _dp(
     n: int,
     max_gap: int | None,
     extrapolate: Extrapolate,
+    step_weights: Sequence[float] | None = None,
 ) -> tuple[int, ...]:
     gap = default_max_gap(n, num_full, w) if max_gap is None else int(max_gap)
     if gap < 1:
@@ -132,7 +140,8 @@ def _dp(
         if key not in seg_cache:
             cum, acc = [0.0], 0.0
             for s in range(b + 1, min(last, b + gap)):
-                acc += skip_error(gram, a, b, s, extrapolate)
+                err = skip_error(gram, a, b, s, extrapolate)
+                acc += err if step_weights is None else step_weights[s] * err
                 cum.append(acc)
             seg_cache[key] = cum
         return seg_cache[key]
