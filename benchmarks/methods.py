@@ -614,7 +614,8 @@ class XSlimCalibrated(XSlim):
     ) -> None:
         suffix = "" if extrapolate == "linear" else f" extrapolate={extrapolate}"
         if strategy == "optimal":
-            name, family = f"X-Slim optimal {target_speedup:g}x{suffix}", "xslim-optimal"
+            name = f"X-Slim optimal {target_speedup:g}x{suffix}"
+            family = "xslim-optimal" if extrapolate == "linear" else f"xslim-optimal-{extrapolate}"
         else:
             name = f"X-Slim calib {target_speedup:g}x {polish}{suffix}"
             family = "xslim-calibrated" if extrapolate == "linear" else f"xslim-calibrated-{extrapolate}"

@@ -54,7 +54,7 @@ def plot_frontier(tb: dict[str, Any], path: Path, title: str) -> None:
             (e["speedup"], e.get("flops_speedup") or float("nan"), y, name)
         )
     for ax, idx, xlabel in (
-        (axes[0], 0, "wall-clock speedup (median, interleaved)"),
+        (axes[0], 0, "wall-clock speedup (median of paired ratios)"),
         (axes[1], 1, "1 / FLOP fraction"),
     ):
         for fam, pts in sorted(families.items()):

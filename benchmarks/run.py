@@ -325,7 +325,7 @@ def summary_rows(tb: dict[str, Any]) -> list[list[str]]:
     def f(v: Any, fmt: str) -> str:
         if v is None:
             return "-"
-        if isinstance(v, float) and math.isinf(v):
+        if (isinstance(v, float) and math.isinf(v)) or v == "inf":  # "inf" as results.json stores it
             return "inf"
         return format(v, fmt)
 
