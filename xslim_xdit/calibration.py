@@ -276,7 +276,7 @@ def calibrate(
         num_full = max(min(n, w + 1), int(n * target + 1e-9))
         plans: list[tuple[int, ...]] = []
         for warm in range(w, w + 4 if closed_loop_check else w + 1):
-            if warm + 1 > num_full and warm > w:
+            if warm + 1 > num_full:  # the warm-up and the last step must fit (always for warm == w)
                 break
             plan = optimal_full_steps(
                 gram, num_full, warmup_steps=warm, max_gap=max_gap, extrapolate=extrapolate
