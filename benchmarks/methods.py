@@ -596,8 +596,8 @@ class XSlim(Method):
 
 
 class XSlimCalibrated(XSlim):
-    """X-Slim's offline mode: :func:`xslim_xdit.calibration.calibrate` on one calibration sample
-    (its own seed and class, not one of the evaluated samples), then the emitted schedule.
+    """X-Slim's offline mode: :func:`xslim_xdit.calibration.calibrate` on ``calibration_samples``
+    single-sample runs (their own seeds and classes, not evaluated ones), then the emitted schedule.
 
     ``strategy="optimal"`` (named "X-Slim optimal Nx") plans the full steps on the profile;
     ``"threshold"`` (named "X-Slim calib Nx <polish>") replays the indicator through the
@@ -610,12 +610,18 @@ class XSlimCalibrated(XSlim):
         polish: str = "token",
         extrapolate: str = "linear",
         strategy: str = "threshold",
+        calibration_samples: int = 4,
         **kw: Any,
     ) -> None:
         suffix = "" if extrapolate == "linear" else f" extrapolate={extrapolate}"
+        if calibration_samples != 4:
+            plural = "" if calibration_samples == 1 else "s"
+            suffix += f" ({calibration_samples} calibration sample{plural})"
         if strategy == "optimal":
             name = f"X-Slim optimal {target_speedup:g}x{suffix}"
             family = "xslim-optimal" if extrapolate == "linear" else f"xslim-optimal-{extrapolate}"
+            if calibration_samples != 4:
+                family += f"-{calibration_samples}cal"
         else:
             name = f"X-Slim calib {target_speedup:g}x {polish}{suffix}"
             family = "xslim-calibrated" if extrapolate == "linear" else f"xslim-calibrated-{extrapolate}"
@@ -626,10 +632,12 @@ class XSlimCalibrated(XSlim):
             polish=polish,
             extrapolate=extrapolate,
             strategy=strategy,
+            calibration_samples=calibration_samples,
             **kw,
         )
         self.target_speedup, self.polish, self.extrapolate, self.kw = target_speedup, polish, extrapolate, kw
         self.strategy = strategy
+        self.calibration_samples = calibration_samples
 
     def prepare(self, pipe: Any, testbed: Any, steps: int) -> None:
         from xslim_xdit.calibration import calibrate
@@ -637,7 +645,7 @@ class XSlimCalibrated(XSlim):
         t0 = time.perf_counter()
         result = calibrate(
             pipe,
-            testbed.calibration_run(pipe, steps),
+            testbed.calibration_runs(pipe, steps, self.calibration_samples),
             target_speedup=self.target_speedup,
             polish=self.polish,  # type: ignore[arg-type]
             strategy=self.strategy,  # type: ignore[arg-type]
@@ -689,8 +697,8 @@ def xslim_methods(steps: int) -> list[Method]:
     - ``+block`` / ``+token`` / ``+auto``: the polish levels, with the defaults ``partial_reset=0``
       and ``extrapolate="linear"``, at two bands;
     - the default :class:`~xslim_xdit.XSlimConfig`;
-    - optimal calibrated schedules (full steps planned on the profile) from 1.5x to 6x, one
-      planned for ``extrapolate="none"``;
+    - optimal calibrated schedules (full steps planned on the profiles of 4 calibration samples)
+      from 1.5x to 6x, one planned for ``extrapolate="none"``, two calibrated on one sample;
     - threshold-calibrated schedules (replayed with linear extrapolation; one with
       ``extrapolate="none"`` for contrast, one with token polish);
     - the published presets, rescaled to ``steps``.
@@ -711,6 +719,8 @@ def xslim_methods(steps: int) -> list[Method]:
     for target in (1.5, 2.0, 3.0, 4.0, 5.0, 6.0):
         ms.append(XSlimCalibrated(target, polish="none", strategy="optimal"))
     ms.append(XSlimCalibrated(3.0, polish="none", strategy="optimal", extrapolate="none"))
+    for target in (3.0, 5.0):  # what calibrating on several samples adds
+        ms.append(XSlimCalibrated(target, polish="none", strategy="optimal", calibration_samples=1))
     for target in (2.0, 3.0, 4.0, 5.0):
         ms.append(XSlimCalibrated(target, polish="none"))
     ms.append(XSlimCalibrated(3.0, polish="none", extrapolate="none"))

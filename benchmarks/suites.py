@@ -61,11 +61,13 @@ class Testbed(ABC):
         so that PSNR is per frame, as the video papers report it)."""
         return samples
 
-    def calibration_run(self, pipe: Any, steps: int) -> Callable[[], Any]:
-        """A callable that runs one generation for X-Slim's offline calibration (one sample whose
-        seed and condition differ from the evaluated ones)."""
-        cond = self.conditions(1)
-        return lambda: self.generate(pipe, cond, steps, seed=987_654)
+    def calibration_runs(self, pipe: Any, steps: int, n: int = 4) -> list[Callable[[], Any]]:
+        """Callables that each run one generation for X-Slim's offline calibration: ``n`` single
+        samples whose seeds (987654, 987655, ...) differ from the evaluated ones and whose
+        conditions are spread over the testbed's conditions (every third)."""
+        pool = self.conditions(max(10, 3 * n))
+        picks = [(pool[(3 * i) % len(pool)], 987_654 + i) for i in range(n)]
+        return [lambda c=c, s=s: self.generate(pipe, [c], steps, seed=s) for c, s in picks]
 
     def describe(self) -> dict[str, Any]:
         """Facts about the model for the report."""

@@ -113,31 +113,81 @@ def test_profile_gram_matches_independently_hooked_residuals():
     assert [i for i, e in enumerate(errs) if e is None] == list(result.schedule.full_steps)
 
 
-def test_closed_loop_check_keeps_the_plan_closest_to_the_full_run():
+def test_closed_loop_check_keeps_the_plan_closest_to_the_full_runs():
     from xslim_xdit import disable_xslim, enable_xslim
 
     m = tiny_model("dit")
-    last: list[torch.Tensor] = []
-    handle = m.register_forward_hook(lambda mod, args, out: last.append(out[0].detach().clone()))
-    try:
-        sample(m, "dit", steps=16)
-        full_last = last[-1]
-        result = calibrate(m, lambda: sample(m, "dit", steps=16), num_inference_steps=16, target_speedup=3.0)
-        plans = [tuple(c["full_steps"]) for c in result.candidates]
-        assert len(plans) == len(set(plans)) >= 2
-        assert plans[1][:2] == (0, 1)  # the second plan has a 2-step warm-up
-        errors = [c["closed_loop_error"] for c in result.candidates]
-        assert result.schedule.full_steps == plans[errors.index(min(errors))]
-        # each recorded error is that schedule's, replayed: the last transformer output's
-        # relative distance to the full run's
-        for plan, err in zip(plans, errors, strict=True):
+    runs = [lambda seed=seed: sample(m, "dit", steps=16, seed=seed) for seed in (0, 1)]
+    full = [r() for r in runs]
+    result = calibrate(m, runs, num_inference_steps=16, target_speedup=3.0)
+    assert result.num_runs == 2
+    plans = [tuple(c["full_steps"]) for c in result.candidates]
+    assert len(plans) == len(set(plans)) >= 2
+    assert any(p[:3] == (0, 1, 2) for p in plans) or any(p[:2] == (0, 1) for p in plans)  # longer warm-ups
+    errors = [c["closed_loop_error"] for c in result.candidates]
+    assert result.schedule.full_steps == plans[errors.index(min(errors))]
+    # each recorded error is that schedule's, replayed on each run: the final output's relative
+    # distance to the full run's, combined as a geometric mean
+    for plan, cand in zip(plans, result.candidates, strict=True):
+        want = []
+        for r, ref in zip(runs, full, strict=True):
             enable_xslim(m, result.config(schedule=Schedule(16, plan)), num_inference_steps=16)
-            sample(m, "dit", steps=16)
+            out = r()
             disable_xslim(m)
-            want = float((last[-1].double() - full_last.double()).norm() / full_last.double().norm())
-            assert err == pytest.approx(want, rel=1e-6)
-    finally:
-        handle.remove()
+            want.append(float((out.double() - ref.double()).norm() / ref.double().norm()))
+        assert cand["run_errors"] == pytest.approx(want, rel=1e-6)
+        assert cand["closed_loop_error"] == pytest.approx(math.sqrt(want[0] * want[1]), rel=1e-6)
+
+
+def test_several_runs_plan_on_their_summed_errors():
+    m = tiny_model("dit")
+    runs = [lambda seed=seed: sample(m, "dit", steps=12, seed=seed) for seed in (3, 4)]
+    each = [
+        calibrate(m, r, num_inference_steps=12, target_speedup=3.0, closed_loop_check=False) for r in runs
+    ]
+    grams = [profile_gram(e.profile) for e in each]
+    both = calibrate(m, runs, num_inference_steps=12, target_speedup=3.0, closed_loop_check=False)
+    assert both.schedule.full_steps == optimal_full_steps(grams, 4)
+    assert both.profile == each[0].profile  # the first run's profile is the one kept
+    with pytest.raises(ConfigError, match="run"):
+        calibrate(m, [], num_inference_steps=12)
+    with pytest.raises(ConfigError, match="run"):
+        calibrate(m, [runs[0], "not callable"], num_inference_steps=12)  # type: ignore[list-item]
+
+
+def test_summed_grams_equal_brute_force_over_both():
+    n, k = 9, 4
+    g1, g2 = _gram(_residuals(n, seed=1)), _gram(_residuals(n, seed=2))
+    got = optimal_full_steps([g1, g2], k, max_gap=n)
+    middle = range(1, n - 1)
+    totals = {
+        c: _total(g1, (0, *c, n - 1), "linear") + _total(g2, (0, *c, n - 1), "linear")
+        for c in itertools.combinations(middle, k - 2)
+    }
+    best = min(totals.values())
+    assert _total(g1, got, "linear") + _total(g2, got, "linear") == pytest.approx(best, rel=1e-12)
+    # a sequence of one matrix is that matrix; arrays work as lists do
+    assert optimal_full_steps([g1], k, max_gap=n) == optimal_full_steps(g1, k, max_gap=n)
+    stacked = torch.tensor([g1, g2]).numpy()
+    assert optimal_full_steps(stacked, k, max_gap=n) == got
+    with pytest.raises(ValueError, match="gram"):
+        optimal_full_steps([g1, _gram(_residuals(n + 1))], k)
+
+
+def test_final_output_reads_what_pipelines_return():
+    import numpy as np
+    from PIL import Image
+
+    from xslim_xdit.calibration import _as_tensor
+
+    class Out:
+        images = [Image.new("RGB", (4, 3), (10, 20, 30)), Image.new("RGB", (4, 3), (1, 2, 3))]
+
+    got = _as_tensor(Out())
+    assert got.shape == (2, 3, 4, 3) and got[0, 0, 0].tolist() == [10.0, 20.0, 30.0]
+    assert _as_tensor((torch.ones(2, 2),)).shape == (1, 2, 2)
+    assert _as_tensor(np.zeros((2, 5))).dtype == torch.float64
+    assert _as_tensor("text") is None and _as_tensor(None) is None
 
 
 def test_calibrate_optimal_rejects_what_it_cannot_do():

@@ -1,9 +1,10 @@
-"""Offline calibration: profile one full run, then emit a schedule.
+"""Offline calibration: profile full runs, then emit a schedule.
 
 X-Slim's released code runs no online controller: it records how much the stack residual
 changes from step to step in one full run of one prompt (the change is U-shaped over the run and
 depends little on the prompt), and builds a static schedule from it. :func:`calibrate` profiles
-one full run and builds the schedule in one of two ways:
+one full run, or several (one per calibration prompt or seed), and builds the schedule in one of
+two ways:
 
 - ``strategy="optimal"`` (default): the full steps that minimise the error the skipped steps
   would make with the engine's own residual estimate (:mod:`xslim_xdit.planner`, an exact
@@ -27,11 +28,13 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from .api import disable_xslim, enable_xslim
@@ -62,8 +65,10 @@ class CalibrationResult:
     profile: list[dict[str, Any]] = field(default_factory=list)
     strategy: str = "threshold"
     extrapolate: str = "linear"
-    #: ``strategy="optimal"``: the schedules tried on the calibration run, with their error
+    #: ``strategy="optimal"``: the schedules tried on the calibration runs, with their errors
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    #: how many calibration runs were profiled (``profile`` holds the first one's)
+    num_runs: int = 1
 
     def config(self, **overrides: Any) -> XSlimConfig:
         """A schedule-mode config that replays this schedule (rescaled to any step count)."""
@@ -105,6 +110,7 @@ class CalibrationResult:
             "strategy": self.strategy,
             "extrapolate": self.extrapolate,
             "candidates": self.candidates,
+            "num_runs": self.num_runs,
             "estimated_flops_fraction": self.estimated_fraction,
             "profile": self.profile,
         }
@@ -134,6 +140,7 @@ class CalibrationResult:
             strategy=d.get("strategy", "threshold"),
             extrapolate=d.get("extrapolate", "linear"),
             candidates=d.get("candidates", []),
+            num_runs=int(d.get("num_runs", 1)),
         )
         res.config()  # validate now, not at first use
         return res
@@ -183,7 +190,7 @@ def profile_gram(profile: Sequence[dict[str, Any]]) -> list[list[float]]:
 
 def calibrate(
     pipe_or_transformer: Any,
-    run: Callable[[], Any],
+    run: Callable[[], Any] | Sequence[Callable[[], Any]],
     *,
     num_inference_steps: int | None = None,
     target_speedup: float = 2.5,
@@ -198,11 +205,14 @@ def calibrate(
     max_gap: int | None = None,
     closed_loop_check: bool = True,
 ) -> CalibrationResult:
-    """Profile one full run and return a schedule that reaches ``target_speedup`` (in FLOPs).
+    """Profile full runs and return a schedule that reaches ``target_speedup`` (in FLOPs).
 
     Args:
         pipe_or_transformer: what X-Slim will be enabled on.
-        run: a callable that performs one generation (e.g. ``lambda: pipe(prompt, ...)``).
+        run: a callable that performs one generation (e.g. ``lambda: pipe(prompt, generator=g)``),
+            or a sequence of them (one per calibration prompt or seed; recommended above 3x, where
+            a plan made on one sample depends on that sample). Each must be deterministic (seed
+            its generator inside the callable): the closed-loop check compares its outputs.
         num_inference_steps: steps of that run, when ``pipe_or_transformer`` is a bare transformer.
         target_speedup: wanted ratio of full compute to cached compute (> 1).
         strategy: ``"optimal"`` (full steps placed to minimise the skip error, see
@@ -216,17 +226,23 @@ def calibrate(
         warn_fraction: ``warn = warn_fraction * crit``, in (0, 1) (``"threshold"``).
         indicator: ``"residual_change"`` (relative change of the stack residual, X-Slim's offline
             profile) or ``"probe_change"`` (relative change of block 0's modulated input)
-            (``"threshold"``).
+            (``"threshold"``; averaged over the runs).
         extrapolate: the residual estimate the schedule will be replayed with (the returned
             :meth:`CalibrationResult.config` uses it); ``"optimal"`` plans for it.
         max_gap: the longest run of skipped steps plus one that ``"optimal"`` considers
-            (default: three times the mean gap, at least 8).
-        closed_loop_check: ``"optimal"`` plans on the full run's trajectory, which misjudges how
-            errors of the first steps carry on; with this set it plans for warm-ups of
-            ``warmup_steps`` to ``warmup_steps + 3`` steps, replays each plan on ``run`` (each
-            costs about ``1 / target_speedup`` of a full run) and keeps the one whose last
-            transformer output is closest to the full run's.
+            (default: a few caps are tried, see ``closed_loop_check``).
+        closed_loop_check: ``"optimal"`` plans on the full runs' trajectories, which misjudges how
+            errors of the first steps carry on; with this set it makes plans for warm-ups of
+            ``warmup_steps`` to ``warmup_steps + 2`` steps, each with no cap on the gap between
+            full steps and with caps of the mean gap + 1 and + 3, replays each distinct plan on
+            every run (each replay costs about ``1 / target_speedup`` of a run) and keeps the one
+            whose final outputs are closest to the full runs' (least geometric mean of the
+            relative errors; the run's return value when it is a tensor, an array, an image
+            list or has ``.images``, else the transformer's last output).
     """
+    runs = [run] if callable(run) else list(run)
+    if not runs or not all(callable(r) for r in runs):
+        raise ConfigError(f"run must be a callable or a non-empty sequence of callables; got {run!r}")
     if not (isinstance(target_speedup, (int, float)) and target_speedup > 1.0):
         raise ConfigError(f"target_speedup must be > 1; got {target_speedup!r}")
     if strategy not in ("optimal", "threshold"):
@@ -255,51 +271,69 @@ def calibrate(
     )
     if strategy == "optimal" and num_inference_steps is not None:
         _check_reachable(num_inference_steps, target_speedup, warmup_steps)
-    # Every step full, with block statistics recorded: thresholds that nothing stays under.
-    record_cfg = XSlimConfig(warn=1e-12, crit=2e-12, polish="block", warmup_steps=1)
-    engine = enable_xslim(pipe_or_transformer, record_cfg, num_inference_steps=num_inference_steps)
-    engine.profiling = True
-    try:
-        reference = _last_output(engine.model, run)
-    finally:
-        disable_xslim(pipe_or_transformer)
-    profile = engine.profile
-    if not profile:
-        raise RuntimeError("calibration run called the transformer no time: check `run`")
+    profiles: list[list[dict[str, Any]]] = []
+    references: list[torch.Tensor | None] = []
+    for r in runs:
+        # Every step full, with block statistics recorded: thresholds that nothing stays under.
+        record_cfg = XSlimConfig(warn=1e-12, crit=2e-12, polish="block", warmup_steps=1)
+        engine = enable_xslim(pipe_or_transformer, record_cfg, num_inference_steps=num_inference_steps)
+        engine.profiling = True
+        try:
+            references.append(_final_output(engine.model, r))
+        finally:
+            disable_xslim(pipe_or_transformer)
+        if not engine.profile:
+            raise RuntimeError("calibration run called the transformer no time: check `run`")
+        profiles.append(engine.profile)
+    profile = profiles[0]
     n = len(profile)
+    if any(len(p) != n for p in profiles):
+        raise ConfigError(
+            f"the calibration runs made {[len(p) for p in profiles]} transformer calls: they must agree"
+        )
     target = 1.0 / target_speedup
 
     if strategy == "optimal":
         _check_reachable(n, target_speedup, warmup_steps)
-        gram = profile_gram(profile)
+        grams = [profile_gram(p) for p in profiles]
         w = min(warmup_steps, n)
         num_full = max(min(n, w + 1), int(n * target + 1e-9))
         plans: list[tuple[int, ...]] = []
-        for warm in range(w, w + 4 if closed_loop_check else w + 1):
+        for warm in range(w, w + 3 if closed_loop_check else w + 1):
             if warm + 1 > num_full:  # the warm-up and the last step must fit (always for warm == w)
                 break
-            plan = optimal_full_steps(
-                gram, num_full, warmup_steps=warm, max_gap=max_gap, extrapolate=extrapolate
-            )
-            if plan not in plans:
-                plans.append(plan)
-        candidates = [{"full_steps": list(p), "closed_loop_error": None} for p in plans]
-        if len(plans) > 1 and reference is not None:
+            if max_gap is not None or not closed_loop_check:
+                caps: list[int | None] = [max_gap]
+            else:
+                mean_gap = -(-(n - warm) // max(num_full - warm, 1))
+                caps = [None, mean_gap + 1, mean_gap + 3]
+            for cap in caps:
+                plan = optimal_full_steps(
+                    grams, num_full, warmup_steps=warm, max_gap=cap, extrapolate=extrapolate
+                )
+                if plan not in plans:
+                    plans.append(plan)
+        candidates: list[dict[str, Any]] = [{"full_steps": list(p), "closed_loop_error": None} for p in plans]
+        if len(plans) > 1 and all(ref is not None for ref in references):
             for cand, plan in zip(candidates, plans, strict=True):
                 cfg = XSlimConfig(
                     mode="schedule", schedule=Schedule(num_steps=n, full_steps=plan), extrapolate=extrapolate
                 )
-                enable_xslim(pipe_or_transformer, cfg, num_inference_steps=num_inference_steps)
-                try:
-                    out = _last_output(engine.model, run)
-                finally:
-                    disable_xslim(pipe_or_transformer)
-                cand["closed_loop_error"] = _relative_error(out, reference)
+                errors = []
+                for r, ref in zip(runs, references, strict=True):
+                    enable_xslim(pipe_or_transformer, cfg, num_inference_steps=num_inference_steps)
+                    try:
+                        out = _final_output(engine.model, r)
+                    finally:
+                        disable_xslim(pipe_or_transformer)
+                    errors.append(_relative_error(out, ref))  # type: ignore[arg-type]
+                cand["run_errors"] = errors
+                cand["closed_loop_error"] = _geometric_mean(errors)
             best_i = min(range(len(plans)), key=lambda i: candidates[i]["closed_loop_error"])
         else:
             best_i = 0
         full = plans[best_i]
-        for p, err in zip(profile, skip_errors_of(gram, full, extrapolate), strict=True):
+        for p, err in zip(profile, skip_errors_of(grams[0], full, extrapolate), strict=True):
             p["planned_skip_error"] = err
         return CalibrationResult(
             schedule=Schedule(num_steps=n, full_steps=full),
@@ -314,9 +348,10 @@ def calibrate(
             strategy="optimal",
             extrapolate=extrapolate,
             candidates=candidates,
+            num_runs=len(runs),
         )
 
-    values = [p[indicator] for p in profile]
+    values = [_mean([p[i][indicator] for p in profiles]) for i in range(n)]
     block_fraction = min(1.0, 1.0 / block_thresh)
 
     def kinds_for(crit: float) -> list[StepKind]:
@@ -352,7 +387,22 @@ def calibrate(
         profile=profile,
         strategy="threshold",
         extrapolate=extrapolate,
+        num_runs=len(runs),
     )
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _geometric_mean(values: Sequence[float]) -> float:
+    """Of relative errors: the ranking mean PSNR over the runs would give (0 and inf pass through)."""
+    if any(v == float("inf") for v in values):
+        return float("inf")
+    if any(v <= 0.0 for v in values):
+        return 0.0 if all(v <= 0.0 for v in values) else _geometric_mean([v for v in values if v > 0.0])
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def _check_reachable(num_steps: int, target_speedup: float, warmup_steps: int) -> None:
@@ -365,9 +415,10 @@ def _check_reachable(num_steps: int, target_speedup: float, warmup_steps: int) -
         )
 
 
-def _last_output(model: Any, run: Callable[[], Any]) -> torch.Tensor | None:
-    """Run ``run`` and return the first tensor of the model's last output (``None`` if the
-    model was not called or returned no tensor)."""
+def _final_output(model: Any, run: Callable[[], Any]) -> torch.Tensor | None:
+    """Run ``run`` and return its output as a tensor (a tensor, an array, a list of images or
+    arrays, or an object with ``.images``), else the first tensor of the model's last output
+    (``None`` if neither exists)."""
     box: list[torch.Tensor | None] = [None]
 
     def hook(_m: Any, _a: Any, out: Any) -> None:
@@ -382,10 +433,32 @@ def _last_output(model: Any, run: Callable[[], Any]) -> torch.Tensor | None:
 
     handle = model.register_forward_hook(hook)
     try:
-        run()
+        result = run()
     finally:
         handle.remove()
-    return box[0]
+    final = _as_tensor(result)
+    return final if final is not None else box[0]
+
+
+def _as_tensor(obj: Any) -> torch.Tensor | None:
+    """A pipeline's output as a float64 tensor, or ``None`` when it is nothing image-like."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(torch.float64).cpu()
+    if hasattr(obj, "images"):
+        return _as_tensor(obj.images)
+    if hasattr(obj, "frames"):
+        return _as_tensor(obj.frames)
+    if hasattr(obj, "__array__") or hasattr(obj, "__array_interface__"):  # numpy arrays, PIL images
+        try:
+            return torch.from_numpy(np.asarray(obj, dtype=np.float64).copy())
+        except (TypeError, ValueError):
+            return None
+    if isinstance(obj, (tuple, list)) and obj:
+        parts = [_as_tensor(x) for x in obj]
+        if all(p is not None for p in parts) and len({p.shape for p in parts}) == 1:  # type: ignore[union-attr]
+            return torch.stack(parts)  # type: ignore[arg-type]
+        return parts[0]
+    return None
 
 
 def _relative_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:

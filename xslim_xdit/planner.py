@@ -15,8 +15,10 @@ add their partial Grams exactly), not the residuals themselves.
 
 :func:`optimal_full_steps` then picks the ``K`` full steps that minimise the summed relative
 error of all skipped steps, by dynamic programming over (previous full, current full, fulls
-used). The error is measured along the full run's trajectory (open loop); on the testbeds it
-ranks schedules as the closed-loop output error does (see ``docs/method.md``).
+used). Given several profiled runs (one Gram matrix each, e.g. one per calibration prompt), it
+minimises the relative errors summed over all of them, so that no single run's quirks decide the
+plan. The error is measured along the full run's trajectory (open loop); ``calibrate`` checks the
+best plans closed loop (see ``docs/method.md``).
 
 Example:
     >>> def gram(R):
@@ -38,6 +40,24 @@ from collections.abc import Sequence
 from typing import Literal
 
 Extrapolate = Literal["linear", "none"]
+Gram = Sequence[Sequence[float]]
+
+
+def _as_grams(gram: Gram | Sequence[Gram]) -> list[Gram]:
+    """One Gram matrix, or a sequence of them (one per profiled run), as a list of matrices."""
+    first = gram[0][0] if len(gram) and len(gram[0]) else 0.0
+    nested = getattr(first, "ndim", 0) >= 1 or isinstance(first, Sequence)  # arrays or lists
+    if nested:
+        grams = list(gram)  # type: ignore[arg-type]
+    else:
+        grams = [gram]
+    n = len(grams[0]) if grams else 0
+    for g in grams:
+        if len(g) != n or any(len(row) != n for row in g):
+            raise ValueError(f"gram must be square N x N matrices of one size, N >= 1; got {len(g)} rows")
+    if n < 1:
+        raise ValueError("gram must be a square N x N matrix with N >= 1; got 0 rows")
+    return grams  # type: ignore[return-value]
 
 
 def skip_error(
@@ -66,7 +86,7 @@ def default_max_gap(num_steps: int, num_full: int, warmup_steps: int = 1) -> int
 
 
 def optimal_full_steps(
-    gram: Sequence[Sequence[float]],
+    gram: Gram | Sequence[Gram],
     num_full: int,
     *,
     warmup_steps: int = 1,
@@ -81,7 +101,8 @@ def optimal_full_steps(
     skipped.
 
     Args:
-        gram: ``N x N`` Gram matrix of the profiled stack residuals.
+        gram: ``N x N`` Gram matrix of the profiled stack residuals, or a sequence of them (one
+            per profiled run; their relative errors add).
         num_full: how many steps run in full, ``1 <= num_full <= N``.
         warmup_steps: steps forced full at the start (>= 1).
         max_gap: the longest distance between consecutive full steps (default
@@ -94,9 +115,8 @@ def optimal_full_steps(
     Returns:
         The full steps, ascending.
     """
-    n = len(gram)
-    if n < 1 or any(len(row) != n for row in gram):
-        raise ValueError(f"gram must be a square N x N matrix with N >= 1; got {n} rows")
+    grams = _as_grams(gram)
+    n = len(grams[0])
     if extrapolate not in ("linear", "none"):
         raise ValueError(f"extrapolate must be 'linear' or 'none'; got {extrapolate!r}")
     if not isinstance(warmup_steps, int) or warmup_steps < 1:
@@ -113,11 +133,11 @@ def optimal_full_steps(
         )
     if num_full == n or w == n:
         return tuple(range(n))
-    return _dp(gram, num_full, w, n, max_gap, extrapolate, step_weights)
+    return _dp(grams, num_full, w, n, max_gap, extrapolate, step_weights)
 
 
 def _dp(
-    gram: Sequence[Sequence[float]],
+    grams: list[Gram],
     num_full: int,
     w: int,
     n: int,
@@ -140,7 +160,7 @@ def _dp(
         if key not in seg_cache:
             cum, acc = [0.0], 0.0
             for s in range(b + 1, min(last, b + gap)):
-                err = skip_error(gram, a, b, s, extrapolate)
+                err = sum(skip_error(g, a, b, s, extrapolate) for g in grams)
                 acc += err if step_weights is None else step_weights[s] * err
                 cum.append(acc)
             seg_cache[key] = cum
