@@ -33,6 +33,7 @@ from benchmarks.testbeds.flux_testbed import (
 )
 from benchmarks.testbeds.training import (
     WithTextEncoder,
+    add_architecture_args,
     add_flow_args,
     add_optimizer_args,
     add_save_args,
@@ -69,11 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = training_parser(__doc__, minutes=30.0, out=DEFAULT_CHECKPOINT, batch_size=64)
     add_optimizer_args(p, lr=5e-4, ema_decay=0.998, null_name="class")
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--double-blocks", type=int, default=2)
-    p.add_argument("--single-blocks", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--text-dim", type=int, default=64)
+    add_architecture_args(p, single_blocks=4)
     add_flow_args(p)
     p.add_argument(
         "--max-shift",

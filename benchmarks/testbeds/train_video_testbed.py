@@ -23,6 +23,7 @@ import torch
 from benchmarks.testbeds.digits import load_digits_images
 from benchmarks.testbeds.training import (
     WithTextEncoder,
+    add_architecture_args,
     add_flow_args,
     add_optimizer_args,
     add_save_args,
@@ -67,12 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--frames", type=int, default=NUM_FRAMES)
     add_optimizer_args(p, lr=4e-4, ema_decay=0.998, null_name="class")
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--double-blocks", type=int, default=2)
-    p.add_argument("--single-blocks", type=int, default=2)
-    p.add_argument("--refiner-blocks", type=int, default=1)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--text-dim", type=int, default=64)
+    add_architecture_args(p, single_blocks=2, refiner_blocks=1)
     add_flow_args(p)
     p.add_argument("--flow-shift", type=float, default=DEFAULT_FLOW_SHIFT, help="sampler's static time shift")
     add_save_args(p, log_every=50)

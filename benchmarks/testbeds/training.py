@@ -63,6 +63,21 @@ def add_state_args(
     p.add_argument("--resume", action="store_true", help="continue from --state")
 
 
+def add_architecture_args(
+    p: argparse.ArgumentParser, *, single_blocks: int, refiner_blocks: int | None = None
+) -> None:
+    """The two-stream transformer's shape (FLUX and HunyuanVideo testbeds): ``--width``,
+    ``--double-blocks``, ``--single-blocks``, ``--refiner-blocks`` (when ``refiner_blocks`` is
+    given), ``--head-dim`` and ``--text-dim``."""
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--double-blocks", type=int, default=2)
+    p.add_argument("--single-blocks", type=int, default=single_blocks)
+    if refiner_blocks is not None:
+        p.add_argument("--refiner-blocks", type=int, default=refiner_blocks)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--text-dim", type=int, default=64)
+
+
 def add_flow_args(p: argparse.ArgumentParser) -> None:
     """``--logit-mean`` and ``--train-shift`` of :func:`rectified_flow_loss`."""
     p.add_argument("--logit-mean", type=float, default=0.0, help="mean of the logit-normal noise level")
