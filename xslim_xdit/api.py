@@ -26,14 +26,21 @@ _SCHEDULER_ATTR = "_xslim_orig_set_timesteps"
 
 def _split(pipe_or_transformer: Any) -> tuple[Any, nn.Module]:
     if isinstance(pipe_or_transformer, nn.Module) and not hasattr(pipe_or_transformer, "scheduler"):
-        return None, pipe_or_transformer
+        return None, _uncompiled(pipe_or_transformer)
     transformer = getattr(pipe_or_transformer, "transformer", None)
     if not isinstance(transformer, nn.Module):
         raise TypeError(
             "pipe_or_transformer must be a diffusers/xDiT pipeline with a `transformer` component or a "
             f"transformer module; got {type(pipe_or_transformer).__name__}"
         )
-    return pipe_or_transformer, transformer
+    return pipe_or_transformer, _uncompiled(transformer)
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped, if it did: X-Slim attaches to the module itself, and
+    the compiled wrapper traces through its hooks and block wrappers when it is called."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else module
 
 
 def _inner_scheduler(scheduler: Any) -> Any:
