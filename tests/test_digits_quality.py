@@ -71,3 +71,27 @@ def test_optimal_calibration_beats_fewer_steps_by_3db_at_3x(pipe, reference):
     baseline = psnr(reference["third_steps"], reference["full"])  # measured 24.9 dB
     got = psnr(out, reference["full"])  # measured 30.0 dB
     assert got > baseline + 3.0, (got, baseline)
+
+
+def test_optimal_calibration_on_four_samples_beats_fewer_steps_at_5x(pipe, reference):
+    from xslim_xdit.calibration import calibrate
+
+    # four calibration samples of their own classes and seeds, none of them evaluated
+    runs = [
+        lambda d=d, s=s: pipe(
+            [d], num_inference_steps=50, generator=torch.Generator().manual_seed(s), progress=False
+        )
+        for d, s in ((0, 987), (3, 988), (6, 989), (9, 990))
+    ]
+    result = calibrate(pipe, runs, target_speedup=5.0)
+    assert result.num_runs == 4 and len(result.schedule.full_steps) == 10  # 10 steps' cost
+    errors = [c["closed_loop_error"] for c in result.candidates]
+    assert len(errors) >= 4 and result.candidates[errors.index(min(errors))]["full_steps"] == list(
+        result.schedule.full_steps
+    )
+    wrapped = XSlimPipelineWrapper(pipe, result.config())
+    out = _run(wrapped)
+    wrapped.disable_xslim()
+    baseline = psnr(_run(pipe, 10), reference["full"])  # measured 21.1 dB on these samples
+    got = psnr(out, reference["full"])  # measured 24.2 dB
+    assert got > baseline + 1.5, (got, baseline)
