@@ -279,3 +279,27 @@ def test_reused_blocks_move_along_their_own_slope(extrapolate):
     for step in (3, 4):
         same = torch.allclose(outs["block"][step], outs["full"][step], atol=1e-5)
         assert same == (extrapolate == "linear"), step
+
+
+def test_row_splice_and_gather_match_scatter_and_gather():
+    from xslim_xdit.adapters.attention import flat_rows, gather_rows, splice
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 10, 5), (2, 7, 3, 4)]:  # (B, N, D) and (B, N, heads, head_dim)
+        b, n = shape[:2]
+        x = torch.randn(*shape, generator=g)
+        index = torch.stack([torch.randperm(n, generator=g)[:4].sort().values for _ in range(b)])
+        rows = torch.randn(b, 4, *shape[2:], generator=g)
+        expand = index.reshape(b, 4, *([1] * (len(shape) - 2))).expand(b, 4, *shape[2:])
+        want_gather = torch.gather(x, 1, expand)
+        want_splice = x.scatter(1, expand, rows)
+        flat = flat_rows(index, n)
+        for f in (None, flat):
+            assert torch.equal(gather_rows(x, index, f), want_gather)
+            assert torch.equal(splice(x, index, rows, f), want_splice)
+        # non-contiguous inputs, and the input is never written
+        xt = x.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not xt.is_contiguous() or len(shape) == 2
+        assert torch.equal(gather_rows(xt, index), want_gather)
+        assert torch.equal(splice(xt, index, rows), want_splice)
+        assert torch.equal(xt, x)

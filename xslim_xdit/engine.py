@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.attention import TokenContext, gather_rows, install_kv_recorders
+from .adapters.attention import TokenContext, flat_rows, gather_rows, install_kv_recorders, splice
 from .adapters.base import BlockCall, BlockStack, ModelAdapter, adapter_for
 from .config import XSlimConfig
 from .controller import (
@@ -93,6 +93,7 @@ class CallPlan:
     decision: StepDecision
     compute: list[bool] | None = None  # whole-depth mask (global block indices), BLOCK steps
     token_index: torch.Tensor | None = None  # (B, k) image-token positions, TOKEN steps
+    token_flat: torch.Tensor | None = None  # flat_rows(token_index, N), shared by every block
     token_count: int = 0
     seg_in: torch.Tensor | None = None
     blocks_computed: int = 0
@@ -446,23 +447,23 @@ class XSlimEngine:
         plan = self.plan
         assert plan is not None and plan.token_index is not None and self.token_ctx is not None
         stack = call.stack
-        idx = plan.token_index
-        sel = gather_rows(call.img, idx)
-        self.token_ctx.index = idx
+        idx, flat = plan.token_index, plan.token_flat
+        sel = gather_rows(call.img, idx, flat)
+        self.token_ctx.index, self.token_ctx.flat = idx, flat
         try:
             out = self._run_original(g, call, sel, call.txt)
         finally:
-            self.token_ctx.index = None
+            self.token_ctx.index = self.token_ctx.flat = None
         plan.blocks_computed += 1
         plan.tokens_computed += sel.shape[0] * sel.shape[1]
         out_sel, out_txt = self.adapter.split_output(stack, out)
         if last:
             assert plan.seg_in is not None and state.res_stack is not None
             base = plan.seg_in + self._residual_estimate(state)
-            img = base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), out_sel)
+            img = splice(base, idx, out_sel, flat)
             self._finish_stack(state, img, StepKind.TOKEN)
         else:
-            img = call.img.scatter(1, idx.unsqueeze(-1).expand(-1, -1, call.img.shape[-1]), out_sel)
+            img = splice(call.img, idx, out_sel, flat)
         return self.adapter.make_output(stack, img, out_txt)
 
     def _finish_stack(self, state: BranchState, out_img: torch.Tensor, kind: StepKind) -> None:
@@ -475,8 +476,8 @@ class XSlimEngine:
             if kind == StepKind.TOKEN and state.res_prev is not None and state.res_stack is not None:
                 idx = plan.token_index
                 assert idx is not None
-                exp = idx.unsqueeze(-1).expand(-1, -1, res.shape[-1])
-                state.res_prev = state.res_prev.scatter(1, exp, torch.gather(state.res_stack, 1, exp))
+                rows = gather_rows(state.res_stack, idx, plan.token_flat)
+                state.res_prev = splice(state.res_prev, idx, rows, plan.token_flat)
             else:
                 state.res_prev = state.res_stack
         # Only full steps give exact stack residuals: a block step's residual carries the stale
@@ -630,6 +631,7 @@ class XSlimEngine:
             )
         elif decision.kind == StepKind.TOKEN:
             plan.token_index = self._select_tokens(state, img)
+            plan.token_flat = flat_rows(plan.token_index, img.shape[1])
             plan.token_count = int(plan.token_index.shape[1]) * self.sequence_shards
         if self.branch == 0:
             self._step_plan = plan
