@@ -303,3 +303,35 @@ def test_row_splice_and_gather_match_scatter_and_gather():
         assert torch.equal(gather_rows(xt, index), want_gather)
         assert torch.equal(splice(xt, index, rows), want_splice)
         assert torch.equal(xt, x)
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_parse_call_finds_streams_however_they_are_passed(family):
+    import inspect
+
+    from xslim_xdit.adapters.base import adapter_for
+
+    m = tiny_model(family)
+    adapter = adapter_for(m)
+    stack = adapter.stacks(m)[0]
+    blk = stack.blocks[0]
+    sig = inspect.signature(blk.forward)
+    img, txt = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    extra = {"temb": torch.randn(2, 8)} if stack.txt_arg else {"timestep": torch.tensor([1, 2])}
+    streams = {stack.img_arg: img, **({stack.txt_arg: txt} if stack.txt_arg else {})}
+    names = list(sig.parameters)
+    positional = tuple(streams[n] for n in names[: len(streams)])
+    for args, kwargs in [(positional, extra), ((), {**streams, **extra})]:
+        call = adapter.parse_call(stack, sig, args, kwargs)
+        assert call.img is img and call.txt is (txt if stack.txt_arg else None)
+        new_img, new_txt = torch.zeros_like(img), torch.zeros_like(txt)
+        a2, k2 = call.with_streams(new_img, new_txt if stack.txt_arg else None)
+        bound = sig.bind(*a2, **k2).arguments
+        assert bound[stack.img_arg] is new_img
+        if stack.txt_arg:
+            assert bound[stack.txt_arg] is new_txt
+        # everything else passes through unchanged, and `bound` names the call's arguments
+        assert all(bound[k] is v for k, v in extra.items())
+        assert call.bound.arguments[stack.img_arg] is img
+    with pytest.raises(TypeError):  # a call the block could not take is still refused
+        adapter.parse_call(stack, sig, (), {"no_such_argument": 1})
