@@ -43,9 +43,9 @@ class BlockCall:
     """A block call in canonical form: the streams plus everything else, to call it again.
 
     The arguments are bound to the signature only when an adapter asks for them by name
-    (:attr:`bound`): binding costs about 40 us on CPU, and a step calls every block, so the
-    common paths (finding the streams, calling again with new streams) read the positional and
-    keyword arguments directly.
+    (:attr:`bound`): the common paths (finding the streams, calling again with new streams) read
+    the positional and keyword arguments directly, 0.9 us per block call on CPU against 5.5 us
+    with binding; every step calls every block (57 on FLUX.1-dev), skipped steps too.
     """
 
     img: torch.Tensor
