@@ -271,20 +271,16 @@ def calibrate(
     )
     if strategy == "optimal" and num_inference_steps is not None:
         _check_reachable(num_inference_steps, target_speedup, warmup_steps)
+    # Every step full, with block statistics recorded: thresholds that nothing stays under.
+    record_cfg = XSlimConfig(warn=1e-12, crit=2e-12, polish="block", warmup_steps=1)
     profiles: list[list[dict[str, Any]]] = []
     references: list[torch.Tensor | None] = []
     for r in runs:
-        # Every step full, with block statistics recorded: thresholds that nothing stays under.
-        record_cfg = XSlimConfig(warn=1e-12, crit=2e-12, polish="block", warmup_steps=1)
-        engine = enable_xslim(pipe_or_transformer, record_cfg, num_inference_steps=num_inference_steps)
-        engine.profiling = True
-        try:
-            references.append(_final_output(engine.model, r))
-        finally:
-            disable_xslim(pipe_or_transformer)
+        engine, reference = _replay(pipe_or_transformer, record_cfg, r, num_inference_steps, profiling=True)
         if not engine.profile:
             raise RuntimeError("calibration run called the transformer no time: check `run`")
         profiles.append(engine.profile)
+        references.append(reference)
     profile = profiles[0]
     n = len(profile)
     if any(len(p) != n for p in profiles):
@@ -321,11 +317,7 @@ def calibrate(
                 )
                 errors = []
                 for r, ref in zip(runs, references, strict=True):
-                    enable_xslim(pipe_or_transformer, cfg, num_inference_steps=num_inference_steps)
-                    try:
-                        out = _final_output(engine.model, r)
-                    finally:
-                        disable_xslim(pipe_or_transformer)
+                    _, out = _replay(pipe_or_transformer, cfg, r, num_inference_steps)
                     errors.append(_relative_error(out, ref))  # type: ignore[arg-type]
                 cand["run_errors"] = errors
                 cand["closed_loop_error"] = _geometric_mean(errors)
@@ -413,6 +405,24 @@ def _check_reachable(num_steps: int, target_speedup: float, warmup_steps: int) -
             f"target_speedup={target_speedup!r} is out of reach for {num_steps} steps: with warmup_steps="
             f"{warmup_steps} and the last step full, at most {num_steps / fixed:.3g}"
         )
+
+
+def _replay(
+    pipe_or_transformer: Any,
+    config: XSlimConfig,
+    run: Callable[[], Any],
+    num_inference_steps: int | None,
+    *,
+    profiling: bool = False,
+) -> tuple[Any, torch.Tensor | None]:
+    """Run ``run`` once with X-Slim enabled under ``config``, then disable it; returns the
+    engine (its profile, when ``profiling``) and the run's final output (:func:`_final_output`)."""
+    engine = enable_xslim(pipe_or_transformer, config, num_inference_steps=num_inference_steps)
+    engine.profiling = profiling
+    try:
+        return engine, _final_output(engine.model, run)
+    finally:
+        disable_xslim(pipe_or_transformer)
 
 
 def _final_output(model: Any, run: Callable[[], Any]) -> torch.Tensor | None:
