@@ -70,7 +70,7 @@ def test_statistics_table_and_json(pipe, tmp_path):
 def test_enabling_twice_replaces_the_engine(pipe):
     e1 = enable_xslim(pipe, XSlimConfig())
     e2 = enable_xslim(pipe, XSlimConfig(polish="block"))
-    assert get_engine(pipe) is e2 and e1 is not e2 and not e1._attached
+    assert get_engine(pipe) is e2 and e1 is not e2 and not e1.attached
     disable_xslim(pipe)
     ref = _run(pipe)
     assert torch.equal(ref, _run(pipe))

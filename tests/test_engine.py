@@ -131,14 +131,14 @@ def test_token_selection_is_per_sample():
         m, XSlimConfig(mode="schedule", schedule=sched, token_ratio=0.25), num_inference_steps=6
     )
     seen = []
-    orig = eng._select_tokens
+    orig = eng.room._select_tokens
 
-    def spy(state, img):
-        idx = orig(state, img)
+    def spy(caches):
+        idx = orig(caches)
         seen.append(idx.clone())
         return idx
 
-    eng._select_tokens = spy
+    eng.room._select_tokens = spy
     sample(m, "dit", steps=6, batch=4)
     disable_xslim(m)
     assert seen and all(idx.shape == (4, 4) for idx in seen)
@@ -188,9 +188,9 @@ def test_caches_keep_the_model_dtype():
     with torch.no_grad():
         for t in (900, 600, 300, 100):
             m(x.bfloat16(), timestep=torch.tensor([t]), **cond)
-    dtypes = {st.res_stack.dtype for st in eng.branches.values()}
+    dtypes = {st.residual.dtype for st in eng.branches.values()}
     dtypes |= {t.dtype for pair in eng.token_ctx.kv.values() for t in pair if t is not None}
-    dtypes |= {a.dtype for st in eng.branches.values() for a, _ in st.block_res.values()}
+    dtypes |= {tr.values[0].dtype for st in eng.branches.values() for tr in st.blocks.values()}
     disable_xslim(m)
     assert dtypes == {torch.bfloat16}
 

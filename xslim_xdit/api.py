@@ -10,18 +10,19 @@ Example:
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from .config import XSlimConfig
 from .engine import XSlimEngine
+from .hooks import SchedulerHooks, inner_scheduler, is_wrapped_scheduler
+from .observers import EngineObserver
 from .parallel.sync import DecisionSync
 from .stats import CacheStatistics
 
 _ENGINE_ATTR = "_xslim_engine"
-_SCHEDULER_ATTR = "_xslim_orig_set_timesteps"
 
 
 def _split(pipe_or_transformer: Any) -> tuple[Any, nn.Module]:
@@ -43,20 +44,6 @@ def _uncompiled(module: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else module
 
 
-def _inner_scheduler(scheduler: Any) -> Any:
-    """The scheduler object itself: xfuser wraps schedulers (``.module``) and forwards attributes."""
-    for _ in range(4):
-        inner = (
-            vars(scheduler).get("module")
-            if scheduler is not None and hasattr(scheduler, "__dict__")
-            else None
-        )
-        if inner is None:
-            break
-        scheduler = inner
-    return scheduler
-
-
 def enable_xslim(
     pipe_or_transformer: Any,
     config: XSlimConfig | None = None,
@@ -64,13 +51,18 @@ def enable_xslim(
     num_inference_steps: int | None = None,
     sync: DecisionSync | None = None,
     count_flops: bool = True,
+    observers: Sequence[EngineObserver] = (),
+    record: bool = False,
 ) -> XSlimEngine:
     """Turn X-Slim on for a pipeline (or a bare transformer) and return its engine.
 
-    On a pipeline, the scheduler's ``set_timesteps`` tells the engine how many steps each call
-    runs and resets every cache at the start of each call. On a bare transformer pass
-    ``num_inference_steps`` (or call ``engine.start_run(n)`` before each run). Everything is
-    validated before anything is patched.
+    On a pipeline, the scheduler tells the engine where the run is: ``set_timesteps`` starts a
+    run (every cache cleared) of ``len(scheduler.timesteps)`` steps, and each ``step()`` call ends
+    a step, so a Heun-type scheduler's two evaluations per step are two steps, and the calls
+    between two ``step()`` calls are guidance branches (named by diffusers' ``cache_context``
+    where the pipeline sets one). On a bare transformer pass ``num_inference_steps`` (or call
+    ``engine.start_run(n)`` before each run); steps are then told apart by their timesteps
+    (:mod:`xslim_xdit.clock`). Everything is validated before anything is patched.
 
     Args:
         pipe_or_transformer: a diffusers or xDiT pipeline, or a supported transformer.
@@ -78,6 +70,8 @@ def enable_xslim(
         num_inference_steps: steps per run for a bare transformer.
         sync: where ranks agree; default single-device (see :mod:`xslim_xdit.parallel`).
         count_flops: record FLOPs in the statistics (measured once per call shape).
+        observers: more :class:`~xslim_xdit.observers.EngineObserver` s to notify.
+        record: every step full, indicators and block statistics still measured (calibration).
 
     Example:
         >>> import torch
@@ -94,45 +88,53 @@ def enable_xslim(
     if getattr(transformer, _ENGINE_ATTR, None) is not None:
         disable_xslim(pipe_or_transformer)
     engine = XSlimEngine(
-        transformer, config, sync=sync, num_inference_steps=num_inference_steps, count_flops=count_flops
+        transformer,
+        config,
+        sync=sync,
+        num_inference_steps=num_inference_steps,
+        count_flops=count_flops,
+        observers=observers,
+        record=record,
     )
+    scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
     engine.attach()
     setattr(transformer, _ENGINE_ATTR, engine)
-    if pipe is not None:
-        scheduler = _inner_scheduler(pipe.scheduler)
-        if scheduler is not None and _SCHEDULER_ATTR not in vars(scheduler):
-            original = scheduler.set_timesteps
+    if scheduler is not None:
+        # xfuser's scheduler wrappers step once per PipeFusion patch: there the timestep tells
+        # the steps apart (the fallback); diffusers' schedulers step once per step.
+        driven = not is_wrapped_scheduler(scheduler)
+        inner = inner_scheduler(scheduler)
+        engine.clock.follow_scheduler(driven)
 
-            @functools.wraps(original)
-            def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-                out = original(*args, **kwargs)
-                eng = getattr(transformer, _ENGINE_ATTR, None)
-                if eng is not None:
-                    n = len(scheduler.timesteps)
-                    eng.default_steps = n
-                    eng.start_run(n)
-                return out
+        def on_timesteps(sched: Any) -> None:
+            eng = getattr(transformer, _ENGINE_ATTR, None)
+            if eng is not None:
+                n = len(sched.timesteps)
+                eng.default_steps = n
+                eng.start_run(n)
 
-            setattr(scheduler, _SCHEDULER_ATTR, original)
-            scheduler.set_timesteps = set_timesteps
+        engine.scheduler_hooks = SchedulerHooks(
+            inner, on_timesteps, engine.clock.step_done if driven else None
+        )
     return engine
 
 
 def disable_xslim(pipe_or_transformer: Any) -> None:
-    """Remove X-Slim: the model and the scheduler are restored exactly.
+    """Remove X-Slim: the model, its hooks and the scheduler are restored exactly.
 
     Example:
         >>> disable_xslim(pipe)  # doctest: +SKIP
     """
-    pipe, transformer = _split(pipe_or_transformer)
+    _, transformer = _split(pipe_or_transformer)
     engine = getattr(transformer, _ENGINE_ATTR, None)
-    if engine is not None:
-        engine.detach()
-        delattr(transformer, _ENGINE_ATTR)
-    scheduler = _inner_scheduler(pipe.scheduler) if pipe is not None else None
-    if scheduler is not None and _SCHEDULER_ATTR in vars(scheduler):
-        del scheduler.set_timesteps
-        delattr(scheduler, _SCHEDULER_ATTR)
+    if engine is None:
+        return
+    engine.detach()
+    delattr(transformer, _ENGINE_ATTR)
+    hooks = getattr(engine, "scheduler_hooks", None)
+    if hooks is not None:
+        hooks.remove()
+        engine.scheduler_hooks = None
 
 
 def get_engine(pipe_or_transformer: Any) -> XSlimEngine | None:

@@ -4,9 +4,14 @@ Nothing here touches torch.distributed, a model, or a tensor, so the same code d
 device, on every rank of a parallel run (fed with reduced indicators), and in offline
 calibration (fed with a recorded profile).
 
+A controller owns its state. ``propose(step, indicator)`` says what it would do without changing
+anything; the decision room then checks the proposal against what the caches can serve and what
+the ranks agree on, and reports the kind that really runs with ``commit(kind)``, which is the
+only place the state moves. ``decide`` is the two in one, for offline replays.
+
 Example:
     >>> from xslim_xdit.config import XSlimConfig
-    >>> ctl = OnlineController(XSlimConfig(warn=0.1, crit=0.3, warmup_steps=1), num_steps=5)
+    >>> ctl = OnlineController(XSlimConfig(warn=0.1, crit=0.3, polish="token", warmup_steps=1), num_steps=5)
     >>> [ctl.decide(s, ind).kind.name for s, ind in enumerate([None, 0.05, 0.1, 0.3, 0.01])]
     ['FULL', 'SKIP', 'TOKEN', 'FULL', 'FULL']
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 from .config import Schedule, XSlimConfig
@@ -72,41 +77,53 @@ class OnlineController:
         cfg = self.config
         return step < cfg.warmup_steps or (cfg.last_step_full and step == self.num_steps - 1)
 
-    def decide(self, step: int, indicator: float | None) -> StepDecision:
+    #: the controller reads the step indicator (the engine computes and reduces it only then)
+    wants_indicator = True
+
+    def propose(self, step: int, indicator: float | None) -> StepDecision:
+        """What this step would do given the indicator; the state is unchanged until :meth:`commit`."""
         cfg = self.config
         if self.forced_full(step) or indicator is None or not math.isfinite(indicator):
             reason = (
                 "warm-up" if step < cfg.warmup_steps else "last step" if indicator is not None else "no probe"
             )
-            return self._full(step, None, reason)
+            return StepDecision(step, StepKind.FULL, None, 0.0, reason)
         value = polyval(self._coeffs, indicator) if self._coeffs else indicator
         value = abs(value)
-        self.error += value
-        if self.error >= cfg.crit:
-            return self._full(step, value, "error >= crit")
-        if self.error < cfg.warn and not (
-            cfg.max_skips is not None and self.consecutive_skips >= cfg.max_skips
-        ):
-            self.consecutive_skips += 1
-            return StepDecision(step, StepKind.SKIP, value, self.error, "error < warn")
-        reason = "warn <= error < crit" if self.error >= cfg.warn else "max_skips reached"
+        error = self.error + value
+        if error >= cfg.crit:
+            return StepDecision(step, StepKind.FULL, value, 0.0, "error >= crit")
+        if error < cfg.warn and not (cfg.max_skips is not None and self.consecutive_skips >= cfg.max_skips):
+            return StepDecision(step, StepKind.SKIP, value, error, "error < warn")
+        reason = "warn <= error < crit" if error >= cfg.warn else "max_skips reached"
         if cfg.polish == "none":
-            return self._full(step, value, reason + " (no polish level)")
+            return StepDecision(step, StepKind.FULL, value, 0.0, reason + " (no polish level)")
         if cfg.polish == "token":
             kind = StepKind.TOKEN
         elif cfg.polish == "block":
             kind = StepKind.BLOCK
         else:  # auto: the cheaper-to-fix lower half of the band gets block refresh
-            kind = StepKind.BLOCK if self.error < 0.5 * (cfg.warn + cfg.crit) else StepKind.TOKEN
-        err_before = self.error
-        self.error *= 1.0 - cfg.partial_reset
-        self.consecutive_skips = 0
-        return StepDecision(step, kind, value, self.error, f"{reason} (error {err_before:.4g})")
+            kind = StepKind.BLOCK if error < 0.5 * (cfg.warn + cfg.crit) else StepKind.TOKEN
+        after = error * (1.0 - cfg.partial_reset)
+        return StepDecision(step, kind, value, after, f"{reason} (error {error:.4g})")
 
-    def _full(self, step: int, value: float | None, reason: str) -> StepDecision:
-        self.error = 0.0
-        self.consecutive_skips = 0
-        return StepDecision(step, StepKind.FULL, value, 0.0, reason)
+    def commit(self, decision: StepDecision) -> StepDecision:
+        """Move the state as ``decision`` (possibly not the proposed kind) really ran: a full step
+        resets the error, a skip keeps it and counts, a polish step keeps its partial reset.
+        Returns the decision with the error the controller now holds."""
+        if decision.kind == StepKind.FULL:
+            self.error = 0.0
+            self.consecutive_skips = 0
+        else:
+            self.error = decision.error
+            self.consecutive_skips = self.consecutive_skips + 1 if decision.kind == StepKind.SKIP else 0
+        if decision.error != self.error:
+            decision = replace(decision, error=self.error)
+        return decision
+
+    def decide(self, step: int, indicator: float | None) -> StepDecision:
+        """:meth:`propose` and :meth:`commit` in one (offline replays of a profile)."""
+        return self.commit(self.propose(step, indicator))
 
 
 class ScheduleController:
@@ -119,7 +136,9 @@ class ScheduleController:
     def forced_full(self, step: int) -> bool:
         return self.schedule.kind_of(step) == "full"
 
-    def decide(self, step: int, indicator: float | None = None) -> StepDecision:
+    wants_indicator = False
+
+    def propose(self, step: int, indicator: float | None = None) -> StepDecision:
         if step >= self.num_steps:
             # More transformer calls than scheduled steps (a scheduler with extra evaluations):
             # the safe answer is to compute.
@@ -127,11 +146,46 @@ class ScheduleController:
         kind = StepKind[self.schedule.kind_of(step).upper()]
         return StepDecision(step, kind, indicator, 0.0, "schedule")
 
+    def commit(self, decision: StepDecision) -> StepDecision:
+        return decision
 
-def make_controller(config: XSlimConfig, num_steps: int) -> OnlineController | ScheduleController:
-    """The controller the config asks for, for a run of ``num_steps`` steps."""
+    def decide(self, step: int, indicator: float | None = None) -> StepDecision:
+        return self.propose(step, indicator)
+
+
+class RecordingController:
+    """Every step full, with the indicator still read: the recording mode of calibration
+    profiles (every quantity a later plan needs is measured on the full trajectory)."""
+
+    wants_indicator = True
+
+    def __init__(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+
+    def forced_full(self, step: int) -> bool:
+        return True
+
+    def propose(self, step: int, indicator: float | None = None) -> StepDecision:
+        return StepDecision(step, StepKind.FULL, indicator, 0.0, "recording")
+
+    def commit(self, decision: StepDecision) -> StepDecision:
+        return decision
+
+    def decide(self, step: int, indicator: float | None = None) -> StepDecision:
+        return self.propose(step, indicator)
+
+
+Controller = OnlineController | ScheduleController | RecordingController
+
+
+def make_controller(config: XSlimConfig, num_steps: int, record: bool = False) -> Controller:
+    """The controller the config asks for, for a run of ``num_steps`` steps (every step full
+    with ``record``)."""
+    if record:
+        return RecordingController(num_steps)
     if config.mode == "schedule":
-        assert config.schedule is not None
+        if config.schedule is None:
+            raise ValueError("config.schedule must be set when config.mode='schedule'")
         return ScheduleController(config.schedule, num_steps)
     return OnlineController(config, num_steps)
 

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .observers import EngineObserver
+
 
 @dataclass
 class StepRecord:
@@ -39,8 +41,9 @@ class StepRecord:
 
 
 @dataclass
-class CacheStatistics:
-    """Everything the engine records; :meth:`summary` and :meth:`table` read it.
+class CacheStatistics(EngineObserver):
+    """Everything the engine records; :meth:`summary` and :meth:`table` read it. It is the
+    engine's last observer: each call's record, the bytes the caches hold and the collectives.
 
     ``runs`` can be restricted with ``run=`` (the default everywhere is the last run).
     """
@@ -53,6 +56,12 @@ class CacheStatistics:
 
     def add(self, rec: StepRecord) -> None:
         self.records.append(rec)
+
+    def on_call_end(self, engine: Any, record: StepRecord) -> None:
+        self.add(record)
+        self.cache_bytes = engine.cache_bytes()
+        self.collectives = engine.sync.collectives
+        self.collective_bytes = engine.sync.bytes_sent
 
     @property
     def last_run(self) -> int:

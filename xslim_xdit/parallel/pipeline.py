@@ -15,10 +15,13 @@ posted) and their handles kept until complete.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .sync import DecisionSync
 
 
 @dataclass
@@ -104,3 +107,75 @@ class PipelineChannel:
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
+
+
+class PipelineSync(DecisionSync):
+    """The PipeFusion protocol behind the :class:`DecisionSync` interface: ``inner`` agrees within
+    this stage's group (sequence shards, CFG branches); the first stage decides and forwards the
+    decision with the whole-depth block mask; later stages receive it and send their block
+    statistics back after each full step.
+
+    Example:
+        >>> sync = PipelineSync(inner=DecisionSync(), channel=channel)  # doctest: +SKIP
+    """
+
+    def __init__(self, inner: DecisionSync, channel: PipelineChannel) -> None:
+        self.inner = inner
+        self.channel = channel
+        self._statistics_due = False
+        self._remote: list[torch.Tensor] = []
+
+    # counters are the inner group's (the channel counts its own messages)
+    @property  # type: ignore[override]
+    def collectives(self) -> int:
+        return self.inner.collectives
+
+    @property  # type: ignore[override]
+    def bytes_sent(self) -> int:
+        return self.inner.bytes_sent
+
+    def reset_counters(self) -> None:
+        self.inner.reset_counters()
+
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property  # type: ignore[override]
+    def is_decider(self) -> bool:
+        return self.channel.is_first
+
+    def sum_partials(self, partials: torch.Tensor) -> torch.Tensor:
+        return self.inner.sum_partials(partials)
+
+    def sum_block_partials(self, partials: torch.Tensor) -> torch.Tensor:
+        return self.inner.sum_block_partials(partials)
+
+    def agree(self, values: Sequence[int], device: torch.device | None = None) -> list[int]:
+        return self.inner.agree(values, device)
+
+    def begin_decision(self) -> None:
+        if self._statistics_due:
+            self._remote = self.channel.recv_block_stats()
+
+    def receive_decision(self, length: int) -> list[int] | None:
+        if self.channel.is_first:
+            return None
+        return self.channel.forward_decision(None, length)
+
+    def publish_decision(self, values: Sequence[int], block_statistics_follow: bool) -> None:
+        self._statistics_due = block_statistics_follow
+        if self.channel.is_first:
+            self.channel.forward_decision([int(v) for v in values], len(values))
+
+    def whole_depth_block_partials(self, local: torch.Tensor) -> torch.Tensor:
+        return torch.cat([local.to(torch.float64)] + [m.to(local.device) for m in self._remote])
+
+    def publish_block_statistics(self, stats: torch.Tensor) -> None:
+        if not self.channel.is_first:
+            self.channel.send_block_stats(stats)
+
+    def start_run(self) -> None:
+        """A new run: nothing is due from the last one."""
+        self._statistics_due = False
+        self._remote = []

@@ -54,6 +54,35 @@ class DecisionSync:
         self.collectives = 0
         self.bytes_sent = 0
 
+    def start_run(self) -> None:
+        """A new denoising run starts: forget any protocol state of the last one."""
+
+    # -------------------------------------------- where the decision is taken and how it travels
+    #: this rank decides (with its group); False on the later stages of a PipeFusion pipeline,
+    #: which act on the decision the previous stage forwards (:meth:`receive_decision`)
+    is_decider: bool = True
+
+    def begin_decision(self) -> None:
+        """Called on a deciding rank before each step's decision (PipeFusion's first stage reads
+        the block statistics the later stages sent after the last full step)."""
+
+    def receive_decision(self, length: int) -> list[int] | None:
+        """The decision ``[kind, whole-depth block mask...]`` taken elsewhere, on a rank that does
+        not decide; ``None`` on a deciding rank."""
+        return None
+
+    def publish_decision(self, values: Sequence[int], block_statistics_follow: bool) -> None:
+        """A deciding rank hands its step decision on (PipeFusion: to the next stage).
+        ``block_statistics_follow``: the later stages will send block statistics after this step."""
+
+    def whole_depth_block_partials(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's per-block partial sums extended to the whole depth (PipeFusion's first
+        stage appends the later stages' rows), ready for :meth:`sum_block_partials`."""
+        return local
+
+    def publish_block_statistics(self, stats: torch.Tensor) -> None:
+        """A later PipeFusion stage sends its blocks' statistics to the deciding stage."""
+
 
 class LocalSync(DecisionSync):
     """Single device, no torch.distributed: every call is an identity."""

@@ -1,0 +1,266 @@
+"""The decision room: what one transformer call does (skip, block set, token set or full).
+
+Facts come in (the step and guidance branch, the step probe, what the branch's caches can serve,
+the schedule through the controller, the decision of the previous pipeline stage); one
+:class:`CallPlan` goes out. The room is the only place that:
+
+* reduces the indicator's partial sums through the :class:`~xslim_xdit.parallel.DecisionSync`
+  (exact, so every rank reads the same value), and only when the controller reads it;
+* asks the controller for a proposal, downgrades it to what the caches can serve, has the ranks
+  agree on it as integers (the online controller only: a schedule is the same on every rank by
+  construction and makes no collective), and commits the kind that really runs back to the
+  controller;
+* takes the block set (whole depth, from reduced block statistics) and the token set.
+
+Later guidance branches of a step follow the step's first branch. Under PipeFusion the first
+stage decides and the later stages receive, all behind the same sync interface.
+
+Example:
+    >>> import torch
+    >>> from xslim_xdit.caches import BranchCaches
+    >>> from xslim_xdit.config import XSlimConfig
+    >>> from xslim_xdit.controller import make_controller
+    >>> from xslim_xdit.parallel import LocalSync
+    >>> cfg = XSlimConfig(warmup_steps=1)
+    >>> room = DecisionRoom(cfg, LocalSync(), DepthLayout.flat(4), use_block=False, use_token=False)
+    >>> room.start_run(make_controller(cfg, 3))
+    >>> caches, img = BranchCaches(linear=True), torch.ones(1, 4, 2)
+    >>> room.decide(0, 0, caches, img, probe=img).decision.kind.name
+    'FULL'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .adapters.attention import flat_rows
+from .caches import BranchCaches
+from .config import XSlimConfig
+from .controller import Controller, StepDecision, StepKind, select_blocks, tokens_per_group
+from .parallel.sync import DecisionSync
+
+
+@dataclass(frozen=True)
+class DepthLayout:
+    """The whole model's depth as the decision sees it (a PipeFusion stage holds a slice).
+
+    ``stacks``: each block stack's global ``[start, end)``; ``managed_from``: blocks before this
+    global index always run (block 0 when it is the probe, ``first_block_residual``)."""
+
+    stacks: tuple[tuple[int, int], ...]
+    managed_from: int = 0
+
+    @property
+    def total_blocks(self) -> int:
+        return self.stacks[-1][1] if self.stacks else 0
+
+    @classmethod
+    def flat(cls, num_blocks: int, managed_from: int = 0) -> DepthLayout:
+        """One stack of ``num_blocks`` blocks."""
+        return cls(((0, num_blocks),), managed_from)
+
+
+@dataclass
+class CallPlan:
+    """What the current call does, fixed before its first block runs."""
+
+    decision: StepDecision
+    compute: list[bool] | None = None  # whole-depth mask (global block indices), BLOCK steps
+    token_index: torch.Tensor | None = None  # (B, k) image-token positions, TOKEN steps
+    token_flat: torch.Tensor | None = None  # flat_rows(token_index, N), shared by every block
+    token_count: int = 0  # refreshed image tokens per sample, over every sequence shard
+
+    @property
+    def kind(self) -> StepKind:
+        return self.decision.kind
+
+
+class DecisionRoom:
+    """Assembles each call's :class:`CallPlan`; holds the run's controller.
+
+    Args:
+        config: the run's configuration.
+        sync: where ranks agree (reductions, agreement, PipeFusion forwarding).
+        layout: the whole depth (:class:`DepthLayout`).
+        use_block, use_token: which polish levels have caches to serve them.
+        sequence_shards: sequence-parallel shards (token counts are reported over all of them).
+    """
+
+    def __init__(
+        self,
+        config: XSlimConfig,
+        sync: DecisionSync,
+        layout: DepthLayout,
+        use_block: bool,
+        use_token: bool,
+        sequence_shards: int = 1,
+    ) -> None:
+        self.config = config
+        self.sync = sync
+        self.layout = layout
+        self.use_block = use_block
+        self.use_token = use_token
+        self.sequence_shards = sequence_shards
+        self.controller: Controller | None = None
+        self.num_steps = 0
+        self._step_plans: dict[int, CallPlan] = {}  # the first branch's plan, per step
+
+    def start_run(self, controller: Controller) -> None:
+        self.controller = controller
+        self.num_steps = controller.num_steps
+        self._step_plans.clear()
+        self.sync.start_run()
+
+    @property
+    def wants_probe(self) -> bool:
+        """The controller reads the step indicator and this rank decides."""
+        return self.controller is not None and self.controller.wants_indicator and self.sync.is_decider
+
+    def decide(
+        self,
+        step: int,
+        branch: int,
+        caches: BranchCaches,
+        img: torch.Tensor,
+        probe: torch.Tensor | None,
+        token_kv_ready: bool = True,
+    ) -> CallPlan:
+        """The plan of one call. ``probe``: this call's step probe (or None); ``caches``: the
+        branch's caches (their probe is read here and replaced by ``probe``)."""
+        controller = self.controller
+        if controller is None:
+            raise RuntimeError("DecisionRoom.decide before start_run")
+        lead = self._step_plans.get(step) if branch > 0 else None
+        indicator = None
+        if lead is None and probe is not None and caches.probe_prev is not None:
+            indicator = self._indicator(probe, caches.probe_prev)
+        if probe is not None:
+            caches.probe_prev = probe.detach()
+        received: list[int] | None = None
+        if lead is not None:
+            decision = lead.decision
+        elif not self.sync.is_decider:
+            received = self.sync.receive_decision(1 + self.layout.total_blocks)
+            assert received is not None
+            decision = StepDecision(step, StepKind(received[0]), None, 0.0, "from the previous stage")
+        else:
+            decision = self._decide_here(controller, step, indicator, caches, img, token_kv_ready)
+        plan = CallPlan(decision)
+        if decision.kind == StepKind.BLOCK:
+            if received is not None:
+                plan.compute = [bool(c) for c in received[1:]]
+            elif lead is not None and lead.compute is not None:
+                plan.compute = list(lead.compute)
+            else:
+                plan.compute = self._select_blocks(caches)
+        if branch == 0:
+            if self.sync.is_decider:
+                mask = plan.compute if plan.compute is not None else [True] * self.layout.total_blocks
+                statistics_follow = (
+                    self.use_block and decision.kind == StepKind.FULL and step < self.num_steps - 1
+                )
+                self.sync.publish_decision([int(decision.kind)] + [int(c) for c in mask], statistics_follow)
+            self._step_plans = {step: plan}
+        if decision.kind == StepKind.TOKEN:
+            plan.token_index = self._select_tokens(caches)
+            plan.token_flat = flat_rows(plan.token_index, img.shape[1])
+            plan.token_count = int(plan.token_index.shape[1]) * self.sequence_shards
+        return plan
+
+    # ------------------------------------------------------------------ the steps of a decision
+    def _indicator(self, probe: torch.Tensor, previous: torch.Tensor) -> float | None:
+        """Relative L1 change of the probe, from partial sums reduced over the ranks."""
+        if previous.shape != probe.shape:
+            return None
+        sums = torch.stack(
+            [(probe - previous).abs().sum(dtype=torch.float64), previous.abs().sum(dtype=torch.float64)]
+        )
+        sums = self.sync.sum_partials(sums)
+        return float(sums[0] / sums[1]) if float(sums[1]) > 0 else None
+
+    def _decide_here(
+        self,
+        controller: Controller,
+        step: int,
+        indicator: float | None,
+        caches: BranchCaches,
+        img: torch.Tensor,
+        token_kv_ready: bool,
+    ) -> StepDecision:
+        self.sync.begin_decision()
+        forced = controller.forced_full(step)
+        proposal = controller.propose(step, None if forced else indicator)
+        decision = self._feasible(proposal, caches, img, token_kv_ready)
+        # A schedule is the same on every rank by construction (configs agree): no broadcast.
+        if not forced and controller.wants_indicator:
+            agreed = self.sync.agree([int(decision.kind)], device=img.device)[0]
+            if agreed != int(decision.kind):
+                kind = StepKind(agreed)
+                decision = replace(decision, kind=kind, reason="agreed")
+        decision = controller.commit(decision)
+        if decision.indicator is None and indicator is not None:
+            # keep the raw probe change of forced-full steps for the statistics and profiles
+            decision = replace(decision, indicator=indicator)
+        return decision
+
+    def _feasible(
+        self, d: StepDecision, caches: BranchCaches, img: torch.Tensor, token_kv_ready: bool
+    ) -> StepDecision:
+        """Downgrade a decision the caches cannot serve yet (identically on every rank: cache
+        presence and shapes depend only on the decision history and the layout, which ranks
+        share; PipeFusion's switch from whole images to patches changes the shapes)."""
+        kind = d.kind
+        if kind != StepKind.FULL and not caches.can_reuse_stack(img):
+            kind = StepKind.FULL
+        if kind == StepKind.BLOCK and (not self.use_block or caches.block_mag is None):
+            kind = StepKind.FULL
+        if kind == StepKind.TOKEN and (not self.use_token or not token_kv_ready):
+            kind = StepKind.FULL
+        if kind == d.kind:
+            return d
+        return replace(d, kind=kind, error=0.0, reason=d.reason + " -> full (no cache yet)")
+
+    def _select_blocks(self, caches: BranchCaches) -> list[bool]:
+        """The whole-depth block mask (global indices), from every stage's magnitudes."""
+        if caches.block_mag is None:
+            raise RuntimeError(
+                "block step without block statistics (the feasibility check should prevent it)"
+            )
+        local = self.sync.whole_depth_block_partials(caches.block_mag)
+        sums = self.sync.sum_block_partials(local.clone())
+        if sums.shape[0] != self.layout.total_blocks:
+            raise RuntimeError(
+                f"block statistics cover {sums.shape[0]} blocks, the model has {self.layout.total_blocks}"
+            )
+        mags = (sums[:, 0] / sums[:, 1].clamp_min(1)).tolist()
+        cfg = self.config
+        compute: list[bool] = []
+        for si, (start, end) in enumerate(self.layout.stacks):
+            managed = [g for g in range(start, end) if g >= self.layout.managed_from]
+            compute += [True] * (end - start - len(managed))
+            compute += select_blocks(
+                [mags[g] for g in managed], cfg.block_threshold(si), cfg.block_first_n, cfg.block_thresh_scale
+            )
+        agreed = self.sync.agree([int(c) for c in compute], device=sums.device)
+        return [bool(c) for c in agreed]
+
+    def _select_tokens(self, caches: BranchCaches) -> torch.Tensor:
+        """Per sample, the image tokens whose stack residual changed most (top ``token_ratio``
+        within each of ``token_groups`` contiguous chunks), sorted."""
+        current = caches.residual
+        assert current is not None
+        history = caches.token_history
+        if history is not None and history.shape == current.shape:
+            score = (current - history).abs().mean(-1)
+        else:  # only one computed step so far: refresh where the residual is largest
+            score = current.abs().mean(-1)
+        n = score.shape[1]
+        counts = tokens_per_group(n, self.config.token_ratio, self.config.token_groups)
+        parts, start = [], 0
+        for g, k in enumerate(counts):
+            size = n // len(counts) + (1 if g < n % len(counts) else 0)
+            parts.append(score[:, start : start + size].float().topk(k, dim=1).indices + start)
+            start += size
+        return torch.cat(parts, 1).sort(dim=1).values

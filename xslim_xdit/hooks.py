@@ -1,0 +1,184 @@
+"""How X-Slim attaches to a model and a scheduler, and how it leaves them exactly as they were.
+
+* Each block gets a hook in diffusers' :class:`~diffusers.hooks.HookRegistry` (the registry
+  group offloading, layerwise casting and diffusers' own caches use), so it chains with the
+  hooks already there and with those added later, and removing it reconnects the chain. The hook
+  is stateful in diffusers' sense: the pipeline's ``transformer.cache_context(name)`` reaches
+  it, which is how the engine learns the guidance branch.
+* The transformer gets a forward pre-hook and a forward hook (torch's, removed by handle).
+* A scheduler's ``set_timesteps`` and ``step`` are wrapped per instance; the attribute that was
+  in the instance's ``__dict__`` (or its absence) is put back on removal.
+
+Example:
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> patch = AttributePatch(lin, "forward", lambda x: x)
+    >>> patch.restore()
+    >>> "forward" in vars(lin)
+    False
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+from torch import nn
+
+_MISSING = object()
+HOOK_NAME = "xslim_block"
+
+
+class AttributePatch:
+    """Set ``obj.name = value`` on the instance and remember what the instance had."""
+
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj, self.name = obj, name
+        self.before = vars(obj).get(name, _MISSING)
+        setattr(obj, name, value)
+
+    def restore(self) -> None:
+        if self.before is _MISSING:
+            vars(self.obj).pop(self.name, None)
+        else:
+            setattr(self.obj, self.name, self.before)
+
+
+class CacheContextListener(StateManager):
+    """Receives diffusers' ``cache_context`` (diffusers sets it on every stateful hook's
+    ``StateManager``); X-Slim keeps no per-context state in it, only reads the context."""
+
+    def __init__(self) -> None:
+        super().__init__(state_cls=None)  # type: ignore[arg-type]
+
+    @property
+    def current(self) -> Any:
+        return self._context
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        self._context = None
+
+
+class BlockHook(ModelHook):
+    """Routes a block's calls to ``run(index, original_forward, args, kwargs)``."""
+
+    _is_stateful = True
+
+    def __init__(self, index: int, run: Callable[..., Any], listener: CacheContextListener) -> None:
+        super().__init__()
+        self.index = index
+        self.run = run
+        self.listener = listener
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.run(self.index, self.fn_ref.original_forward, args, kwargs)
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        return module
+
+
+class BlockHooks:
+    """X-Slim's hooks on a list of blocks, installed through diffusers' hook registry."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], run: Callable[..., Any]) -> None:
+        self.model = model
+        self.listener = CacheContextListener()
+        self._installed: list[tuple[nn.Module, bool, bool]] = []
+        for g, blk in enumerate(blocks):
+            had_registry = hasattr(blk, "_diffusers_hook")
+            had_forward = "forward" in vars(blk)
+            HookRegistry.check_if_exists_or_initialize(blk).register_hook(
+                BlockHook(g, run, self.listener), HOOK_NAME
+            )
+            self._installed.append((blk, had_registry, had_forward))
+        self._invalidate_registry_caches()
+
+    def _invalidate_registry_caches(self) -> None:
+        # diffusers caches each registry's list of child registries (cache_context walks it)
+        registry = getattr(self.model, "_diffusers_hook", None)
+        if registry is not None:
+            registry.invalidate_child_registries_cache()
+
+    @property
+    def context(self) -> Any:
+        """The pipeline's current ``cache_context`` (``None`` outside one)."""
+        return self.listener.current
+
+    def remove(self) -> None:
+        for blk, had_registry, had_forward in self._installed:
+            registry = getattr(blk, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            if not registry.hooks and not had_registry:
+                del blk._diffusers_hook
+                if not had_forward:
+                    vars(blk).pop("forward", None)
+        self._installed.clear()
+        self._invalidate_registry_caches()
+
+
+def inner_scheduler(scheduler: Any) -> Any:
+    """The scheduler object itself: xfuser wraps schedulers (``.module``) and forwards attributes."""
+    for _ in range(4):
+        inner = (
+            vars(scheduler).get("module")
+            if scheduler is not None and hasattr(scheduler, "__dict__")
+            else None
+        )
+        if inner is None:
+            break
+        scheduler = inner
+    return scheduler
+
+
+def is_wrapped_scheduler(scheduler: Any) -> bool:
+    """xfuser's scheduler wrappers step once per PipeFusion patch, not once per step."""
+    return (
+        scheduler is not None and hasattr(scheduler, "__dict__") and vars(scheduler).get("module") is not None
+    )
+
+
+class SchedulerHooks:
+    """Tell the engine when a run starts (``set_timesteps``) and when a step ends (``step``)."""
+
+    def __init__(
+        self,
+        scheduler: Any,
+        on_timesteps: Callable[[Any], None],
+        on_step: Callable[[], None] | None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.patches: list[AttributePatch] = []
+        set_timesteps = scheduler.set_timesteps
+
+        def set_timesteps_hooked(*args: Any, **kwargs: Any) -> Any:
+            out = set_timesteps(*args, **kwargs)
+            on_timesteps(scheduler)
+            return out
+
+        self.patches.append(
+            AttributePatch(scheduler, "set_timesteps", _wraps(set_timesteps_hooked, set_timesteps))
+        )
+        if on_step is not None:
+            step = scheduler.step
+
+            def step_hooked(*args: Any, **kwargs: Any) -> Any:
+                out = step(*args, **kwargs)
+                on_step()
+                return out
+
+            self.patches.append(AttributePatch(scheduler, "step", _wraps(step_hooked, step)))
+
+    def remove(self) -> None:
+        for patch in reversed(self.patches):
+            patch.restore()
+        self.patches.clear()
+
+
+def _wraps(wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -> Callable[..., Any]:
+    import functools
+
+    return functools.wraps(wrapped)(wrapper)
