@@ -104,7 +104,8 @@ def _replay(
     if profile:
         # Every step full, with block statistics recorded: thresholds that nothing stays under.
         config = XSlimConfig(warn=1e-12, crit=2e-12, polish="block", warmup_steps=1)
-    assert config is not None, "_replay: a config, or profile=True"
+    if config is None:
+        raise ValueError("_replay: pass a config to replay under, or profile=True")
     engine = enable_xslim(pipe_or_transformer, config, num_inference_steps=num_inference_steps)
     engine.profiling = profile
     try:
