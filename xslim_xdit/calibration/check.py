@@ -1,0 +1,67 @@
+"""The closed-loop check: replay each candidate plan on each calibration run and measure how far
+its final output lands from that run's full (reference) output.
+
+``strategy="optimal"`` plans on the full runs' trajectories (open loop), which misjudges how the
+errors of the first steps carry on; replaying the plans is what tells them apart. The replay is
+a callable, so the check runs without a model in tests.
+
+Example:
+    >>> import torch
+    >>> refs = [torch.ones(3), torch.full((3,), 2.0)]
+    >>> def replay(plan, run):  # a stand-in for the engine: more full steps, smaller error
+    ...     return refs[run] * (1 + 0.1 / len(plan))
+    >>> cands = check_candidates([(0, 3), (0, 1, 3)], refs, replay)
+    >>> [[round(e, 4) for e in c["run_errors"]] for c in cands]
+    [[0.05, 0.05], [0.0333, 0.0333]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+#: ``replay(full_steps, run_index)``: the final output of calibration run ``run_index`` replayed
+#: with the schedule of those full steps (``None`` when it has none).
+Replay = Callable[[tuple[int, ...], int], "torch.Tensor | None"]
+
+
+def check_candidates(
+    plans: Sequence[tuple[int, ...]],
+    references: Sequence[torch.Tensor | None],
+    replay: Replay,
+) -> list[dict[str, Any]]:
+    """The candidates: one ``{"full_steps": [...], "closed_loop_error": None}`` per plan, with
+    ``"run_errors"`` (:func:`relative_error` of each run's replay to its reference, in the order
+    of the runs) when the plans can be told apart: more than one plan and a reference for every
+    run. ``closed_loop_error`` is filled by :func:`~xslim_xdit.calibration.select.select_candidate`.
+
+    Plans are replayed in order, each on every run in order (see the module example).
+    """
+    candidates: list[dict[str, Any]] = [{"full_steps": list(p), "closed_loop_error": None} for p in plans]
+    if len(plans) > 1 and all(ref is not None for ref in references):
+        for cand, plan in zip(candidates, plans, strict=True):
+            cand["run_errors"] = [
+                relative_error(replay(tuple(plan), i), ref)  # type: ignore[arg-type]
+                for i, ref in enumerate(references)
+            ]
+    return candidates
+
+
+def relative_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:
+    """``|out - ref| / |ref|`` (``|out - ref|`` when ``ref`` is zero; ``inf`` when ``out`` is
+    missing or of another shape).
+
+    Example:
+        >>> import torch
+        >>> relative_error(torch.tensor([0.0, 4.0]), torch.tensor([0.0, 5.0]))
+        0.2
+        >>> relative_error(None, torch.ones(2))
+        inf
+    """
+    if out is None or out.shape != ref.shape:
+        return float("inf")
+    num = (out.double() - ref.double()).norm()
+    den = ref.double().norm()
+    return float(num / den) if float(den) > 0 else float(num)

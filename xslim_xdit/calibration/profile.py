@@ -1,0 +1,161 @@
+"""Profiling: the calibration runs, each in full with the engine recording, and their outputs.
+
+All of calibration's contact with the engine is :func:`_replay` (enable, run, read the final
+output and the recorded profile, disable); everything else in :mod:`xslim_xdit.calibration`
+works on what it returns.
+
+Example:
+    >>> from xslim_xdit.testing import tiny_model, sample
+    >>> m = tiny_model("dit")
+    >>> p = profile_runs(m, [lambda: sample(m, "dit", steps=4)], num_inference_steps=4)
+    >>> p.num_steps, p.num_runs, tuple(p.references[0].shape)
+    (4, 1, (1, 4, 8, 8))
+    >>> sorted(p.profiles[0][1])[:3]
+    ['block_magnitudes', 'gram_row', 'kind']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..api import disable_xslim, enable_xslim
+from ..config import ConfigError, XSlimConfig
+
+#: One step of a profile: ``step``, ``kind``, ``probe_change``, ``residual_change``,
+#: ``block_magnitudes``, ``gram_row`` (see :func:`~xslim_xdit.calibration.plan.profile_gram`).
+StepRecord = dict[str, Any]
+
+
+@dataclass
+class Profiles:
+    """What the calibration runs recorded: one profile (a list of :data:`StepRecord`, one per
+    transformer call) and one reference final output (``None`` when the run returned nothing
+    image-like and the transformer had no output either) per run, in the order of the runs."""
+
+    profiles: list[list[StepRecord]]
+    references: list[torch.Tensor | None]
+
+    @property
+    def num_steps(self) -> int:
+        """Transformer calls per run (the runs agree)."""
+        return len(self.profiles[0])
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.profiles)
+
+
+def profile_runs(
+    pipe_or_transformer: Any, runs: Sequence[Callable[[], Any]], num_inference_steps: int | None
+) -> Profiles:
+    """Run each calibration callable once in full with the engine recording; returns their
+    profiles and final outputs (see the module example).
+
+    Raises ``RuntimeError`` when a run never calls the transformer, and
+    :class:`~xslim_xdit.config.ConfigError` when the runs made different numbers of calls.
+    """
+    profiles: list[list[StepRecord]] = []
+    references: list[torch.Tensor | None] = []
+    for r in runs:
+        profile, reference = _replay(pipe_or_transformer, None, r, num_inference_steps, profile=True)
+        if not profile:
+            raise RuntimeError("calibration run called the transformer no time: check `run`")
+        profiles.append(profile)
+        references.append(reference)
+    n = len(profiles[0])
+    if any(len(p) != n for p in profiles):
+        raise ConfigError(
+            f"the calibration runs made {[len(p) for p in profiles]} transformer calls: they must agree"
+        )
+    return Profiles(profiles, references)
+
+
+def replay_schedule(
+    pipe_or_transformer: Any,
+    config: XSlimConfig,
+    run: Callable[[], Any],
+    num_inference_steps: int | None,
+) -> torch.Tensor | None:
+    """Run ``run`` once with X-Slim enabled under ``config`` (e.g. a schedule to check); returns
+    its final output (:func:`_final_output`)."""
+    return _replay(pipe_or_transformer, config, run, num_inference_steps, profile=False)[1]
+
+
+def _replay(
+    pipe_or_transformer: Any,
+    config: XSlimConfig | None,
+    run: Callable[[], Any],
+    num_inference_steps: int | None,
+    *,
+    profile: bool,
+) -> tuple[list[StepRecord] | None, torch.Tensor | None]:
+    """Run ``run`` once with X-Slim enabled, then disable it: under ``config``, or, with
+    ``profile`` (``config`` is then ``None``), every step full with the engine recording.
+    Returns the recorded profile (``None`` unless ``profile``) and the run's final output
+    (:func:`_final_output`).
+
+    The only function of :mod:`xslim_xdit.calibration` that touches the engine.
+    """
+    if profile:
+        # Every step full, with block statistics recorded: thresholds that nothing stays under.
+        config = XSlimConfig(warn=1e-12, crit=2e-12, polish="block", warmup_steps=1)
+    if config is None:
+        raise ValueError("_replay: pass a config to replay under, or profile=True")
+    engine = enable_xslim(pipe_or_transformer, config, num_inference_steps=num_inference_steps)
+    engine.profiling = profile
+    try:
+        final = _final_output(engine.model, run)
+        return (engine.profile if profile else None), final
+    finally:
+        disable_xslim(pipe_or_transformer)
+
+
+def _final_output(model: Any, run: Callable[[], Any]) -> torch.Tensor | None:
+    """Run ``run`` and return its output as a tensor (a tensor, an array, a list of images or
+    arrays, or an object with ``.images``), else the first tensor of the model's last output
+    (``None`` if neither exists)."""
+    box: list[torch.Tensor | None] = [None]
+
+    def hook(_m: Any, _a: Any, out: Any) -> None:
+        while not isinstance(out, torch.Tensor):
+            if isinstance(out, (tuple, list)) and out:
+                out = out[0]
+            elif hasattr(out, "sample"):
+                out = out.sample
+            else:
+                return
+        box[0] = out.detach().clone()
+
+    handle = model.register_forward_hook(hook)
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    final = _as_tensor(result)
+    return final if final is not None else box[0]
+
+
+def _as_tensor(obj: Any) -> torch.Tensor | None:
+    """A pipeline's output as a float64 tensor, or ``None`` when it is nothing image-like."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(torch.float64).cpu()
+    if hasattr(obj, "images"):
+        return _as_tensor(obj.images)
+    if hasattr(obj, "frames"):
+        return _as_tensor(obj.frames)
+    if hasattr(obj, "__array__") or hasattr(obj, "__array_interface__"):  # numpy arrays, PIL images
+        try:
+            return torch.from_numpy(np.asarray(obj, dtype=np.float64).copy())
+        except (TypeError, ValueError):
+            return None
+    if isinstance(obj, (tuple, list)) and obj:
+        parts = [_as_tensor(x) for x in obj]
+        if all(p is not None for p in parts) and len({p.shape for p in parts}) == 1:  # type: ignore[union-attr]
+            return torch.stack(parts)  # type: ignore[arg-type]
+        return parts[0]
+    return None
