@@ -126,19 +126,20 @@ def _count_flops(testbed: Testbed, pipe: Any, method: Method, conds: list[Any], 
 def _step_profile(
     testbed: Testbed, pipe: Any, conds: list[Any], steps: int, seed: int
 ) -> list[dict[str, Any]]:
-    """One full run with X-Slim recording (thresholds nothing stays under): per-step indicators."""
+    """One full run with X-Slim in its recording mode (every step full): per-step indicators."""
     import xslim_xdit
     from xslim_xdit import XSlimConfig
+    from xslim_xdit.observers import ProfileRecorder
 
-    eng = xslim_xdit.enable_xslim(pipe, XSlimConfig(warn=1e-12, crit=2e-12, polish="none", warmup_steps=1))
-    eng.profiling = True
+    recorder = ProfileRecorder()
+    xslim_xdit.enable_xslim(pipe, XSlimConfig(), observers=[recorder], record=True)
     try:
         testbed.generate(pipe, conds, steps, seed)
     finally:
         xslim_xdit.disable_xslim(pipe)
     return [
         {"step": p["step"], "probe_change": p["probe_change"], "residual_change": p["residual_change"]}
-        for p in eng.profile
+        for p in recorder.profile
     ]
 
 

@@ -25,19 +25,20 @@ import torch
 
 from ..api import disable_xslim, enable_xslim
 from ..config import ConfigError, XSlimConfig
+from ..observers import ProfileRecorder
 
 #: One step of a profile: ``step``, ``kind``, ``probe_change``, ``residual_change``,
 #: ``block_magnitudes``, ``gram_row`` (see :func:`~xslim_xdit.calibration.plan.profile_gram`).
-StepRecord = dict[str, Any]
+ProfileRow = dict[str, Any]
 
 
 @dataclass
 class Profiles:
-    """What the calibration runs recorded: one profile (a list of :data:`StepRecord`, one per
+    """What the calibration runs recorded: one profile (a list of :data:`ProfileRow`, one per
     transformer call) and one reference final output (``None`` when the run returned nothing
     image-like and the transformer had no output either) per run, in the order of the runs."""
 
-    profiles: list[list[StepRecord]]
+    profiles: list[list[ProfileRow]]
     references: list[torch.Tensor | None]
 
     @property
@@ -59,7 +60,7 @@ def profile_runs(
     Raises ``RuntimeError`` when a run never calls the transformer, and
     :class:`~xslim_xdit.config.ConfigError` when the runs made different numbers of calls.
     """
-    profiles: list[list[StepRecord]] = []
+    profiles: list[list[ProfileRow]] = []
     references: list[torch.Tensor | None] = []
     for r in runs:
         profile, reference = _replay(pipe_or_transformer, None, r, num_inference_steps, profile=True)
@@ -93,7 +94,7 @@ def _replay(
     num_inference_steps: int | None,
     *,
     profile: bool,
-) -> tuple[list[StepRecord] | None, torch.Tensor | None]:
+) -> tuple[list[ProfileRow] | None, torch.Tensor | None]:
     """Run ``run`` once with X-Slim enabled, then disable it: under ``config``, or, with
     ``profile`` (``config`` is then ``None``), every step full with the engine recording.
     Returns the recorded profile (``None`` unless ``profile``) and the run's final output
@@ -101,16 +102,22 @@ def _replay(
 
     The only function of :mod:`xslim_xdit.calibration` that touches the engine.
     """
+    observers: list[ProfileRecorder] = []
     if profile:
-        # Every step full, with block statistics recorded: thresholds that nothing stays under.
-        config = XSlimConfig(warn=1e-12, crit=2e-12, polish="block", warmup_steps=1)
+        # The recording mode: every step full, indicators and block statistics measured.
+        config, observers = XSlimConfig(), [ProfileRecorder()]
     if config is None:
         raise ValueError("_replay: pass a config to replay under, or profile=True")
-    engine = enable_xslim(pipe_or_transformer, config, num_inference_steps=num_inference_steps)
-    engine.profiling = profile
+    engine = enable_xslim(
+        pipe_or_transformer,
+        config,
+        num_inference_steps=num_inference_steps,
+        observers=observers,
+        record=profile,
+    )
     try:
         final = _final_output(engine.model, run)
-        return (engine.profile if profile else None), final
+        return (observers[0].profile if profile else None), final
     finally:
         disable_xslim(pipe_or_transformer)
 
