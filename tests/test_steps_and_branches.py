@@ -111,6 +111,22 @@ def test_flow_match_heun_with_true_cfg_last_calls_run_in_full():
     assert last == [(0, "full"), (1, "full")], [(r.step, r.branch, r.kind) for r in recs]
 
 
+def test_true_cfg_with_euler_two_branches_per_step():
+    """Sanity (passes today): one call per guidance branch at distinct timesteps per step."""
+    pipe, kwargs = _heun_flux_true_cfg()
+    pipe.scheduler = _flux_default_scheduler()
+    engine, calls = _run(pipe, kwargs, ALL_FULL)
+    assert calls == HEUN_STEPS
+    recs = engine.statistics.run_records()
+    assert [(r.step, r.branch) for r in recs] == [(s, b) for s in range(calls) for b in (0, 1)]
+
+
+def _flux_default_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler()
+
+
 # ---------------------------------------------------------------------- collectives
 
 
@@ -143,10 +159,10 @@ SYNC_STEPS = 8
 SCHEDULE = Schedule(SYNC_STEPS, full_steps=(0, 1, 4, 7), block_steps=(2,), token_steps=(3, 5))
 
 
-def _sample_with_sync(config, sync):
-    model = tiny_models.tiny_model("dit")
-    engine = enable_xslim(model, config, num_inference_steps=SYNC_STEPS, sync=sync)
-    tiny_models.sample(model, "dit", steps=SYNC_STEPS, batch=2)
+def _sample_with_sync(config, sync, family="dit", steps=SYNC_STEPS):
+    model = tiny_models.tiny_model(family)
+    engine = enable_xslim(model, config, num_inference_steps=steps, sync=sync)
+    tiny_models.sample(model, family, steps=steps, batch=2)
     disable_xslim(model)
     return engine
 
@@ -157,6 +173,13 @@ def test_schedule_mode_makes_no_collective():
     engine = _sample_with_sync(cfg, sync)
     kinds = engine.statistics.summary()["kinds"]
     assert kinds == ["full", "full", "block", "token", "full", "token", "skip", "full"]
+    assert sync.calls == {"sum_partials": 0, "sum_block_partials": 0, "agree": 0}
+
+
+def test_preset_schedule_makes_no_collective():
+    sync = CountingSync()
+    engine = _sample_with_sync(XSlimConfig.from_preset("flux-slow"), sync, family="flux", steps=25)
+    assert {"skip", "block", "token", "full"} <= set(engine.statistics.summary()["kinds"])
     assert sync.calls == {"sum_partials": 0, "sum_block_partials": 0, "agree": 0}
 
 
