@@ -1,13 +1,14 @@
 """Which step and guidance branch each transformer call is, and what a run asks of the ranks.
 
-Checks (issue 9, items 1 and 4; issue 10's aborted run):
+Checks (issue 9, items 1 and 4 and the preset defect; issue 10's aborted run):
 
 * Heun-type schedulers (``HeunDiscreteScheduler`` on a batched-CFG PixArt pipeline,
   ``FlowMatchHeunDiscreteScheduler`` on a FLUX pipeline with true CFG, i.e. one transformer call
   per guidance branch) call the transformer twice per step at repeated timesteps: every call is a
   step of its own in the statistics, and the last one runs in full.
 * A schedule makes no collective at all (a counting :class:`DecisionSync` that claims to be
-  distributed sees no call); the online controller does make some.
+  distributed sees no call); the online controller does make some. ``XSlimConfig(preset=...)``
+  is the preset's schedule, not an online config.
 * A run stopped part-way on a bare transformer does not leak into the next run.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
+from xslim_xdit import ConfigError, Schedule, XSlimConfig, disable_xslim, enable_xslim
 from xslim_xdit import testing as tiny_models  # tiny random transformers and a sampling loop
 from xslim_xdit import testing_pipelines as tiny_pipelines  # tiny complete diffusers pipelines
 from xslim_xdit.parallel.sync import DecisionSync
@@ -181,6 +182,17 @@ def test_preset_schedule_makes_no_collective():
     engine = _sample_with_sync(XSlimConfig.from_preset("flux-slow"), sync, family="flux", steps=25)
     assert {"skip", "block", "token", "full"} <= set(engine.statistics.summary()["kinds"])
     assert sync.calls == {"sum_partials": 0, "sum_block_partials": 0, "agree": 0}
+
+
+def test_preset_named_in_the_constructor_is_the_preset_schedule():
+    """``XSlimConfig(preset=...)`` must not silently build an online config (which would run the
+    controller, and its collectives): it is the preset's schedule config, or a ConfigError."""
+    try:
+        config = XSlimConfig(preset="flux-fast")
+    except ConfigError:
+        return
+    assert config == XSlimConfig.from_preset("flux-fast")
+    assert config.mode == "schedule"
 
 
 def test_online_controller_does_reduce_and_agree():
