@@ -342,3 +342,42 @@ def test_disable_restores_a_user_set_timesteps_instance_attribute():
     after = _run_pipeline(pipe)
     assert len(calls) == 3
     assert torch.equal(out, ref) and torch.equal(after, ref)
+
+
+def torch_hooks_and_processors(model):
+    """Per module: its torch forward (pre-)hooks (by id, the very objects) and, for attention
+    modules, the processor object."""
+    state = {}
+    for name, mod in model.named_modules():
+        state[name] = (
+            tuple(mod._forward_pre_hooks.items()),
+            tuple(mod._forward_hooks.items()),
+            getattr(mod, "processor", None),
+        )
+    return state
+
+
+def test_token_level_leaves_processors_and_torch_hooks_as_they_were():
+    from xslim_xdit import Schedule
+
+    model = tiny_models.tiny_model("flux")
+    attn = transformer_blocks(model)[0].attn
+    seen = []
+    attn.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    attn.register_forward_hook(lambda mod, args, out: seen.append("post"))
+    before = torch_hooks_and_processors(model)
+    ref = tiny_models.sample(model, "flux", steps=STEPS)
+    seen.clear()
+    config = XSlimConfig(
+        mode="schedule", schedule=Schedule(STEPS, (0, 1, 3), token_steps=(2,)), token_ratio=0.5
+    )
+    engine = enable_xslim(model, config, num_inference_steps=STEPS)
+    tiny_models.sample(model, "flux", steps=STEPS)
+    disable_xslim(model)
+    assert engine.statistics.summary()["kinds"] == ["full", "full", "token", "full"]
+    assert seen.count("pre") == STEPS and seen.count("post") == STEPS
+    after_state = torch_hooks_and_processors(model)
+    assert after_state.keys() == before.keys()
+    changed = [name for name in before if after_state[name] != before[name]]
+    assert not changed, changed
+    assert torch.equal(tiny_models.sample(model, "flux", steps=STEPS), ref)
