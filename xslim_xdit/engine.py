@@ -50,7 +50,7 @@ from .clock import StepClock
 from .config import XSlimConfig
 from .controller import StepKind, make_controller
 from .decision import CallPlan, DecisionRoom, DepthLayout
-from .hooks import BlockHooks
+from .hooks import BlockHooks, call_with_weights_placed
 from .observers import EngineObserver, FlopMeter
 from .parallel.sync import DecisionSync, LocalSync
 from .stats import CacheStatistics, StepRecord
@@ -418,11 +418,24 @@ class XSlimEngine:
             tally.blocks_computed, tally.tokens_computed = 1, tally.rows_full
             probe: torch.Tensor | None = self.adapter.split_output(call.stack, tally.probe_out)[0] - img
         else:
-            probe = self.adapter.modulated_input(blk0, call) if self.room.wants_probe else None
+            probe = self._probe(blk0, call) if self.room.wants_probe else None
         tick = time.perf_counter()
         kv_ready = self.token_ctx is not None and bool(self.token_ctx.kv)
         self.plan = self.room.decide(self.step, self.branch, caches, img, probe, token_kv_ready=kv_ready)
         self.statistics.bookkeeping_seconds += time.perf_counter() - tick
+
+    def _probe(self, blk0: nn.Module, call: BlockCall) -> torch.Tensor:
+        """Block 0's modulated input, read inside the block's weight-placement hooks."""
+
+        def probe(args: tuple, kwargs: dict) -> torch.Tensor:
+            placed = (
+                call
+                if args is call.args and kwargs is call.kwargs
+                else self.adapter.parse_call(call.stack, call.signature, args, kwargs)
+            )
+            return self.adapter.modulated_input(blk0, placed)
+
+        return call_with_weights_placed(blk0, probe, call.args, call.kwargs)
 
     def _token_block(
         self, g: int, original: Callable[..., Any], call: BlockCall, caches: BranchCaches, last: bool

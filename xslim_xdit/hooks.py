@@ -120,6 +120,42 @@ class BlockHooks:
         self._invalidate_registry_caches()
 
 
+#: Hooks that only place or cast a block's weights (diffusers' group offloading and layerwise
+#: casting, accelerate's device alignment and CPU offload): the step probe, which reads block 0's
+#: norm before X-Slim decides whether block 0 runs, runs inside them. Other hooks (counters,
+#: caches) see one call per block call, never the probe.
+WEIGHT_PLACEMENT_HOOKS = frozenset(
+    {"GroupOffloadingHook", "LayerwiseCastingHook", "AlignDevicesHook", "CpuOffload"}
+)
+
+
+def _placement_hooks(block: nn.Module) -> list[Any]:
+    """The weight-placement hooks X-Slim's block hook wraps, outermost first."""
+    found: list[Any] = []
+    registry = getattr(block, "_diffusers_hook", None)
+    if registry is not None and HOOK_NAME in registry._hook_order:
+        inner = registry._hook_order[: registry._hook_order.index(HOOK_NAME)]
+        found += [registry.hooks[n] for n in reversed(inner)]
+    accelerate_hook = getattr(block, "_hf_hook", None)
+    if accelerate_hook is not None:
+        found += list(getattr(accelerate_hook, "hooks", None) or [accelerate_hook])
+    return [h for h in found if type(h).__name__ in WEIGHT_PLACEMENT_HOOKS]
+
+
+def call_with_weights_placed(
+    block: nn.Module, fn: Callable[[tuple, dict], Any], args: tuple, kwargs: dict
+) -> Any:
+    """``fn(args, kwargs)`` with the block's weights where its own forward would find them
+    (group offloading has onloaded them, layerwise casting has cast them to the compute dtype)."""
+    hooks = _placement_hooks(block)
+    for hook in hooks:
+        args, kwargs = hook.pre_forward(block, *args, **kwargs)
+    out = fn(args, kwargs)
+    for hook in reversed(hooks):
+        hook.post_forward(block, out)
+    return out
+
+
 def inner_scheduler(scheduler: Any) -> Any:
     """The scheduler object itself: xfuser wraps schedulers (``.module``) and forwards attributes."""
     for _ in range(4):
