@@ -33,23 +33,22 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters.attention import TokenContext, gather_rows, install_kv_recorders, splice
+from .adapters.attention import TokenContext, install_kv_recorders
 from .adapters.base import BlockCall, BlockStack, ModelAdapter, adapter_for
 from .caches import BranchCaches
 from .clock import StepClock
 from .config import XSlimConfig
-from .controller import StepKind, make_controller
+from .controller import make_controller
 from .decision import CallPlan, DecisionRoom, DepthLayout
+from .executor import CallTally, PlanExecutor
 from .hooks import BlockHooks, call_with_weights_placed
 from .observers import EngineObserver, FlopMeter
 from .parallel.sync import DecisionSync, LocalSync
@@ -58,17 +57,6 @@ from .stats import CacheStatistics, StepRecord
 
 class XSlimRuntimeError(RuntimeError):
     """The engine was used in a way it cannot serve (the message says what to do)."""
-
-
-@dataclass
-class CallTally:
-    """What the current call really computed (for its statistics record)."""
-
-    rows_full: int
-    blocks_computed: int = 0
-    tokens_computed: int = 0
-    seg_in: torch.Tensor | None = None  # input of the managed blocks (the stack residual's base)
-    probe_out: Any = None  # block 0's output when it ran as the probe
 
 
 class XSlimEngine:
@@ -146,6 +134,7 @@ class XSlimEngine:
         ]
         self.token_ctx = TokenContext() if self.use_token else None
         self.clock = StepClock()
+        self.executor = PlanExecutor(self)
         self._sigs: dict[int, inspect.Signature] = {}
         self._hooks: BlockHooks | None = None
         self._handles: list[Any] = []
@@ -329,25 +318,6 @@ class XSlimEngine:
             obs.on_call_end(self, record)
 
     # ------------------------------------------------------------------ the block hook
-    def _run_original(
-        self,
-        g: int,
-        original: Callable[..., Any],
-        call: BlockCall,
-        img: torch.Tensor,
-        txt: torch.Tensor | None,
-    ) -> Any:
-        args, kwargs = call.with_streams(img, txt)
-        run = functools.partial(original, *args, **kwargs)
-        if not self._block_wrappers:
-            return run()
-        rows = img.shape[0] * img.shape[1]
-        full = self.tally is not None and rows == self.tally.rows_full
-        key = ("block", g, tuple(img.shape), None if txt is None else tuple(txt.shape), full)
-        for obs in self._block_wrappers:
-            run = functools.partial(obs.around_block, self, key, run)
-        return run()
-
     def _block_forward(self, g: int, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if not self._in_call:  # a block called outside the model's forward: run as it is
             return original(*args, **kwargs)
@@ -361,60 +331,14 @@ class XSlimEngine:
         plan, tally = self.plan, self.tally
         if plan is None or tally is None:
             return original(*args, **kwargs)
-        if g < self.seg_start:
-            return tally.probe_out
-        if g == self.seg_start:
-            tally.seg_in = call.img
-        kind = plan.kind
-        last = g == len(self.blocks) - 1
-        caches = self._caches()
-        if kind == StepKind.SKIP:
-            img = call.img + caches.stack_estimate(self.step) if g == self.seg_start else call.img
-            return self.adapter.make_output(stack, img, call.txt)
-        if kind == StepKind.TOKEN:
-            return self._token_block(g, original, call, caches, last)
-        if kind == StepKind.BLOCK and plan.compute is not None and not plan.compute[g + self.block_offset]:
-            d_img, d_txt = caches.block_estimate(g, self.step)
-            txt = call.txt + d_txt if (call.txt is not None and d_txt is not None) else call.txt
-            out_img = call.img + d_img
-            if last:
-                self._finish_stack(caches, out_img, kind)
-            return self.adapter.make_output(stack, out_img, txt)
-        # FULL, or a block that a BLOCK step computes
-        recording_kv = self.token_ctx is not None and kind == StepKind.FULL
-        if recording_kv:
-            self.token_ctx.record = True  # type: ignore[union-attr]
-        try:
-            out = self._run_original(g, original, call, call.img, call.txt)
-        finally:
-            if recording_kv:
-                self.token_ctx.record = False  # type: ignore[union-attr]
-        tally.blocks_computed += 1
-        tally.tokens_computed += call.img.shape[0] * call.img.shape[1]
-        out_img, out_txt = self.adapter.split_output(stack, out)
-        if self.use_block:
-            d_txt = out_txt - call.txt if (out_txt is not None and call.txt is not None) else None
-            caches.record_block(g, out_img - call.img, d_txt, self.step)
-            if kind == StepKind.FULL:
-                caches.record_block_magnitude(g, len(self.blocks), out_img, call.img)
-        if last:
-            self._finish_stack(caches, out_img, kind)
-            if (
-                self.use_block
-                and kind == StepKind.FULL
-                and self.branch == 0
-                and self.step < (self.num_steps or 0) - 1
-                and caches.block_mag is not None
-            ):
-                self.sync.publish_block_statistics(caches.block_mag)
-        return out
+        return self.executor.run_block(g, original, call, plan, tally)
 
     def _begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
-        caches = self._caches()
+        caches = self.current_caches()
         img = call.img
         self.tally = tally = CallTally(rows_full=img.shape[0] * img.shape[1])
         if self.seg_start:  # first_block_residual: block 0 runs every step, its residual is the probe
-            tally.probe_out = self._run_original(0, original, call, img, call.txt)
+            tally.probe_out = self.executor.run_original(0, original, call, img, call.txt)
             tally.blocks_computed, tally.tokens_computed = 1, tally.rows_full
             probe: torch.Tensor | None = self.adapter.split_output(call.stack, tally.probe_out)[0] - img
         else:
@@ -437,44 +361,7 @@ class XSlimEngine:
 
         return call_with_weights_placed(blk0, probe, call.args, call.kwargs)
 
-    def _token_block(
-        self, g: int, original: Callable[..., Any], call: BlockCall, caches: BranchCaches, last: bool
-    ) -> Any:
-        plan, tally, ctx = self.plan, self.tally, self.token_ctx
-        assert plan is not None and tally is not None and ctx is not None and plan.token_index is not None
-        idx, flat = plan.token_index, plan.token_flat
-        sel = gather_rows(call.img, idx, flat)
-        ctx.index, ctx.flat = idx, flat
-        try:
-            out = self._run_original(g, original, call, sel, call.txt)
-        finally:
-            ctx.index = ctx.flat = None
-        tally.blocks_computed += 1
-        tally.tokens_computed += sel.shape[0] * sel.shape[1]
-        out_sel, out_txt = self.adapter.split_output(call.stack, out)
-        if last:
-            assert tally.seg_in is not None
-            img = splice(tally.seg_in + caches.stack_estimate(self.step), idx, out_sel, flat)
-            self._finish_stack(caches, img, StepKind.TOKEN)
-        else:
-            img = splice(call.img, idx, out_sel, flat)
-        return self.adapter.make_output(call.stack, img, out_txt)
-
-    def _finish_stack(self, caches: BranchCaches, out_img: torch.Tensor, kind: StepKind) -> None:
-        tally, plan = self.tally, self.plan
-        assert tally is not None and tally.seg_in is not None and plan is not None
-        res = (out_img - tally.seg_in).detach()
-        for obs in self.observers:
-            obs.on_stack_residual(self, caches, res)
-        if self.use_token:
-            if kind == StepKind.TOKEN:
-                caches.shift_token_history(plan.token_index, plan.token_flat)
-            else:
-                caches.shift_token_history()
-        exact = kind == StepKind.FULL and self.config.extrapolate == "linear"
-        caches.record_stack(res, self.step, exact=exact)
-
-    def _caches(self) -> BranchCaches:
+    def current_caches(self) -> BranchCaches:
         caches = self.branches.get(self.branch)
         if caches is None:
             caches = self.branches[self.branch] = BranchCaches(linear=self.config.extrapolate == "linear")

@@ -1,0 +1,172 @@
+"""Runs the blocks of one transformer call as its plan says, and keeps the branch's caches current.
+
+Per plan kind, each block hook call:
+
+* SKIP: the first managed block applies the cached stack residual (moved along its slope) to
+  the stack input; the other blocks pass their inputs through;
+* BLOCK: the selected blocks run, the others add their own cached residual (moved along their
+  slopes);
+* TOKEN: every block runs on the selected image tokens (and all text tokens), with attention
+  against the K/V cache; the last block fills the other tokens from the cached stack residual;
+* FULL: every block runs, and every cache the enabled levels need is refreshed.
+
+Example:
+    >>> from xslim_xdit import XSlimConfig, enable_xslim, disable_xslim
+    >>> from xslim_xdit.testing import tiny_model, sample
+    >>> m = tiny_model("dit")
+    >>> engine = enable_xslim(m, XSlimConfig(warmup_steps=1, warn=0.5, crit=0.9), num_inference_steps=4)
+    >>> _ = sample(m, "dit", steps=4)
+    >>> engine.statistics.summary()["kinds"]
+    ['full', 'skip', 'skip', 'full']
+    >>> disable_xslim(m)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .adapters.attention import gather_rows, splice
+from .adapters.base import BlockCall
+from .caches import BranchCaches
+from .controller import StepKind
+from .decision import CallPlan
+
+if TYPE_CHECKING:
+    from .engine import XSlimEngine
+
+
+@dataclass
+class CallTally:
+    """What the current call really computed (for its statistics record)."""
+
+    rows_full: int
+    blocks_computed: int = 0
+    tokens_computed: int = 0
+    seg_in: torch.Tensor | None = None  # input of the managed blocks (the stack residual's base)
+    probe_out: Any = None  # block 0's output when it ran as the probe
+
+
+class PlanExecutor:
+    """The block-level half of :class:`~xslim_xdit.engine.XSlimEngine`: what a block call does
+    under the call's :class:`~xslim_xdit.decision.CallPlan`."""
+
+    def __init__(self, engine: XSlimEngine) -> None:
+        self.engine = engine
+
+    def run_original(
+        self,
+        g: int,
+        original: Callable[..., Any],
+        call: BlockCall,
+        img: torch.Tensor,
+        txt: torch.Tensor | None,
+    ) -> Any:
+        e = self.engine
+        args, kwargs = call.with_streams(img, txt)
+        run = functools.partial(original, *args, **kwargs)
+        if not e._block_wrappers:
+            return run()
+        rows = img.shape[0] * img.shape[1]
+        full = e.tally is not None and rows == e.tally.rows_full
+        key = ("block", g, tuple(img.shape), None if txt is None else tuple(txt.shape), full)
+        for obs in e._block_wrappers:
+            run = functools.partial(obs.around_block, e, key, run)
+        return run()
+
+    def run_block(
+        self, g: int, original: Callable[..., Any], call: BlockCall, plan: CallPlan, tally: CallTally
+    ) -> Any:
+        """One block call under ``plan``; returns what the block returns."""
+        e = self.engine
+        stack = call.stack
+        if g < e.seg_start:
+            return tally.probe_out
+        if g == e.seg_start:
+            tally.seg_in = call.img
+        kind = plan.kind
+        last = g == len(e.blocks) - 1
+        caches = e.current_caches()
+        if kind == StepKind.SKIP:
+            img = call.img + caches.stack_estimate(e.step) if g == e.seg_start else call.img
+            return e.adapter.make_output(stack, img, call.txt)
+        if kind == StepKind.TOKEN:
+            return self._token_block(g, original, call, caches, last)
+        if kind == StepKind.BLOCK and plan.compute is not None and not plan.compute[g + e.block_offset]:
+            d_img, d_txt = caches.block_estimate(g, e.step)
+            txt = call.txt + d_txt if (call.txt is not None and d_txt is not None) else call.txt
+            out_img = call.img + d_img
+            if last:
+                self._finish_stack(caches, out_img, kind)
+            return e.adapter.make_output(stack, out_img, txt)
+        # FULL, or a block that a BLOCK step computes
+        recording_kv = e.token_ctx is not None and kind == StepKind.FULL
+        if recording_kv:
+            e.token_ctx.record = True  # type: ignore[union-attr]
+        try:
+            out = self.run_original(g, original, call, call.img, call.txt)
+        finally:
+            if recording_kv:
+                e.token_ctx.record = False  # type: ignore[union-attr]
+        tally.blocks_computed += 1
+        tally.tokens_computed += call.img.shape[0] * call.img.shape[1]
+        out_img, out_txt = e.adapter.split_output(stack, out)
+        if e.use_block:
+            d_txt = out_txt - call.txt if (out_txt is not None and call.txt is not None) else None
+            caches.record_block(g, out_img - call.img, d_txt, e.step)
+            if kind == StepKind.FULL:
+                caches.record_block_magnitude(g, len(e.blocks), out_img, call.img)
+        if last:
+            self._finish_stack(caches, out_img, kind)
+            if (
+                e.use_block
+                and kind == StepKind.FULL
+                and e.branch == 0
+                and e.step < (e.num_steps or 0) - 1
+                and caches.block_mag is not None
+            ):
+                e.sync.publish_block_statistics(caches.block_mag)
+        return out
+
+    def _token_block(
+        self, g: int, original: Callable[..., Any], call: BlockCall, caches: BranchCaches, last: bool
+    ) -> Any:
+        e = self.engine
+        plan, tally, ctx = e.plan, e.tally, e.token_ctx
+        assert plan is not None and tally is not None and ctx is not None and plan.token_index is not None
+        idx, flat = plan.token_index, plan.token_flat
+        sel = gather_rows(call.img, idx, flat)
+        ctx.index, ctx.flat = idx, flat
+        try:
+            out = self.run_original(g, original, call, sel, call.txt)
+        finally:
+            ctx.index = ctx.flat = None
+        tally.blocks_computed += 1
+        tally.tokens_computed += sel.shape[0] * sel.shape[1]
+        out_sel, out_txt = e.adapter.split_output(call.stack, out)
+        if last:
+            assert tally.seg_in is not None
+            img = splice(tally.seg_in + caches.stack_estimate(e.step), idx, out_sel, flat)
+            self._finish_stack(caches, img, StepKind.TOKEN)
+        else:
+            img = splice(call.img, idx, out_sel, flat)
+        return e.adapter.make_output(call.stack, img, out_txt)
+
+    def _finish_stack(self, caches: BranchCaches, out_img: torch.Tensor, kind: StepKind) -> None:
+        e = self.engine
+        tally, plan = e.tally, e.plan
+        assert tally is not None and tally.seg_in is not None and plan is not None
+        res = (out_img - tally.seg_in).detach()
+        for obs in e.observers:
+            obs.on_stack_residual(e, caches, res)
+        if e.use_token:
+            if kind == StepKind.TOKEN:
+                caches.shift_token_history(plan.token_index, plan.token_flat)
+            else:
+                caches.shift_token_history()
+        exact = kind == StepKind.FULL and e.config.extrapolate == "linear"
+        caches.record_stack(res, e.step, exact=exact)
