@@ -111,3 +111,21 @@ def test_levels_follow_the_config():
     assert XSlimConfig(polish="block").levels == ("step", "block")
     assert XSlimConfig(polish="auto").levels == ("step", "block", "token")
     assert XSlimConfig.from_preset("flux-fast").levels == ("step", "token")
+
+
+def test_preset_passed_to_the_constructor_builds_the_preset():
+    """XSlimConfig(preset=...) once built an online config that only carried the preset's name."""
+    built = XSlimConfig(preset="flux-fast")
+    assert built == XSlimConfig.from_preset("flux-fast")
+    assert built.mode == "schedule" and built.schedule.token_steps == (11, 18, 36)
+    # fields passed beside the preset override it, even when equal to the dataclass default
+    assert XSlimConfig(preset="flux-fast", token_ratio=0.5).token_ratio == 0.5
+    assert XSlimConfig(preset="flux-fast", token_ratio=0.5) == XSlimConfig.from_preset(
+        "flux-fast", token_ratio=0.5
+    )
+    with pytest.raises(ConfigError, match="^mode must be 'schedule'"):
+        XSlimConfig(preset="flux-fast", mode="online")
+    with pytest.raises(ConfigError, match="^preset must be"):
+        XSlimConfig(preset="flux-medium")
+    with pytest.raises(TypeError):  # the dataclass still refuses a field passed twice
+        XSlimConfig("schedule", mode="schedule", preset="flux-fast")

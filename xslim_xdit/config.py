@@ -13,9 +13,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -100,11 +101,15 @@ class XSlimConfig:
             threshold reads "about this many blocks between recomputations") or ``"absolute"``.
         block_first_n: the first blocks of each stack always computed in a block refresh (>= 0).
         schedule: a :class:`Schedule` for ``mode="schedule"``.
-        preset: name of a published schedule (see :data:`PRESETS`); sets mode to schedule.
+        preset: name of a published schedule (see :data:`PRESETS`). Passing it builds that
+            preset: mode schedule and the preset's fields, the fields passed beside it
+            overriding them (as :meth:`from_preset`).
 
     Example:
         >>> XSlimConfig.from_preset("flux-fast").schedule.token_steps
         (11, 18, 36)
+        >>> XSlimConfig(preset="flux-fast", token_ratio=0.6) == XSlimConfig.from_preset("flux-fast", token_ratio=0.6)
+        True
     """
 
     mode: Literal["online", "schedule"] = "online"
@@ -235,11 +240,7 @@ class XSlimConfig:
             >>> XSlimConfig.from_preset("hunyuan_video-fast").token_ratio
             0.8
         """
-        if name not in PRESETS:
-            _fail("preset", f"one of {sorted(PRESETS)}", name)
-        kwargs = dict(PRESETS[name])
-        kwargs.update(overrides)
-        return cls(mode="schedule", preset=name, **kwargs)
+        return cls(preset=name, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -269,3 +270,29 @@ class XSlimConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+
+def _build_presets(generated_init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the dataclass's ``__init__`` so that ``XSlimConfig(preset=name, **fields)`` builds the
+    preset with ``fields`` overriding it. Done before the generated ``__init__`` runs because only
+    there is it known which fields were passed: a field equal to its default may be an override."""
+    field_names = [f.name for f in dataclasses.fields(XSlimConfig)]
+
+    @functools.wraps(generated_init)
+    def __init__(self: XSlimConfig, *args: Any, **kwargs: Any) -> None:
+        explicit = dict(zip(field_names, args, strict=False))
+        if len(args) > len(field_names) or explicit.keys() & kwargs.keys():
+            return generated_init(self, *args, **kwargs)  # let the dataclass refuse the call
+        explicit.update(kwargs)
+        name = explicit.get("preset")
+        if name is None:
+            return generated_init(self, **explicit)
+        if not isinstance(name, str) or name not in PRESETS:
+            _fail("preset", f"None or one of {sorted(PRESETS)}", name)
+        if explicit.get("mode", "schedule") != "schedule":
+            _fail("mode", f"'schedule' (or left out) with preset={name!r}", explicit["mode"])
+        return generated_init(self, **{**PRESETS[name], "mode": "schedule", **explicit})
+
+    return __init__
+
+
+XSlimConfig.__init__ = _build_presets(XSlimConfig.__init__)  # type: ignore[method-assign]
