@@ -215,7 +215,7 @@ def test_pipefusion_async_phase_completes(parallel_results: dict[str, list[Any]]
 
 def _tiny_flux() -> Any:
     from xslim_xdit.testing import tiny_model
-    from xslim_xdit.testing_pipelines import TINY_FLUX_EMBEDS_TRANSFORMER
+    from xslim_xdit.testing.pipelines import TINY_FLUX_EMBEDS_TRANSFORMER
 
     return tiny_model("flux", num_single_layers=2, **TINY_FLUX_EMBEDS_TRANSFORMER)
 
@@ -272,11 +272,8 @@ def _pipefusion_case(steps: int = 3, warmup_steps: int | None = None, patches: i
     import torch
 
     from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
-    from xslim_xdit.testing_pipelines import (
-        tiny_flux_embeds_call,
-        tiny_flux_embeds_pipeline,
-        xfuser_engine_config,
-    )
+    from xslim_xdit.testing.pipelines import tiny_flux_embeds_call, tiny_flux_embeds_pipeline
+    from xslim_xdit.testing.xfuser import xfuser_engine_config
 
     apply_xfuser_cpu_compat()
     from xfuser import xFuserFluxPipeline
