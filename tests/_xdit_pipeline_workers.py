@@ -110,6 +110,9 @@ def hunyuan_single_device() -> dict[str, Any]:
 
 
 def _hunyuan_ulysses() -> dict[str, Any]:
+    from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
+
+    apply_xfuser_cpu_compat()  # before xfuser is imported (an import sorter would reorder imports)
     from xfuser.model_executor.models.transformers.transformer_hunyuan_video import (
         xFuserHunyuanVideoTransformer3DWrapper,
     )

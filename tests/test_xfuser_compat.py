@@ -79,6 +79,21 @@ def test_describe_lists_patches_without_importing_xfuser() -> None:
     assert res.returncode == 0, res.stdout
 
 
+def test_importing_the_integration_patches_nothing() -> None:
+    """The compatibility layer applies when asked for, not as a side effect of an import."""
+    code = (
+        "import sys\n"
+        "import xslim_xdit.integrations.xfuser\n"
+        "from xslim_xdit.integrations import xfuser_compat as c\n"
+        "assert not c.is_applied(), 'the compat layer was applied by an import'\n"
+        "assert c._FINDER not in sys.meta_path and not c._DONE, c._DONE\n"
+        "assert 'xfuser' not in sys.modules\n"
+        "print('UNPATCHED')\n"
+    )
+    res = _run([sys.executable, "-c", code], timeout=90)
+    assert res.returncode == 0 and "UNPATCHED" in res.stdout, res.stdout[-4000:]
+
+
 # --------------------------------------------------------------------------- no-op with accelerator
 
 
