@@ -206,6 +206,8 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     """
     if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
         raise TypeError(f"cls must be a ModelAdapter subclass; got {cls!r}")
+    if not cls.__module__.startswith(f"{__package__}."):
+        discover_adapters()  # the package's families first: a clash is then blamed on the newcomer
     name = cls.name
     if not isinstance(name, str) or not name or name == ModelAdapter.name:
         raise ValueError(
@@ -228,7 +230,14 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 def discover_adapters() -> None:
     """Import every module of the ``xslim_xdit.adapters`` package once; each registers its own
-    adapters, so a new family is a new file and nothing else."""
+    adapters, so a new family is a new file and nothing else.
+
+    Example:
+        >>> from xslim_xdit.adapters import discover_adapters, registered_adapters
+        >>> discover_adapters()
+        >>> "hunyuan_video" in [a.name for a in registered_adapters()]
+        True
+    """
     global _DISCOVERED
     if _DISCOVERED:
         return
@@ -244,7 +253,8 @@ def discover_adapters() -> None:
 
 
 def registered_adapters() -> tuple[type[ModelAdapter], ...]:
-    """Every registered adapter class, the package's own first.
+    """Every registered adapter class, the package's own first (they are discovered before a
+    family from elsewhere registers).
 
     Example:
         >>> from xslim_xdit.adapters import registered_adapters
@@ -270,12 +280,24 @@ def adapter_named(name: str) -> ModelAdapter:
 
 
 def family_presets() -> dict[str, Mapping[str, Any]]:
-    """Every registered family's presets, by preset name."""
+    """Every registered family's presets, by preset name (what :data:`xslim_xdit.PRESETS` shows).
+
+    Example:
+        >>> from xslim_xdit.adapters import family_presets
+        >>> family_presets()["flux-fast"]["token_ratio"]
+        0.7
+    """
     return {p: fields for cls in registered_adapters() for p, fields in cls.presets.items()}
 
 
 def rescale_polynomials() -> dict[str, tuple[float, ...]]:
-    """Every registered family's rescale polynomial, by family name."""
+    """Every registered family's rescale polynomial, by family name (``XSlimConfig(rescale=name)``).
+
+    Example:
+        >>> from xslim_xdit.adapters import rescale_polynomials
+        >>> len(rescale_polynomials()["flux"])
+        5
+    """
     return {c.name: tuple(c.rescale_polynomial) for c in registered_adapters() if c.rescale_polynomial}
 
 
@@ -285,7 +307,14 @@ class UnsupportedModelError(TypeError):
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter for a transformer, found by class name along its MRO (so wrappers and
-    subclasses such as xfuser's are matched too)."""
+    subclasses such as xfuser's are matched too).
+
+    Example:
+        >>> from xslim_xdit.adapters import adapter_for
+        >>> from xslim_xdit.testing import tiny_model
+        >>> adapter_for(tiny_model("hunyuan_video")).name
+        'hunyuan_video'
+    """
     adapters = registered_adapters()
     target = model
     # xfuser wraps the diffusers module; look through `.module` wrappers.

@@ -52,7 +52,13 @@ class FamilyDescription:
 
     @classmethod
     def has_tiny_model(cls) -> bool:
-        """Whether the family declares a tiny model (a ``tiny_config`` or its own :meth:`tiny_model`)."""
+        """Whether the family declares a tiny model (a ``tiny_config`` or its own :meth:`tiny_model`).
+
+        Example:
+            >>> from xslim_xdit.adapters import adapter_named
+            >>> type(adapter_named("dit")).has_tiny_model()
+            True
+        """
         return cls.tiny_config is not None or cls.tiny_model is not FamilyDescription.tiny_model
 
     def tiny_model(self, seed: int = 0, **overrides: Any) -> nn.Module:
@@ -60,6 +66,11 @@ class FamilyDescription:
 
         The default builds the diffusers class ``model_class_names[0]`` from ``tiny_config``
         updated with ``overrides``.
+
+        Example:
+            >>> from xslim_xdit.adapters import adapter_named
+            >>> len(adapter_named("pixart").tiny_model(num_layers=2).transformer_blocks)
+            2
         """
         if self.tiny_config is None:
             raise NotImplementedError(f"family {self.name!r} declares no tiny model (tiny_config is None)")
@@ -74,21 +85,47 @@ class FamilyDescription:
 
         ``shape`` takes the family's size arguments (``height``, ``width``, ...); an argument the
         family does not know is refused with a ``TypeError`` naming it.
+
+        Example:
+            >>> from xslim_xdit.adapters import adapter_named
+            >>> x, cond = adapter_named("hunyuan_video").tiny_inputs(batch=2, frames=1)
+            >>> tuple(x.shape), tuple(cond["encoder_attention_mask"].shape)
+            ((2, 4, 1, 4, 4), (2, 5))
         """
         raise NotImplementedError(f"family {self.name!r} declares no tiny inputs")
 
     def timesteps(self, steps: int) -> list[float]:
-        """``steps`` decreasing timesteps in the family's units, from ``timestep_max`` down."""
+        """``steps`` decreasing timesteps in the family's units, from ``timestep_max`` down.
+
+        Example:
+            >>> from xslim_xdit.adapters import adapter_named
+            >>> adapter_named("pixart").timesteps(4)
+            [999.0, 749.25, 499.5, 249.75]
+        """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
         return [self.timestep_max * (1.0 - i / steps) for i in range(steps)]
 
     def timestep_input(self, t: float, batch: int) -> torch.Tensor:
-        """The timestep ``t`` as the transformer takes it: one value per sample."""
+        """The timestep ``t`` as the transformer takes it: one value per sample.
+
+        Example:
+            >>> from xslim_xdit.adapters import adapter_named
+            >>> adapter_named("dit").timestep_input(874.125, batch=2)
+            tensor([874, 874])
+        """
         return torch.full((batch,), t).to(self.timestep_dtype)
 
     def tiny_forward(
         self, model: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, Any]
     ) -> torch.Tensor:
-        """One call of the tiny model: its prediction for latents ``x`` at ``timestep``."""
+        """One call of the tiny model: its prediction for latents ``x`` at ``timestep``.
+
+        Example:
+            >>> from xslim_xdit.adapters import adapter_named
+            >>> dit = adapter_named("dit")
+            >>> x, cond = dit.tiny_inputs()
+            >>> tuple(dit.tiny_forward(dit.tiny_model(), x, dit.timestep_input(500.0, 1), cond).shape)
+            (1, 4, 8, 8)
+        """
         return model(x, timestep=timestep, return_dict=False, **cond)[0]
