@@ -121,8 +121,11 @@ class FamilyTesterMixin:
             assert cfg.mode == "schedule" and cfg == XSlimConfig(preset=name)
 
     def test_presets_run_their_schedule(self):
+        presets = adapter_named(self.family).presets
+        if not presets:
+            pytest.skip(f"family {self.family!r} declares no presets")
         model = self.model()
-        for name in adapter_named(self.family).presets:
+        for name in presets:
             eng = enable_xslim(model, XSlimConfig.from_preset(name), num_inference_steps=self.steps)
             self.sample(model)
             disable_xslim(model)
