@@ -26,3 +26,23 @@ def test_every_package_family_is_in_the_suite():
         if isinstance(cls, type) and issubclass(cls, FamilyTesterMixin)
     }
     assert made >= set(PACKAGE_FAMILIES)
+
+
+def test_every_adapter_module_of_the_package_registers_itself():
+    """Adding a family is adding a file: discovery imports every module of the package, and every
+    concrete adapter class defined there is registered (no list to edit)."""
+    import inspect
+    import pkgutil
+    import sys
+
+    import xslim_xdit.adapters as package
+    from xslim_xdit.adapters import ModelAdapter
+
+    registered = set(registered_adapters())
+    for module_info in pkgutil.iter_modules(package.__path__):
+        module = sys.modules[f"{package.__name__}.{module_info.name}"]  # imported by discovery
+        for cls in vars(module).values():
+            concrete = inspect.isclass(cls) and issubclass(cls, ModelAdapter) and cls.model_class_names
+            if concrete and cls.__module__ == module.__name__:
+                assert cls in registered, f"{cls.__qualname__} in {module.__name__} is not registered"
+    assert {a.__module__.rsplit(".", 1)[-1] for a in registered} >= {"dit", "flux", "hunyuan_video", "pixart"}
