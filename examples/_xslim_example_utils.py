@@ -18,10 +18,14 @@ from typing import Any
 
 import torch
 
-# X-Slim's xfuser integration applies the CPU compatibility layer before xfuser is imported.
 from xslim_xdit.integrations.xfuser import add_xslim_args, config_from_args
+from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
 
-from xfuser.config import FlexibleArgumentParser, xFuserArgs  # isort: skip
+# xfuser 0.7 cannot be imported without an accelerator unless its CPU compatibility layer is in
+# place first; where an accelerator exists this does nothing.
+apply_xfuser_cpu_compat()
+
+from xfuser.config import FlexibleArgumentParser, xFuserArgs  # noqa: E402  # isort: skip
 
 
 def ensure_single_process_env() -> None:

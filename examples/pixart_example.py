@@ -27,7 +27,7 @@ import tempfile
 import _xslim_example_utils as ex
 
 from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper
-from xslim_xdit.testing_pipelines import TINY_CALL_KWARGS, save_tiny_pipeline
+from xslim_xdit.testing.pipelines import TINY_CALL_KWARGS, save_tiny_pipeline
 
 TINY_DEFAULTS = {
     "height": TINY_CALL_KWARGS["pixart"]["height"],

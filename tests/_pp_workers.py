@@ -8,11 +8,8 @@ import torch
 import torch.distributed as dist
 
 from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
-from xslim_xdit.testing_pipelines import (
-    tiny_flux_embeds_call,
-    tiny_flux_embeds_pipeline,
-    xfuser_engine_config,
-)
+from xslim_xdit.testing.pipelines import tiny_flux_embeds_call, tiny_flux_embeds_pipeline
+from xslim_xdit.testing.xfuser import xfuser_engine_config
 
 STEPS = 8
 HEIGHT = WIDTH = 64

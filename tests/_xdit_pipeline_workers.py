@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
-from xslim_xdit.testing_pipelines import TINY_CALL_KWARGS
+from xslim_xdit.testing.pipelines import TINY_CALL_KWARGS
 
 STEPS = 10
 PROMPT = "a photo of a cat"
@@ -61,7 +61,7 @@ def _layout(family: str, path: str | Path) -> dict[str, Any]:
     X-Slim removed; on this rank."""
     from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper
     from xslim_xdit.integrations.xfuser_runtime import reset_xfuser_parallel_state
-    from xslim_xdit.testing_pipelines import load_xfuser_pipeline, xfuser_engine_config
+    from xslim_xdit.testing.xfuser import load_xfuser_pipeline, xfuser_engine_config
 
     kw = TINY_CALL_KWARGS[family]
     engine_config, _ = xfuser_engine_config(
@@ -110,6 +110,9 @@ def hunyuan_single_device() -> dict[str, Any]:
 
 
 def _hunyuan_ulysses() -> dict[str, Any]:
+    from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
+
+    apply_xfuser_cpu_compat()  # before xfuser is imported (an import sorter would reorder imports)
     from xfuser.model_executor.models.transformers.transformer_hunyuan_video import (
         xFuserHunyuanVideoTransformer3DWrapper,
     )

@@ -1,99 +1,16 @@
-"""The engine on tiny random models of each family: identity when it should be, and every reuse
-level doing (and saving) what the statistics say, checked with independent hooks."""
-
-import math
+"""The engine on the tiny random models: token ratios, per-sample selection, the online controller,
+caches, guidance branches, errors and the row helpers. The checks every family must pass (identity
+when it should be, every reuse level doing what the statistics say) are in ``family_suite.py``."""
 
 import pytest
 import torch
-from _helpers import AttentionCounter
 
 from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
 from xslim_xdit.adapters import UnsupportedModelError, adapter_for
 from xslim_xdit.engine import XSlimRuntimeError
-from xslim_xdit.testing import FAMILIES, make_inputs, sample, tiny_model
+from xslim_xdit.testing import make_inputs, sample, tiny_model
 
 STEPS = 8
-TEXT_LEN = {"flux": 6}
-
-
-def image_tokens(family):
-    x, _ = make_inputs(family)
-    return {"dit": 16, "pixart": 16, "flux": x.shape[1], "hunyuan_video": 2 * 4 * 4}[family]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request):
-    return request.param, tiny_model(request.param)
-
-
-def test_disabled_is_bit_identical(family_model):
-    fam, m = family_model
-    ref = sample(m, fam, steps=STEPS, batch=2)
-    enable_xslim(m, XSlimConfig(warn=0.5, crit=1.0, polish="auto"), num_inference_steps=STEPS)
-    cached = sample(m, fam, steps=STEPS, batch=2)
-    disable_xslim(m)
-    again = sample(m, fam, steps=STEPS, batch=2)
-    assert torch.equal(again, ref)
-    assert not torch.equal(cached, ref)  # caching did change something while on
-    assert all("forward" not in blk.__dict__ for blk in m.modules())
-
-
-def test_forced_full_is_bit_identical(family_model):
-    fam, m = family_model
-    ref = sample(m, fam, steps=STEPS, batch=2)
-    eng = enable_xslim(m, XSlimConfig(warn=1e-12, crit=2e-12, polish="auto"), num_inference_steps=STEPS)
-    out = sample(m, fam, steps=STEPS, batch=2)
-    disable_xslim(m)
-    assert torch.equal(out, ref)
-    assert eng.statistics.summary()["full"] == STEPS
-    assert eng.statistics.summary()["flops_fraction"] == pytest.approx(1.0)
-
-
-SCHEDULE = Schedule(
-    STEPS,
-    full_steps=(0, 1, 4, 7),
-    block_steps=(2,),
-    token_steps=(3, 5),
-)  # 6 skipped
-
-
-def test_each_level_matches_what_ran(family_model):
-    fam, m = family_model
-    n_img = image_tokens(fam)
-    ratio = 0.5
-    cfg = XSlimConfig(
-        mode="schedule", schedule=SCHEDULE, token_ratio=ratio, block_thresh=2.0, block_first_n=1
-    )
-    counter = AttentionCounter(m, TEXT_LEN.get(fam, 0))
-    eng = enable_xslim(m, cfg, num_inference_steps=STEPS)
-    sample(m, fam, steps=STEPS, batch=2)
-    disable_xslim(m)
-    counter.remove()
-    recs = eng.statistics.run_records()
-    nb = counter.num_blocks
-    assert [r.kind for r in recs] == ["full", "full", "block", "token", "full", "token", "skip", "full"]
-    assert counter.blocks_per_call() == [r.blocks_computed for r in recs]
-    k = math.ceil(ratio * n_img)
-    for i, r in enumerate(recs):
-        rows = counter.rows_per_call()[i]
-        if r.kind == "full":
-            assert counter.blocks_per_call()[i] == nb and rows == nb * n_img
-        elif r.kind == "skip":
-            assert counter.blocks_per_call()[i] == 0 and r.flops < 0.2 * r.flops_full
-        elif r.kind == "token":
-            assert counter.blocks_per_call()[i] == nb
-            assert set(counter.per_block(i).values()) == {k}  # every block attends k queries per sample
-            assert r.token_count == k
-            assert r.tokens_computed == 2 * k * nb  # batch 2
-            assert r.flops < r.flops_full
-        elif r.kind == "block":
-            mask = r.blocks_mask
-            assert sum(mask) == counter.blocks_per_call()[i] < nb
-            assert [g for g, _ in counter.calls[i]] == [g for g, c in enumerate(mask) if c]
-            assert r.flops < r.flops_full
-    s = eng.statistics.summary()
-    assert s["skip"] == 1 and s["token"] == 2 and s["block"] == 1 and s["full"] == 4
-    assert 0 < s["flops_fraction"] < 1
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 1.0])
@@ -108,20 +25,7 @@ def test_token_ratio_computes_that_fraction(ratio):
     disable_xslim(m)
     tok = [r for r in eng.statistics.run_records() if r.kind == "token"]
     frac = sum(r.tokens_computed for r in tok) / sum(r.tokens_total for r in tok)
-    assert abs(frac - ratio) <= 1.0 / image_tokens(fam)
-
-
-def test_token_refresh_at_ratio_one_equals_full(family_model):
-    """All tokens refreshed against a fully replaced K/V cache is the full computation: checks the
-    splice, RoPE at true positions, text ordering and masks of every token processor."""
-    fam, m = family_model
-    ref = sample(m, fam, steps=6, batch=2)
-    sched = Schedule(6, full_steps=(0, 1, 5), block_steps=(2,), token_steps=(3, 4))
-    cfg = XSlimConfig(mode="schedule", schedule=sched, token_ratio=1.0, block_thresh=1e-9)
-    enable_xslim(m, cfg, num_inference_steps=6)
-    out = sample(m, fam, steps=6, batch=2)
-    disable_xslim(m)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert abs(frac - ratio) <= 1.0 / make_inputs(fam)[0].shape[1]  # one token of rounding
 
 
 def test_token_selection_is_per_sample():

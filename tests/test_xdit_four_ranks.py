@@ -11,7 +11,7 @@ from _dist import run_ranks
 from _xdit_pipeline_workers import ONLINE, _call, single_device
 
 from xslim_xdit import XSlimConfig
-from xslim_xdit.testing_pipelines import TINY_CALL_KWARGS, save_tiny_pipeline
+from xslim_xdit.testing.pipelines import TINY_CALL_KWARGS, save_tiny_pipeline
 
 pytestmark = pytest.mark.multiproc
 
@@ -20,7 +20,7 @@ def usp_by_cfg(rank: int, world: int, path: str) -> dict[str, Any]:
     dist.init_process_group("gloo")
     try:
         from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper
-        from xslim_xdit.testing_pipelines import load_xfuser_pipeline, xfuser_engine_config
+        from xslim_xdit.testing.xfuser import load_xfuser_pipeline, xfuser_engine_config
 
         kw = TINY_CALL_KWARGS["pixart"]
         engine_config, _ = xfuser_engine_config(

@@ -10,7 +10,7 @@
   and splits the rest across ranks), sampled by a plain loop, against the diffusers transformer.
 
 Both pipelines are loaded with ``from_pretrained`` from tiny random checkpoints written by
-:func:`xslim_xdit.testing_pipelines.save_tiny_pipeline`. One spawn runs both layouts (importing
+:func:`xslim_xdit.testing.pipelines.save_tiny_pipeline`. One spawn runs both layouts (importing
 xfuser costs most of a spawn's ~30 s on this machine); the tests below read its results.
 """
 
@@ -21,7 +21,7 @@ import torch
 from _dist import run_ranks
 from _xdit_pipeline_workers import LAYOUTS, hunyuan_single_device, pipelines, single_device
 
-from xslim_xdit.testing_pipelines import save_tiny_pipeline
+from xslim_xdit.testing.pipelines import save_tiny_pipeline
 
 pytestmark = pytest.mark.multiproc
 

@@ -79,6 +79,21 @@ def test_describe_lists_patches_without_importing_xfuser() -> None:
     assert res.returncode == 0, res.stdout
 
 
+def test_importing_the_integration_patches_nothing() -> None:
+    """The compatibility layer applies when asked for, not as a side effect of an import."""
+    code = (
+        "import sys\n"
+        "import xslim_xdit.integrations.xfuser\n"
+        "from xslim_xdit.integrations import xfuser_compat as c\n"
+        "assert not c.is_applied(), 'the compat layer was applied by an import'\n"
+        "assert c._FINDER not in sys.meta_path and not c._DONE, c._DONE\n"
+        "assert 'xfuser' not in sys.modules\n"
+        "print('UNPATCHED')\n"
+    )
+    res = _run([sys.executable, "-c", code], timeout=90)
+    assert res.returncode == 0 and "UNPATCHED" in res.stdout, res.stdout[-4000:]
+
+
 # --------------------------------------------------------------------------- no-op with accelerator
 
 
@@ -215,7 +230,7 @@ def test_pipefusion_async_phase_completes(parallel_results: dict[str, list[Any]]
 
 def _tiny_flux() -> Any:
     from xslim_xdit.testing import tiny_model
-    from xslim_xdit.testing_pipelines import TINY_FLUX_EMBEDS_TRANSFORMER
+    from xslim_xdit.testing.pipelines import TINY_FLUX_EMBEDS_TRANSFORMER
 
     return tiny_model("flux", num_single_layers=2, **TINY_FLUX_EMBEDS_TRANSFORMER)
 
@@ -272,11 +287,8 @@ def _pipefusion_case(steps: int = 3, warmup_steps: int | None = None, patches: i
     import torch
 
     from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
-    from xslim_xdit.testing_pipelines import (
-        tiny_flux_embeds_call,
-        tiny_flux_embeds_pipeline,
-        xfuser_engine_config,
-    )
+    from xslim_xdit.testing.pipelines import tiny_flux_embeds_call, tiny_flux_embeds_pipeline
+    from xslim_xdit.testing.xfuser import xfuser_engine_config
 
     apply_xfuser_cpu_compat()
     from xfuser import xFuserFluxPipeline

@@ -1,4 +1,4 @@
-"""Validated configuration for X-Slim: one dataclass, presets, and hand-written schedules.
+"""Validated configuration for X-Slim: one dataclass, and the presets the model families publish.
 
 Every field is checked when the object is built, so a bad value fails with a message naming the
 field and its accepted range before any model runs.
@@ -13,176 +13,52 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from .schedule import ConfigError, Schedule, _fail
+
+__all__ = ["PRESETS", "RESCALE_POLYNOMIALS", "ConfigError", "Schedule", "XSlimConfig"]
 
 StepIndicator = Literal["modulated_input", "first_block_residual"]
 Polish = Literal["token", "block", "auto", "none"]
 
-#: TeaCache's published rescale polynomials (highest degree first, as numpy.polyval takes them).
-RESCALE_POLYNOMIALS: dict[str, tuple[float, ...]] = {
-    "flux": (4.98651651e2, -2.83781631e2, 5.58554382e1, -3.82021401, 2.64230861e-1),
-    "hunyuan_video": (7.33226126e2, -4.01131952e2, 6.75869174e1, -3.14987800, 9.61237896e-2),
-}
+
+class _FamilyTable(Mapping[str, Any]):
+    """A read-only table gathered from the registered model families at each access, so that
+    importing this module imports no model code and a family registered later is listed too."""
+
+    def __init__(self, gather: str) -> None:
+        self._gather = gather  # the name of the gathering function in xslim_xdit.adapters.base
+
+    def _table(self) -> Mapping[str, Any]:
+        from .adapters import base
+
+        return getattr(base, self._gather)()
+
+    def __getitem__(self, key: str) -> Any:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self._table())!r})"
 
 
-class ConfigError(ValueError):
-    """A configuration value is outside its accepted range. The message names the field."""
-
-
-def _fail(field_name: str, accepted: str, got: Any) -> None:
-    raise ConfigError(f"{field_name} must be {accepted}; got {got!r}")
-
-
-def _check_steps(name: str, steps: Iterable[Any], num_steps: int) -> tuple[int, ...]:
-    out = []
-    for s in steps:
-        if isinstance(s, bool) or not isinstance(s, int):
-            _fail(name, f"a list of integer step indices in [0, {num_steps - 1}]", s)
-        if not 0 <= s < num_steps:
-            _fail(name, f"a list of step indices in [0, {num_steps - 1}] (num_steps={num_steps})", s)
-        out.append(s)
-    if len(set(out)) != len(out):
-        dup = sorted({s for s in out if out.count(s) > 1})
-        _fail(name, "a list without repeated steps", dup)
-    return tuple(sorted(out))
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """A static X-Slim schedule: which steps run in full, with block refresh, or with token refresh.
-
-    Every step not listed is skipped (the cached stack residual is applied). Indices are for a run
-    of ``num_steps`` steps; :meth:`rescaled` maps them to another step count.
-
-    Example:
-        >>> s = Schedule(num_steps=10, full_steps=(0, 1, 5, 9), token_steps=(3, 7))
-        >>> s.kind_of(3), s.kind_of(4)
-        ('token', 'skip')
-    """
-
-    num_steps: int
-    full_steps: tuple[int, ...]
-    block_steps: tuple[int, ...] = ()
-    token_steps: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
-            _fail("schedule.num_steps", "an integer >= 1", self.num_steps)
-        n = self.num_steps
-        full = _check_steps("schedule.full_steps", self.full_steps, n)
-        block = _check_steps("schedule.block_steps", self.block_steps, n)
-        token = _check_steps("schedule.token_steps", self.token_steps, n)
-        for a_name, a, b_name, b in (
-            ("full_steps", full, "block_steps", block),
-            ("full_steps", full, "token_steps", token),
-            ("block_steps", block, "token_steps", token),
-        ):
-            both = sorted(set(a) & set(b))
-            if both:
-                _fail(f"schedule.{b_name}", f"disjoint from schedule.{a_name}", both)
-        if 0 not in full:
-            _fail(
-                "schedule.full_steps", "a list that contains step 0 (the first step must run in full)", full
-            )
-        object.__setattr__(self, "full_steps", full)
-        object.__setattr__(self, "block_steps", block)
-        object.__setattr__(self, "token_steps", token)
-
-    def kind_of(self, step: int) -> str:
-        """``'full'``, ``'block'``, ``'token'`` or ``'skip'`` for a step index."""
-        if step in self.full_steps:
-            return "full"
-        if step in self.block_steps:
-            return "block"
-        if step in self.token_steps:
-            return "token"
-        return "skip"
-
-    def rescaled(self, num_steps: int) -> Schedule:
-        """Map the schedule to ``num_steps`` steps, keeping first and last step and the priority
-        full > block > token where two indices land on the same step.
-
-        Example:
-            >>> Schedule(50, (0, 1, 2, 3, 49), token_steps=(25,)).rescaled(25).full_steps
-            (0, 1, 24)
-        """
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            _fail("num_steps", "an integer >= 1", num_steps)
-        if num_steps == self.num_steps:
-            return self
-
-        def mapped(steps: Sequence[int]) -> set[int]:
-            if self.num_steps == 1:
-                return {0 for _ in steps}
-            scale = (num_steps - 1) / (self.num_steps - 1)
-            return {min(num_steps - 1, int(math.floor(s * scale + 0.5))) for s in steps}
-
-        full = mapped(self.full_steps)
-        block = mapped(self.block_steps) - full
-        token = mapped(self.token_steps) - full - block
-        return Schedule(num_steps, tuple(sorted(full)), tuple(sorted(block)), tuple(sorted(token)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "num_steps": self.num_steps,
-            "full_steps": list(self.full_steps),
-            "block_steps": list(self.block_steps),
-            "token_steps": list(self.token_steps),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Schedule:
-        unknown = set(d) - {"num_steps", "full_steps", "block_steps", "token_steps"}
-        if unknown:
-            _fail(
-                "schedule",
-                "a mapping with keys num_steps, full_steps, block_steps, token_steps",
-                sorted(unknown),
-            )
-        return cls(
-            num_steps=d.get("num_steps"),
-            full_steps=tuple(d.get("full_steps", ())),
-            block_steps=tuple(d.get("block_steps", ())),
-            token_steps=tuple(d.get("token_steps", ())),
-        )
-
-
-def _range(start: int, stop: int) -> tuple[int, ...]:
-    return tuple(range(start, stop + 1))
-
-
-#: X-Slim's published 50-step schedules (XSLIM_SPEC.md section 1). Block thresholds are absolute
-#: (they were tuned on the real FLUX.1-dev / HunyuanVideo activations), one per block stack.
-PRESETS: dict[str, dict[str, Any]] = {
-    "flux-slow": {
-        "schedule": Schedule(50, (0, 1, 2, 3, 4, 6, 18, 23, 30, 44, 47, 49), (9, 36), (13, 41)),
-        "token_ratio": 0.5,
-        "block_thresh": (1.5, 10.0),
-        "block_thresh_scale": "absolute",
-    },
-    "flux-fast": {
-        "schedule": Schedule(50, (0, 1, 2, 3, 6, 27, 44, 49), (), (11, 18, 36)),
-        "token_ratio": 0.7,
-        "block_thresh": (1.5, 10.0),
-        "block_thresh_scale": "absolute",
-    },
-    "hunyuan_video-slow": {
-        "schedule": Schedule(50, _range(0, 5) + (7, 10, 13, 16, 29, 42, 45, 48, 49), (20, 33), (24, 38)),
-        "token_ratio": 0.5,
-        "block_thresh": (12.0, 25.0),
-        "block_thresh_scale": "absolute",
-    },
-    "hunyuan_video-fast": {
-        "schedule": Schedule(50, _range(0, 4) + (8, 12, 27, 39, 44, 48, 49), (21,), (16, 33)),
-        "token_ratio": 0.8,
-        "block_thresh": (12.0, 25.0),
-        "block_thresh_scale": "absolute",
-    },
-}
+#: X-Slim's published schedules, by name: the config fields each sets. Each family declares its
+#: own in its adapter module (``presets``); this is the union, read-only.
+PRESETS: Mapping[str, Mapping[str, Any]] = _FamilyTable("family_presets")
+#: TeaCache's rescale polynomials (highest degree first, as numpy.polyval takes them), by family
+#: name; each family declares its own in its adapter module (``rescale_polynomial``).
+RESCALE_POLYNOMIALS: Mapping[str, tuple[float, ...]] = _FamilyTable("rescale_polynomials")
 
 
 @dataclass(frozen=True)
@@ -225,11 +101,15 @@ class XSlimConfig:
             threshold reads "about this many blocks between recomputations") or ``"absolute"``.
         block_first_n: the first blocks of each stack always computed in a block refresh (>= 0).
         schedule: a :class:`Schedule` for ``mode="schedule"``.
-        preset: name of a published schedule (see :data:`PRESETS`); sets mode to schedule.
+        preset: name of a published schedule (see :data:`PRESETS`). Passing it builds that
+            preset: mode schedule and the preset's fields, the fields passed beside it
+            overriding them (as :meth:`from_preset`).
 
     Example:
         >>> XSlimConfig.from_preset("flux-fast").schedule.token_steps
         (11, 18, 36)
+        >>> XSlimConfig(preset="flux-fast", token_ratio=0.6) == XSlimConfig.from_preset("flux-fast", token_ratio=0.6)
+        True
     """
 
     mode: Literal["online", "schedule"] = "online"
@@ -360,11 +240,7 @@ class XSlimConfig:
             >>> XSlimConfig.from_preset("hunyuan_video-fast").token_ratio
             0.8
         """
-        if name not in PRESETS:
-            _fail("preset", f"one of {sorted(PRESETS)}", name)
-        kwargs = dict(PRESETS[name])
-        kwargs.update(overrides)
-        return cls(mode="schedule", preset=name, **kwargs)
+        return cls(preset=name, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -393,3 +269,30 @@ class XSlimConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _build_presets(generated_init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the dataclass's ``__init__`` so that ``XSlimConfig(preset=name, **fields)`` builds the
+    preset with ``fields`` overriding it. Done before the generated ``__init__`` runs because only
+    there is it known which fields were passed: a field equal to its default may be an override."""
+    field_names = [f.name for f in dataclasses.fields(XSlimConfig)]
+
+    @functools.wraps(generated_init)
+    def __init__(self: XSlimConfig, *args: Any, **kwargs: Any) -> None:
+        explicit = dict(zip(field_names, args, strict=False))
+        if len(args) > len(field_names) or explicit.keys() & kwargs.keys():
+            return generated_init(self, *args, **kwargs)  # let the dataclass refuse the call
+        explicit.update(kwargs)
+        name = explicit.get("preset")
+        if name is None:
+            return generated_init(self, **explicit)
+        if not isinstance(name, str) or name not in PRESETS:
+            _fail("preset", f"None or one of {sorted(PRESETS)}", name)
+        if explicit.get("mode", "schedule") != "schedule":
+            _fail("mode", f"'schedule' (or left out) with preset={name!r}", explicit["mode"])
+        return generated_init(self, **{**PRESETS[name], "mode": "schedule", **explicit})
+
+    return __init__
+
+
+XSlimConfig.__init__ = _build_presets(XSlimConfig.__init__)  # type: ignore[method-assign]

@@ -7,7 +7,11 @@ module finds, from xfuser's runtime state, the ranks that share one generation, 
 engine a :class:`~xslim_xdit.parallel.GroupSync` over them, plus the sequence-parallel K/V
 gather that token refresh needs.
 
-Importing it imports xfuser (with the CPU compatibility layer where no accelerator exists).
+Importing it neither imports xfuser nor patches it: the functions import xfuser when called, by
+which time the caller has imported it. Without an accelerator, call
+:func:`~xslim_xdit.integrations.xfuser_compat.apply_xfuser_cpu_compat` before the first
+``import xfuser`` (the ``xslim_xdit.testing.xfuser`` helpers and
+:func:`~xslim_xdit.integrations.xfuser_runtime.init_xfuser_runtime` do).
 
 Example (every rank of a ``torchrun`` job, after the xFuser pipeline is built)::
 
@@ -31,9 +35,6 @@ from ..config import PRESETS, XSlimConfig
 from ..engine import XSlimEngine
 from ..parallel.groups import SequenceParallelGather
 from ..parallel.sync import GroupSync, LocalSync
-from .xfuser_compat import apply_xfuser_cpu_compat
-
-apply_xfuser_cpu_compat()
 
 _GENERATION_GROUPS: dict[tuple[int, ...], Any] = {}
 

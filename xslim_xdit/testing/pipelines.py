@@ -6,12 +6,9 @@ a tiny ``AutoencoderKL``, a tiny transformer, the real scheduler class), so test
 ``--tiny`` examples exercise the same code as a real checkpoint: prompt encoding, latent
 preparation, the scheduler, the VAE decode. Nothing is downloaded.
 
-xFuser pipelines (``xFuserFluxPipeline``, ``xFuserPixArtSigmaPipeline``) are built the way a
-user builds them from a checkpoint: the tiny pipeline is written with ``save_pretrained`` and
-loaded back with the xFuser class's ``from_pretrained(path, engine_config=...)``.
-
-Importing this module does not import xfuser; :func:`xfuser_engine_config` and
-:func:`load_xfuser_pipeline` do (after the CPU compatibility layer).
+:func:`save_tiny_pipeline` writes one as a checkpoint directory, which
+:func:`xslim_xdit.testing.xfuser.load_xfuser_pipeline` loads into an xFuser pipeline the way a
+user loads a real checkpoint. This module does not import xfuser.
 
 Example:
     >>> pipe = tiny_pipeline("pixart")
@@ -28,13 +25,12 @@ from typing import Any
 
 import torch
 
-from .testing import tiny_model
+from . import tiny_model
 
 __all__ = [
     "PIPELINE_FAMILIES",
     "TINY_CALL_KWARGS",
     "TINY_FLUX_EMBEDS_TRANSFORMER",
-    "load_xfuser_pipeline",
     "save_tiny_pipeline",
     "tiny_clip_text_encoder",
     "tiny_flux_embeds_call",
@@ -42,7 +38,6 @@ __all__ = [
     "tiny_pipeline",
     "tiny_t5_encoder",
     "tiny_vae",
-    "xfuser_engine_config",
 ]
 
 PIPELINE_FAMILIES = ("flux", "pixart")
@@ -305,80 +300,3 @@ def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     tiny_pipeline(family, seed=seed).save_pretrained(path)
     return path
-
-
-def xfuser_engine_config(dtype: torch.dtype = torch.float32, **xfuser_args: Any) -> tuple[Any, Any]:
-    """``xFuserArgs(**xfuser_args).create_config()``, made to work in any process.
-
-    - ``torch.distributed`` already initialised (by a test harness, say): xfuser's own world
-      group is built first, which ``create_config`` only does when it initialises
-      ``torch.distributed`` itself;
-    - not initialised: ``create_config`` does it from ``RANK``/``WORLD_SIZE``/``MASTER_*``
-      (``torchrun`` sets them), with gloo on CPU;
-    - ``runtime_config.dtype`` is set to ``dtype`` (xfuser defaults to float16 and allocates
-      PipeFusion's receive buffers in it whatever the model's dtype);
-    - on a CPU-only machine, Ring attention gets the ``SDPA_FLASH`` backend (it needs the
-      log-sum-exp), see ``docs/xfuser_cpu.md``.
-
-    Returns ``(engine_config, input_config)``.
-
-    Example:
-        >>> engine_config, input_config = xfuser_engine_config(  # doctest: +SKIP
-        ...     model="/ckpt/FLUX.1-dev", ulysses_degree=2, height=1024, width=1024)
-    """
-    from .integrations.xfuser_compat import apply_xfuser_cpu_compat, has_accelerator
-
-    apply_xfuser_cpu_compat()
-    from xfuser.config import xFuserArgs
-    from xfuser.core.distributed import init_distributed_environment
-
-    if torch.distributed.is_initialized():
-        init_distributed_environment(
-            rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size()
-        )
-    if (
-        xfuser_args.get("attention_backend") is None
-        and xfuser_args.get("ring_degree", 1) > 1
-        and not has_accelerator()
-    ):
-        xfuser_args["attention_backend"] = "SDPA_FLASH"
-    xfuser_args.setdefault("model", "")
-    engine_config, input_config = xFuserArgs(**xfuser_args).create_config()
-    engine_config.runtime_config.dtype = dtype
-    return engine_config, input_config
-
-
-def xfuser_pipeline_class(family: str) -> type:
-    """The xFuser pipeline class of a family (``xFuserFluxPipeline``, ``xFuserPixArtSigmaPipeline``).
-
-    Example:
-        >>> xfuser_pipeline_class("flux").__name__  # doctest: +SKIP
-        'xFuserFluxPipeline'
-    """
-    from .integrations.xfuser_compat import apply_xfuser_cpu_compat
-
-    apply_xfuser_cpu_compat()
-    if family == "flux":
-        from xfuser import xFuserFluxPipeline
-
-        return xFuserFluxPipeline
-    if family == "pixart":
-        from xfuser import xFuserPixArtSigmaPipeline
-
-        return xFuserPixArtSigmaPipeline
-    raise ValueError(f"family must be one of {PIPELINE_FAMILIES}; got {family!r}")
-
-
-def load_xfuser_pipeline(
-    family: str, path: str | Path, engine_config: Any, device: str | torch.device = "cpu", **kwargs: Any
-) -> Any:
-    """``xFuser<Family>Pipeline.from_pretrained(path, engine_config=engine_config)`` moved to
-    ``device``: the same call a user makes with a real checkpoint.
-
-    Example:
-        >>> ec, _ = xfuser_engine_config(ulysses_degree=2)  # doctest: +SKIP
-        >>> pipe = load_xfuser_pipeline("flux", save_tiny_pipeline("flux", "/tmp/f"), ec)  # doctest: +SKIP
-    """
-    cls = xfuser_pipeline_class(family)
-    kwargs.setdefault("dtype", engine_config.runtime_config.dtype)
-    return cls.from_pretrained(str(path), engine_config=engine_config, **kwargs).to(device)
