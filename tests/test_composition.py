@@ -20,7 +20,7 @@ import torch
 
 from xslim_xdit import XSlimConfig, disable_xslim, enable_xslim, get_engine
 from xslim_xdit import testing as tiny_models  # tiny random transformers and a sampling loop
-from xslim_xdit import testing_pipelines as tiny_pipelines  # tiny complete diffusers pipelines
+from xslim_xdit.testing import pipelines as tiny_pipelines  # tiny complete diffusers pipelines
 
 STEPS = 4
 #: every step computed in full, so the output while enabled must equal the plain one bit for bit

@@ -18,8 +18,8 @@ import torch
 
 from xslim_xdit import ConfigError, Schedule, XSlimConfig, disable_xslim, enable_xslim
 from xslim_xdit import testing as tiny_models  # tiny random transformers and a sampling loop
-from xslim_xdit import testing_pipelines as tiny_pipelines  # tiny complete diffusers pipelines
 from xslim_xdit.parallel.sync import DecisionSync
+from xslim_xdit.testing import pipelines as tiny_pipelines  # tiny complete diffusers pipelines
 
 HEUN_STEPS = 3  # a Heun scheduler runs 2 * 3 - 1 = 5 transformer calls per branch
 

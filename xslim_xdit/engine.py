@@ -272,6 +272,7 @@ class XSlimEngine:
         self.start_run(self.default_steps)
 
     # ------------------------------------------------------------------ model hooks
+    @torch.compiler.disable(recursive=False)
     def _pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.room.controller is None:
             self._start_default_run()
@@ -291,6 +292,7 @@ class XSlimEngine:
         for obs in self.observers:
             obs.on_call_start(self, self._call_key)
 
+    @torch.compiler.disable(recursive=False)
     def _post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self._in_call = False
         plan, tally = self.plan, self.tally
@@ -333,6 +335,7 @@ class XSlimEngine:
             return original(*args, **kwargs)
         return self.executor.run_block(g, original, call, plan, tally)
 
+    @torch.compiler.disable
     def _begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
         caches = self.current_caches()
         img = call.img
