@@ -49,3 +49,30 @@ def test_compiled_transformer_matches_eager(family, name, order):
     # disabled again: the compiled module computes the plain model
     plain = sample(tiny_model(family), family, steps=STEPS)
     torch.testing.assert_close(sample(compiled, family, steps=STEPS), plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_compiled_forward_is_traced_with_one_break_at_the_decision(family):
+    """Under ``torch.compile`` the model's forward is really compiled with X-Slim on (a FLOP
+    counting dispatch mode used to keep dynamo from tracing it at all), and the only graph break
+    X-Slim causes is its decision point at block 0 (a ``torch.compiler.disable``d call), taken
+    once per call outside the compiled graph."""
+    from torch._dynamo.utils import counters
+
+    def compiled_run(cfg):
+        torch._dynamo.reset()
+        counters.clear()
+        m = tiny_model(family)
+        if cfg is not None:
+            enable_xslim(m, cfg, num_inference_steps=STEPS)
+        sample(torch.compile(m, backend="eager"), family, steps=STEPS)
+        return dict(counters["stats"]), dict(counters["graph_break"])
+
+    plain_stats, plain_breaks = compiled_run(None)
+    stats, breaks = compiled_run(CONFIGS["online"])
+    assert not plain_breaks
+    assert [reason.splitlines()[0] for reason in breaks] == [
+        "Skip inlining `torch.compiler.disable()`d function"
+    ]
+    # every call's blocks and model layers are in compiled graphs (more ops than one plain call's)
+    assert stats["calls_captured"] >= plain_stats["calls_captured"]

@@ -272,7 +272,7 @@ class XSlimEngine:
         self.start_run(self.default_steps)
 
     # ------------------------------------------------------------------ model hooks
-    @torch.compiler.disable(recursive=False)
+    @torch.compiler.disable
     def _pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.room.controller is None:
             self._start_default_run()
@@ -292,7 +292,7 @@ class XSlimEngine:
         for obs in self.observers:
             obs.on_call_start(self, self._call_key)
 
-    @torch.compiler.disable(recursive=False)
+    @torch.compiler.disable
     def _post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self._in_call = False
         plan, tally = self.plan, self.tally

@@ -63,6 +63,7 @@ class FlopMeter(EngineObserver):
     """FLOPs per call, counted with ``FlopCounterMode`` once per distinct shape: a full call of
     each input shape is counted whole (blocks and the rest of the model), and each block once per
     input shape; a cached call's FLOPs are its computed blocks' plus the rest of the model.
+    Calls through ``torch.compile`` are not counted (their records say 0).
 
     Example:
         >>> meter = FlopMeter()
@@ -77,6 +78,7 @@ class FlopMeter(EngineObserver):
         self._key: Hashable = None
         self._call_flops = 0
         self._full_block_flops: dict[Hashable, dict[int, int]] = {}
+        self.active = True
 
     def measure(self, key: Hashable, run: Callable[[], Any]) -> tuple[int, Any]:
         """``run()``'s output and its FLOPs (counted the first time ``key`` is seen)."""
@@ -90,11 +92,14 @@ class FlopMeter(EngineObserver):
     def on_call_start(self, engine: XSlimEngine, key: Hashable) -> None:
         self._finish_whole()
         self._key, self._call_flops = key, 0
-        if key not in self.cache:
+        self.active = not _called_through_compile()
+        if key not in self.cache and self.active:
             self._whole = (key, counter())
             self._whole[1].__enter__()
 
     def around_block(self, engine: XSlimEngine, key: Hashable, run: Callable[[], Any]) -> Any:
+        if not self.active:
+            return run()
         flops, out = self.measure(key, run)
         self._call_flops += flops
         g, full_rows = key[1], key[-1]  # type: ignore[index]
@@ -104,6 +109,8 @@ class FlopMeter(EngineObserver):
 
     def on_call_end(self, engine: XSlimEngine, record: StepRecord) -> None:
         self._finish_whole()
+        if not self.active:  # a compiled call: its FLOPs are not observable op by op
+            return
         full = self.cache.get(self._key, 0)
         nonblock = max(0, full - sum(self._full_block_flops.get(self._key, {}).values()))
         record.flops = (self._call_flops + nonblock) if full else 0
@@ -119,6 +126,15 @@ class FlopMeter(EngineObserver):
     def close(self) -> None:
         """Stop a count left open by a call that raised."""
         self._finish_whole()
+
+
+def _called_through_compile() -> bool:
+    """The transformer runs under ``torch.compile``: a dispatch mode such as ``FlopCounterMode``
+    would keep dynamo from compiling its forward at all, so FLOPs are counted on eager calls only."""
+    from torch._dynamo import eval_frame
+
+    probe = getattr(eval_frame, "_is_in_optimized_module", None)
+    return bool(probe()) if callable(probe) else False
 
 
 class ProfileRecorder(EngineObserver):
