@@ -272,7 +272,6 @@ class XSlimEngine:
         self.start_run(self.default_steps)
 
     # ------------------------------------------------------------------ model hooks
-    @torch.compiler.disable
     def _pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.room.controller is None:
             self._start_default_run()
@@ -292,7 +291,6 @@ class XSlimEngine:
         for obs in self.observers:
             obs.on_call_start(self, self._call_key)
 
-    @torch.compiler.disable
     def _post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self._in_call = False
         plan, tally = self.plan, self.tally
@@ -335,7 +333,6 @@ class XSlimEngine:
             return original(*args, **kwargs)
         return self.executor.run_block(g, original, call, plan, tally)
 
-    @torch.compiler.disable
     def _begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
         caches = self.current_caches()
         img = call.img
@@ -387,3 +384,40 @@ def _shape_key(args: tuple, kwargs: dict) -> tuple:
         return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
     return tuple(k(a) for a in args) + tuple((n, k(v)) for n, v in sorted(kwargs.items()))
+
+
+#: X-Slim's own modules whose Python dynamo never traces (see :func:`keep_out_of_compiled_graphs`).
+EAGER_MODULES = (
+    "xslim_xdit.adapters.base",
+    "xslim_xdit.caches",
+    "xslim_xdit.clock",
+    "xslim_xdit.controller",
+    "xslim_xdit.decision",
+    "xslim_xdit.engine",
+    "xslim_xdit.executor",
+    "xslim_xdit.flops",
+    "xslim_xdit.hooks",
+    "xslim_xdit.observers",
+    "xslim_xdit.parallel.pipeline",
+    "xslim_xdit.parallel.sync",
+    "xslim_xdit.stats",
+)
+
+
+def keep_out_of_compiled_graphs() -> None:
+    """Under ``torch.compile`` X-Slim's bookkeeping (step clock, decisions, cache updates,
+    statistics) runs as plain Python and the model's own code compiles: the decisions change from
+    step to step, and traced into a graph they would guard it on every step index, plan kind and
+    block mask (a recompilation per step, then dynamo's recompile limit and eager fallback).
+    Registered in dynamo's skip rules, X-Slim's modules are never traced; each block's own
+    forward, called from them, compiles once per input shape and is reused at every step.
+    (Token refresh's attention processors stay traceable: they are tensor code inside the block.)"""
+    try:
+        from torch._dynamo import trace_rules
+    except ImportError:  # a torch without dynamo: nothing is compiled
+        return
+    for name in EAGER_MODULES:
+        trace_rules.add(name)
+
+
+keep_out_of_compiled_graphs()

@@ -54,7 +54,7 @@ def check_reachable(num_steps: int, target_speedup: float, warmup_steps: int) ->
         >>> check_reachable(10, 5.0, 2)
         Traceback (most recent call last):
         ...
-        xslim_xdit.config.ConfigError: target_speedup=5.0 is out of reach for 10 steps: with warmup_steps=2 and the last step full, at most 3.33
+        xslim_xdit.schedule.ConfigError: target_speedup=5.0 is out of reach for 10 steps: with warmup_steps=2 and the last step full, at most 3.33
     """
     fixed = min(num_steps, warmup_steps + 1)
     if num_steps / fixed + 1e-9 < target_speedup:
