@@ -48,6 +48,12 @@ class CallTally:
     blocks_computed: int = 0
     tokens_computed: int = 0
     seg_in: torch.Tensor | None = None  # input of the managed blocks (the stack residual's base)
+    last_out: torch.Tensor | None = None  # the image stream the previous managed block returned
+    # What the model added to the image stream between blocks during this call (ControlNet
+    # residuals, VACE-style hints): it is not the blocks' work, so it stays out of the cached
+    # stack residual, which then means the same on the steps that reuse it (the model adds this
+    # step's additions again around the reused residual).
+    between: torch.Tensor | None = None
     probe_out: Any = None  # block 0's output when it ran as the probe
 
 
@@ -89,17 +95,19 @@ class PlanExecutor:
         if g == e.seg_start:
             tally.seg_in = call.img
         kind = plan.kind
+        if kind == StepKind.SKIP:  # no residual is recorded: what the model adds needs no bookkeeping
+            img = call.img + e.current_caches().stack_estimate(e.step) if g == e.seg_start else call.img
+            return e.adapter.make_output(stack, img, call.txt)
+        if g > e.seg_start:
+            _note_between(tally, call.img)
         last = g == len(e.blocks) - 1
         caches = e.current_caches()
-        if kind == StepKind.SKIP:
-            img = call.img + caches.stack_estimate(e.step) if g == e.seg_start else call.img
-            return e.adapter.make_output(stack, img, call.txt)
         if kind == StepKind.TOKEN:
             return self._token_block(g, original, call, caches, last)
         if kind == StepKind.BLOCK and plan.compute is not None and not plan.compute[g + e.block_offset]:
             d_img, d_txt = caches.block_estimate(g, e.step)
             txt = call.txt + d_txt if (call.txt is not None and d_txt is not None) else call.txt
-            out_img = call.img + d_img
+            out_img = tally.last_out = call.img + d_img
             if last:
                 self._finish_stack(caches, out_img, kind)
             return e.adapter.make_output(stack, out_img, txt)
@@ -115,6 +123,7 @@ class PlanExecutor:
         tally.blocks_computed += 1
         tally.tokens_computed += call.img.shape[0] * call.img.shape[1]
         out_img, out_txt = e.adapter.split_output(stack, out)
+        tally.last_out = out_img
         if e.use_block:
             d_txt = out_txt - call.txt if (out_txt is not None and call.txt is not None) else None
             caches.record_block(g, out_img - call.img, d_txt, e.step)
@@ -150,17 +159,24 @@ class PlanExecutor:
         out_sel, out_txt = e.adapter.split_output(call.stack, out)
         if last:
             assert tally.seg_in is not None
-            img = splice(tally.seg_in + caches.stack_estimate(e.step), idx, out_sel, flat)
+            # the tokens not refreshed: the stack input, what the model added between blocks this
+            # step, and the blocks' cached residual
+            base = tally.seg_in if tally.between is None else tally.seg_in + tally.between
+            img = splice(base + caches.stack_estimate(e.step), idx, out_sel, flat)
             self._finish_stack(caches, img, StepKind.TOKEN)
         else:
             img = splice(call.img, idx, out_sel, flat)
+        tally.last_out = img
         return e.adapter.make_output(call.stack, img, out_txt)
 
     def _finish_stack(self, caches: BranchCaches, out_img: torch.Tensor, kind: StepKind) -> None:
         e = self.engine
         tally, plan = e.tally, e.plan
         assert tally is not None and tally.seg_in is not None and plan is not None
-        res = (out_img - tally.seg_in).detach()
+        res = out_img - tally.seg_in
+        if tally.between is not None:
+            res = res - tally.between
+        res = res.detach()
         for obs in e.observers:
             obs.on_stack_residual(e, caches, res)
         if e.use_token:
@@ -170,3 +186,12 @@ class PlanExecutor:
                 caches.shift_token_history()
         exact = kind == StepKind.FULL and e.config.extrapolate == "linear"
         caches.record_stack(res, e.step, exact=exact)
+
+
+def _note_between(tally: CallTally, img: torch.Tensor) -> None:
+    """Add what the model changed in the image stream since the previous block returned it."""
+    prev = tally.last_out
+    if prev is None or img is prev or img.shape != prev.shape:
+        return
+    added = img - prev
+    tally.between = added if tally.between is None else tally.between + added
