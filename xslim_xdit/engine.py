@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.attention import TokenContext, install_kv_recorders
+from .adapters.attention import TokenAttentionHooks, TokenContext
 from .adapters.base import BlockCall, BlockStack, ModelAdapter, adapter_for
 from .caches import BranchCaches
 from .clock import StepClock
@@ -139,7 +140,7 @@ class XSlimEngine:
         self._sigs: dict[int, inspect.Signature] = {}
         self._hooks: BlockHooks | None = None
         self._handles: list[Any] = []
-        self._orig_processors: list[tuple[nn.Module, Any]] = []
+        self._token_attention: TokenAttentionHooks | None = None
         # run state
         self.run_index = -1
         self.num_steps: int | None = None
@@ -212,13 +213,12 @@ class XSlimEngine:
             self.model.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True)
         )
         if self.token_ctx is not None:
+            entries = []
             for si, blk in self.blocks:
-                attn = self.adapter.self_attention(blk)
-                self._handles.extend(
-                    install_kv_recorders(attn, self.token_ctx, self.stacks[si].attn_text_position)
-                )
-                self._orig_processors.append((attn, attn.processor))
-                attn.processor = self.adapter.token_processor(attn, self.stacks[si], self.token_ctx)
+                attn, stack = self.adapter.self_attention(blk), self.stacks[si]
+                make = functools.partial(self.adapter.token_processor, attn, stack, self.token_ctx)
+                entries.append((attn, make, stack.attn_text_position))
+            self._token_attention = TokenAttentionHooks(entries, self.token_ctx)
         return self
 
     def detach(self) -> None:
@@ -230,9 +230,9 @@ class XSlimEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for attn, proc in reversed(self._orig_processors):
-            attn.processor = proc
-        self._orig_processors.clear()
+        if self._token_attention is not None:
+            self._token_attention.remove()
+            self._token_attention = None
         if self.flop_meter is not None:
             self.flop_meter.close()
         self.reset_state()
@@ -344,6 +344,8 @@ class XSlimEngine:
             probe: torch.Tensor | None = self.adapter.split_output(call.stack, tally.probe_out)[0] - img
         else:
             probe = self._probe(blk0, call) if self.room.wants_probe else None
+        if self._token_attention is not None:
+            self._token_attention.refresh()  # a LoRA loaded or a processor set since the last call
         tick = time.perf_counter()
         kv_ready = self.token_ctx is not None and bool(self.token_ctx.kv)
         self.plan = self.room.decide(self.step, self.branch, caches, img, probe, token_kv_ready=kv_ready)

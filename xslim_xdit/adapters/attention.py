@@ -104,6 +104,56 @@ def install_kv_recorders(attn: nn.Module, ctx: TokenContext, text_position: str)
     return handles
 
 
+class TokenAttentionHooks:
+    """The token-refresh machinery on every block's self-attention: K/V recorders on ``to_k`` /
+    ``to_v`` and a token processor wrapping the attention's own processor.
+
+    :meth:`refresh` (each call) re-installs what a later change displaced: loading a LoRA with
+    peft after X-Slim wraps ``to_k``/``to_v`` in new modules (a recorder left on the old module
+    would keep the base layer's K/V, without the adapter's update, and token steps would attend
+    to wrong keys), and ``set_attn_processor`` replaces the token processor (queries for a few
+    tokens would then attend only among themselves). :meth:`remove` restores each attention's
+    processor unless someone replaced it since.
+    """
+
+    def __init__(self, entries: list[tuple[nn.Module, Callable[[], Any], str]], ctx: TokenContext) -> None:
+        #: per attention: (module, a factory of its token processor, text position)
+        self.entries = entries
+        self.ctx = ctx
+        self._installed: dict[int, tuple[Any, Any, list[Any], Any, Any]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        for attn, make_processor, text_position in self.entries:
+            done = self._installed.get(id(attn))
+            if (
+                done is not None
+                and done[0] is attn.to_k
+                and done[1] is attn.to_v
+                and done[4] is attn.processor
+            ):
+                continue
+            original = done[3] if done is not None and done[4] is attn.processor else attn.processor
+            if done is not None:
+                for handle in done[2]:
+                    handle.remove()
+                attn.processor = original  # the token processor wraps the current processor
+            handles = install_kv_recorders(attn, self.ctx, text_position)
+            processor = make_processor()
+            attn.processor = processor
+            self._installed[id(attn)] = (attn.to_k, attn.to_v, handles, original, processor)
+
+    def remove(self) -> None:
+        for attn, _, _ in self.entries:
+            done = self._installed.pop(id(attn), None)
+            if done is None:
+                continue
+            for handle in done[2]:
+                handle.remove()
+            if attn.processor is done[4]:
+                attn.processor = done[3]
+
+
 def flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
     """Row numbers of the per-sample positions ``index`` (B, k) in a (B, N, ...) tensor viewed as
     (B*N, ...): what :func:`splice` and :func:`gather_rows` index with. A step computes it once
