@@ -8,7 +8,7 @@ import torch
 from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
 from xslim_xdit.adapters import UnsupportedModelError, adapter_for
 from xslim_xdit.engine import XSlimRuntimeError
-from xslim_xdit.testing import make_inputs, sample, tiny_model
+from xslim_xdit.testing import make_inputs, sample, timesteps_for, tiny_model
 
 STEPS = 8
 
@@ -85,18 +85,44 @@ def test_caches_hold_only_what_levels_need():
     assert sizes["token"]["token_history"] > 0
 
 
-def test_caches_keep_the_model_dtype():
-    m = tiny_model("dit").to(torch.bfloat16)
-    eng = enable_xslim(m, XSlimConfig(warn=0.05, crit=0.5, polish="auto"), num_inference_steps=4)
-    x, cond = make_inputs("dit")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_every_level_runs_in_half_precision_with_caches_in_the_model_dtype(family, dtype):
+    """Skip, block and token steps in bf16 and fp16: the caches (stack and block residuals and
+    their slopes, K/V) keep the model's dtype and the output stays finite."""
+    m = tiny_model(family).to(dtype)
+    schedule = Schedule(10, full_steps=(0, 1, 5, 9), block_steps=(2, 6), token_steps=(3, 7))
+    eng = enable_xslim(m, XSlimConfig(mode="schedule", schedule=schedule), num_inference_steps=10)
+    x, cond = make_inputs(family)
+    cond = {
+        k: v.to(dtype) if v.is_floating_point() and k != "img_ids" and k != "txt_ids" else v
+        for k, v in cond.items()
+    }
+    outs = []
     with torch.no_grad():
-        for t in (900, 600, 300, 100):
-            m(x.bfloat16(), timestep=torch.tensor([t]), **cond)
+        for t in timesteps_for(family, 10):
+            outs.append(m(x.to(dtype), timestep=torch.tensor([t]), **cond).sample)
+    kinds = eng.statistics.summary()["kinds"]
     dtypes = {st.residual.dtype for st in eng.branches.values()}
     dtypes |= {t.dtype for pair in eng.token_ctx.kv.values() for t in pair if t is not None}
-    dtypes |= {tr.values[0].dtype for st in eng.branches.values() for tr in st.blocks.values()}
+    dtypes |= {
+        v.dtype
+        for st in eng.branches.values()
+        for tr in st.blocks.values()
+        for v in tr.values
+        if v is not None
+    }
+    dtypes |= {
+        v.dtype
+        for st in eng.branches.values()
+        for tr in st.blocks.values()
+        for v in (tr.slope or ())
+        if v is not None
+    }
     disable_xslim(m)
-    assert dtypes == {torch.bfloat16}
+    assert {"skip", "block", "token", "full"} <= set(kinds)
+    assert dtypes == {dtype}
+    assert all(torch.isfinite(o).all() for o in outs)
 
 
 def test_separate_guidance_calls_share_one_decision():
