@@ -3,6 +3,8 @@
 before any model runs. Each case gave a ``TypeError``, ``AttributeError``, a bare
 ``ValueError`` or no error at all before."""
 
+import json
+
 import pytest
 
 from xslim_xdit import ConfigError, Schedule, XSlimConfig
@@ -58,3 +60,80 @@ def test_step_lists_still_accept_any_iterable_of_ints():
     s = Schedule(num_steps=6, full_steps=range(0, 6, 5), block_steps=[2], token_steps={3, 1})
     assert (s.full_steps, s.block_steps, s.token_steps) == ((0, 5), (2,), (1, 3))
     assert Schedule.from_dict(s.to_dict()) == s
+
+
+# ---------------------------------------------------------------- XSlimConfig fields
+
+
+@pytest.mark.parametrize("bad", [5, 5.0, True, b"ab", {1.0, 2.0}, {"a": 1}])
+def test_rescale_must_be_a_name_or_a_coefficient_sequence(bad):
+    """``rescale=5`` gave ``TypeError: 'int' object is not iterable``; bytes and sets were read
+    as coefficients."""
+    with pytest.raises(
+        ConfigError, match=r"^rescale must be None, one of \['flux', 'hunyuan_video'\], or a sequence"
+    ):
+        XSlimConfig(rescale=bad)
+
+
+def test_rescale_still_accepts_names_and_coefficients():
+    assert XSlimConfig(rescale=[1.0, 0.0]).rescale == (1.0, 0.0)
+    assert XSlimConfig(rescale="flux").rescale == "flux"
+
+
+@pytest.mark.parametrize("bad", [None, 3, "warn=0.1", [("warn", 0.1)]])
+def test_from_dict_needs_a_mapping(bad):
+    """``from_dict(None)`` gave ``TypeError: 'NoneType' object is not iterable``."""
+    with pytest.raises(ConfigError, match=r"^config must be a mapping of field names to values"):
+        XSlimConfig.from_dict(bad)
+
+
+def test_from_dict_lists_unknown_keys_of_mixed_types():
+    with pytest.raises(ConfigError, match=r"^config must be a mapping with keys among .*got \[1, 'wran'\]"):
+        XSlimConfig.from_dict({1: 2, "wran": 0.3})
+
+
+# ---------------------------------------------------------------- presets and their overrides
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"mode": "online"}, "mode"),
+        ({"warn": 0.2}, "warn"),
+        ({"crit": 0.5}, "crit"),
+        ({"warmup_steps": 5}, "warmup_steps"),
+        ({"polish": "token"}, "polish"),
+        ({"partial_reset": 1.0}, "partial_reset"),
+        ({"max_skips": 2}, "max_skips"),
+        ({"rescale": "flux"}, "rescale"),
+        ({"last_step_full": False}, "last_step_full"),
+        ({"schedule": Schedule(4, (0, 3))}, "schedule"),
+        ({"preset": "flux-slow"}, "preset"),
+    ],
+)
+def test_from_preset_refuses_conflicting_overrides(overrides, field):
+    """Only ``mode`` was refused; the online fields were accepted and never read, another
+    ``schedule`` replaced the preset's, ``preset=`` twice gave ``TypeError``."""
+    with pytest.raises(ConfigError, match=rf"^{field} must be"):
+        XSlimConfig.from_preset("flux-fast", **overrides)
+    if field != "preset":
+        with pytest.raises(ConfigError, match=rf"^{field} must be"):
+            XSlimConfig(preset="flux-fast", **overrides)
+
+
+@pytest.mark.parametrize("bad", [None, "flux-medium", 3])
+def test_from_preset_needs_a_preset_name(bad):
+    """``from_preset(None)`` built an online config."""
+    with pytest.raises(ConfigError, match=r"^preset must be one of \['flux-fast'"):
+        XSlimConfig.from_preset(bad)
+
+
+def test_preset_configs_still_take_schedule_fields_and_round_trip():
+    cfg = XSlimConfig.from_preset("flux-fast", token_ratio=0.5, block_thresh=(1.0, 4.0))
+    assert cfg.mode == "schedule" and cfg.token_ratio == 0.5 and cfg.block_thresh == (1.0, 4.0)
+    assert cfg == XSlimConfig(preset="flux-fast", token_ratio=0.5, block_thresh=(1.0, 4.0))
+    # every field is explicit in the JSON form: defaults and the preset's own schedule are no conflict
+    assert XSlimConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert cfg.replace(token_ratio=0.6).token_ratio == 0.6
+    with pytest.raises(ConfigError, match=r"^warn must be left out with preset='flux-fast'"):
+        cfg.replace(warn=0.2)
