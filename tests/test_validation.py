@@ -8,6 +8,7 @@ import json
 import pytest
 
 from xslim_xdit import ConfigError, Schedule, XSlimConfig
+from xslim_xdit.calibration import CalibrationResult
 
 # ---------------------------------------------------------------- Schedule step lists
 
@@ -137,3 +138,101 @@ def test_preset_configs_still_take_schedule_fields_and_round_trip():
     assert cfg.replace(token_ratio=0.6).token_ratio == 0.6
     with pytest.raises(ConfigError, match=r"^warn must be left out with preset='flux-fast'"):
         cfg.replace(warn=0.2)
+
+
+# ---------------------------------------------------------------- calibration files
+
+SCHEDULE = {"num_steps": 4, "full_steps": [0, 3], "token_steps": [1]}
+
+
+def _result(**kw):
+    base = dict(
+        schedule=Schedule(num_steps=4, full_steps=(0, 3), token_steps=(1,)),
+        warn=None,
+        crit=None,
+        polish="none",
+        token_ratio=0.5,
+        block_thresh=2.0,
+        indicator="residual_change",
+        estimated_fraction=0.5,
+        strategy="optimal",
+    )
+    return CalibrationResult(**{**base, **kw})
+
+
+def test_per_stack_block_thresh_round_trips(tmp_path):
+    """``block_thresh`` as a per-stack tuple was written as a list and read back with
+    ``float(list)``: ``TypeError``."""
+    path = tmp_path / "c.json"
+    r = _result(block_thresh=(1.5, 10.0))
+    r.save(path)
+    again = CalibrationResult.load(path)
+    assert again == r and again.block_thresh == (1.5, 10.0)
+    assert again.config().block_thresh == (1.5, 10.0)
+    assert _result(block_thresh=[1.5, 10.0]).block_thresh == (1.5, 10.0)
+
+
+def _write(tmp_path, obj):
+    path = tmp_path / "c.json"
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, key",
+    [
+        ("{not json", "not JSON"),
+        ([1, 2], "the file must hold a JSON object"),
+        ({"thresholds": {}}, r"missing keys \['schedule'\]"),
+        ({"schedule": SCHEDULE}, r"missing keys \['thresholds'\]"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "bogus": 1}, r"unknown keys \['bogus'\]"),
+        ({"schedule": None, "thresholds": {}}, "schedule must be a mapping"),
+        ({"schedule": {"num_steps": 4, "full_steps": 0}, "thresholds": {}}, r"schedule\.full_steps must be"),
+        ({"schedule": SCHEDULE, "thresholds": None}, "thresholds must be an object"),
+        ({"schedule": SCHEDULE, "thresholds": [1]}, "thresholds must be an object"),
+        ({"schedule": SCHEDULE, "thresholds": {"wran": 1}}, r"thresholds has unknown keys \['wran'\]"),
+        (
+            {"schedule": SCHEDULE, "thresholds": {"warn": "a", "crit": 1}},
+            r"thresholds\.warn must be null or a number",
+        ),
+        (
+            {"schedule": SCHEDULE, "thresholds": {"warn": 0.1}},
+            r"thresholds\.warn and thresholds\.crit must be both",
+        ),
+        ({"schedule": SCHEDULE, "thresholds": {"warn": 0.5, "crit": 0.1}}, r"crit must be > warn"),
+        (
+            {"schedule": SCHEDULE, "thresholds": {"block_thresh": "x"}},
+            r"thresholds\.block_thresh must be a number or",
+        ),
+        (
+            {"schedule": SCHEDULE, "thresholds": {"block_thresh": []}},
+            r"thresholds\.block_thresh must be a number or",
+        ),
+        (
+            {"schedule": SCHEDULE, "thresholds": {"block_thresh": [1, None]}},
+            r"thresholds\.block_thresh must be",
+        ),
+        (
+            {"schedule": SCHEDULE, "thresholds": {"block_thresh": [1, -2]}},
+            r"block_thresh must be a number > 0",
+        ),
+        ({"schedule": SCHEDULE, "thresholds": {}, "token_ratio": None}, "token_ratio must be a number"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "token_ratio": "x"}, "token_ratio must be a number"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "num_runs": "x"}, r"num_runs must be an integer >= 1"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "num_runs": 1.5}, r"num_runs must be an integer >= 1"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "profile": 3}, "profile must be a list"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "candidates": 3}, "candidates must be a list"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "polish": "bogus"}, "polish must be one of"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "strategy": 3}, "strategy must be one of"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "indicator": 3}, "indicator must be a string"),
+        ({"schedule": SCHEDULE, "thresholds": {}, "extrapolate": 3}, "extrapolate must be one of"),
+        (
+            {"schedule": SCHEDULE, "thresholds": {}, "estimated_flops_fraction": "x"},
+            "estimated_flops_fraction must",
+        ),
+    ],
+)
+def test_malformed_calibration_files_name_the_key(tmp_path, content, key):
+    path = _write(tmp_path, content)
+    with pytest.raises(ConfigError, match=rf"^calibration file {path}: .*{key}"):
+        CalibrationResult.load(path)
