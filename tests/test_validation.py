@@ -3,6 +3,7 @@
 before any model runs. Each case gave a ``TypeError``, ``AttributeError``, a bare
 ``ValueError`` or no error at all before."""
 
+import argparse
 import json
 
 import pytest
@@ -236,3 +237,85 @@ def test_malformed_calibration_files_name_the_key(tmp_path, content, key):
     path = _write(tmp_path, content)
     with pytest.raises(ConfigError, match=rf"^calibration file {path}: .*{key}"):
         CalibrationResult.load(path)
+
+
+# ---------------------------------------------------------------- the xDiT command line
+
+
+def _parse(argv):
+    from xslim_xdit.integrations.xfuser import add_xslim_args, config_from_args  # imports no xfuser
+
+    return config_from_args(add_xslim_args(argparse.ArgumentParser()).parse_args(argv))
+
+
+ONLINE_FLAGS = [
+    ("--xslim-warn", "0.1"),
+    ("--xslim-crit", "0.5"),
+    ("--xslim-warmup", "2"),
+    ("--xslim-polish", "token"),
+    ("--xslim-rescale", "flux"),
+]
+
+
+@pytest.mark.parametrize("flag, value", ONLINE_FLAGS)
+def test_preset_with_an_online_flag_is_an_error(flag, value):
+    """Every ``--xslim-*`` tuning flag was silently dropped beside ``--xslim-preset``."""
+    with pytest.raises(ConfigError, match=rf"^--xslim-preset and {flag} cannot be combined"):
+        _parse(["--xslim", "--xslim-preset", "flux-fast", flag, value])
+    # the underscore spelling (xDiT's FlexibleArgumentParser rewrites dashes) is the same flag
+    with pytest.raises(ConfigError, match=rf"^--xslim-preset and {flag} cannot be combined"):
+        _parse(["--xslim", "--xslim_preset", "flux-fast", flag.replace("-", "_").replace("__", "--"), value])
+
+
+@pytest.mark.parametrize("flag, value", ONLINE_FLAGS)
+def test_schedule_file_with_an_online_flag_is_an_error(tmp_path, flag, value):
+    path = tmp_path / "c.json"
+    _result().save(path)
+    with pytest.raises(ConfigError, match=rf"^--xslim-schedule and {flag} cannot be combined"):
+        _parse(["--xslim", "--xslim-schedule", str(path), flag, value])
+
+
+def test_preset_and_schedule_file_exclude_each_other(tmp_path):
+    path = tmp_path / "c.json"
+    _result().save(path)
+    with pytest.raises(ConfigError, match=r"^--xslim-preset and --xslim-schedule cannot be combined"):
+        _parse(["--xslim", "--xslim-preset", "flux-fast", "--xslim-schedule", str(path)])
+
+
+@pytest.mark.parametrize(
+    "argv", [["--xslim-preset", "flux-fast"], ["--xslim-warn", "0.1"], ["--xslim-schedule", "x.json"]]
+)
+def test_xslim_flags_without_xslim_are_an_error(argv):
+    with pytest.raises(ConfigError, match=rf"^{argv[0]} is given without --xslim"):
+        _parse(argv)
+
+
+def test_schedule_fields_override_the_preset_and_the_file(tmp_path):
+    """``--xslim-token-ratio`` / ``--xslim-block-thresh`` apply to a preset as
+    ``from_preset(name, token_ratio=...)`` does (they were dropped before)."""
+    cfg = _parse(
+        ["--xslim", "--xslim-preset", "flux-fast", "--xslim-token-ratio", "0.5", "--xslim-block-thresh", "3"]
+    )
+    assert cfg == XSlimConfig.from_preset("flux-fast", token_ratio=0.5, block_thresh=3.0)
+    path = tmp_path / "c.json"
+    _result().save(path)
+    assert (
+        _parse(["--xslim", "--xslim-schedule", str(path), "--xslim-token-ratio", "0.25"]).token_ratio == 0.25
+    )
+
+
+def test_cli_defaults_are_the_config_defaults():
+    assert _parse([]) is None
+    assert _parse(["--xslim"]) == XSlimConfig()
+    assert _parse(["--xslim", "--xslim-warn", "0.05", "--xslim-polish", "block"]) == XSlimConfig(
+        warn=0.05, polish="block"
+    )
+    assert _parse(["--xslim", "--xslim-preset", "flux-fast"]) == XSlimConfig.from_preset("flux-fast")
+
+
+def test_xfuser_module_re_exports_the_cli():
+    """The flags live in ``integrations.cli`` (plain argparse); ``integrations.xfuser`` keeps the names."""
+    from xslim_xdit.integrations import cli, xfuser
+
+    assert xfuser.add_xslim_args is cli.add_xslim_args
+    assert xfuser.config_from_args is cli.config_from_args
