@@ -319,3 +319,60 @@ def test_xfuser_module_re_exports_the_cli():
 
     assert xfuser.add_xslim_args is cli.add_xslim_args
     assert xfuser.config_from_args is cli.config_from_args
+
+
+# ---------------------------------------------------------------- enable_xslim and calibrate arguments
+
+
+@pytest.fixture(scope="module")
+def tiny_dit():
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        sample_size=8,
+        num_embeds_ada_norm=10,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_inference_steps": 0}, r"^num_inference_steps must be None or an integer >= 1"),
+        ({"num_inference_steps": "10"}, r"^num_inference_steps must be None or an integer >= 1"),
+        ({"num_inference_steps": 10, "sync": "x"}, r"^sync must be None or a DecisionSync"),
+        ({"num_inference_steps": 10, "observers": 5}, r"^observers must be a list of EngineObserver"),
+    ],
+)
+def test_enable_xslim_checks_its_arguments_before_patching(tiny_dit, kwargs, message):
+    """``observers=5`` gave ``TypeError``, ``sync='x'`` was accepted (and failed at the first
+    step), ``num_inference_steps`` gave a plain ``ValueError`` from inside the engine."""
+    from xslim_xdit import enable_xslim, get_engine
+
+    with pytest.raises(ConfigError, match=message):
+        enable_xslim(tiny_dit, XSlimConfig(), **kwargs)
+    assert get_engine(tiny_dit) is None
+
+
+@pytest.mark.parametrize(
+    "run, kwargs, message",
+    [
+        (5, {}, r"^run must be a callable or a non-empty sequence of callables"),
+        (None, {"warn_fraction": "x"}, r"^warn_fraction must be in \(0, 1\)"),
+        (None, {"num_inference_steps": "10"}, r"^num_inference_steps must be None or an integer >= 1"),
+        (None, {"num_inference_steps": 0}, r"^num_inference_steps must be None or an integer >= 1"),
+    ],
+)
+def test_calibrate_checks_its_arguments_before_running(tiny_dit, run, kwargs, message):
+    """``run=5`` and ``warn_fraction='x'`` gave ``TypeError``; ``num_inference_steps=0`` gave
+    ``ZeroDivisionError``."""
+    from xslim_xdit.calibration import calibrate
+
+    calls = []
+    with pytest.raises(ConfigError, match=message):
+        calibrate(tiny_dit, run if run is not None else (lambda: calls.append(1)), **kwargs)
+    assert calls == []
