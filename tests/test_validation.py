@@ -243,7 +243,7 @@ def test_malformed_calibration_files_name_the_key(tmp_path, content, key):
 
 
 def _parse(argv):
-    from xslim_xdit.integrations.xfuser import add_xslim_args, config_from_args  # imports no xfuser
+    from xslim_xdit.integrations.cli import add_xslim_args, config_from_args
 
     return config_from_args(add_xslim_args(argparse.ArgumentParser()).parse_args(argv))
 
@@ -314,11 +314,27 @@ def test_cli_defaults_are_the_config_defaults():
 
 
 def test_xfuser_module_re_exports_the_cli():
-    """The flags live in ``integrations.cli`` (plain argparse); ``integrations.xfuser`` keeps the names."""
-    from xslim_xdit.integrations import cli, xfuser
+    """The flags live in ``integrations.cli`` (plain argparse, imported here); ``integrations.xfuser``
+    keeps the names (checked in a fresh interpreter, as the suite keeps xfuser modules out of
+    this process; its ``__test__`` doctests run in tests/test_doctests_in_subprocess.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    assert xfuser.add_xslim_args is cli.add_xslim_args
-    assert xfuser.config_from_args is cli.config_from_args
+    root = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    )
+    code = (
+        "from xslim_xdit.integrations import cli, xfuser\n"
+        "assert xfuser.add_xslim_args is cli.add_xslim_args\n"
+        "assert xfuser.config_from_args is cli.config_from_args\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- enable_xslim and calibrate arguments

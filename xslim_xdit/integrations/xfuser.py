@@ -37,6 +37,21 @@ from ..parallel.sync import GroupSync, LocalSync
 from .cli import add_xslim_args as add_xslim_args  # the command line lives in cli.py
 from .cli import config_from_args as config_from_args
 
+#: the command line, reached through this module as the README imports it (doctest.testmod runs
+#: these; functions defined in cli.py are not this module's)
+__test__ = {
+    "command_line": """
+    >>> import argparse
+    >>> p = add_xslim_args(argparse.ArgumentParser())
+    >>> config_from_args(p.parse_args(["--xslim", "--xslim-preset", "flux-fast"])).preset
+    'flux-fast'
+    >>> config_from_args(p.parse_args(["--xslim", "--xslim-preset", "flux-fast", "--xslim-crit", "0.5"]))
+    Traceback (most recent call last):
+    ...
+    xslim_xdit.schedule.ConfigError: --xslim-preset and --xslim-crit cannot be combined: --xslim-preset runs a fixed schedule and never reads --xslim-warn, --xslim-crit, --xslim-warmup, --xslim-polish, --xslim-rescale; drop --xslim-crit, or drop --xslim-preset to run the online controller
+    """
+}
+
 _GENERATION_GROUPS: dict[tuple[int, ...], Any] = {}
 
 
