@@ -94,6 +94,23 @@ def test_from_dict_lists_unknown_keys_of_mixed_types():
         XSlimConfig.from_dict({1: 2, "wran": 0.3})
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: XSlimConfig(wran=0.1),
+        lambda: XSlimConfig().replace(wran=0.1),
+        lambda: XSlimConfig.from_preset("flux-fast", token_ration=0.5),
+    ],
+)
+def test_an_unknown_field_name_is_a_config_error(build):
+    """A misspelt field gave ``TypeError: ... got an unexpected keyword argument``."""
+    with pytest.raises(
+        ConfigError,
+        match=r"^config must be built from fields among \['block_first_n'.*got \['(wran|token_ration)'\]",
+    ):
+        build()
+
+
 # ---------------------------------------------------------------- presets and their overrides
 
 

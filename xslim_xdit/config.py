@@ -344,6 +344,9 @@ def _build_presets(generated_init: Callable[..., None]) -> Callable[..., None]:
         explicit = dict(zip(field_names, args, strict=False))
         if len(args) > len(field_names) or explicit.keys() & kwargs.keys():
             return generated_init(self, *args, **kwargs)  # let the dataclass refuse the call
+        unknown = sorted(kwargs.keys() - set(field_names))
+        if unknown:
+            _fail("config", f"built from fields among {sorted(field_names)}", unknown)
         explicit.update(kwargs)
         name = explicit.get("preset")
         if name is None:
