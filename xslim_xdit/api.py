@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import XSlimConfig
+from .config import ConfigError, XSlimConfig
 from .engine import XSlimEngine
 from .hooks import SchedulerHooks, inner_scheduler, is_wrapped_scheduler
 from .observers import EngineObserver
@@ -84,6 +84,20 @@ def enable_xslim(
     config = XSlimConfig() if config is None else config
     if not isinstance(config, XSlimConfig):
         raise TypeError(f"config must be an XSlimConfig; got {type(config).__name__}")
+    if num_inference_steps is not None and (
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, int)
+        or num_inference_steps < 1
+    ):
+        raise ConfigError(f"num_inference_steps must be None or an integer >= 1; got {num_inference_steps!r}")
+    if sync is not None and not isinstance(sync, DecisionSync):
+        raise ConfigError(
+            f"sync must be None or a DecisionSync (xslim_xdit.parallel: LocalSync, GroupSync); got {sync!r}"
+        )
+    if not isinstance(observers, (list, tuple)) or not all(isinstance(o, EngineObserver) for o in observers):
+        raise ConfigError(
+            f"observers must be a list of EngineObserver (xslim_xdit.observers); got {observers!r}"
+        )
     pipe, transformer = _split(pipe_or_transformer)
     if getattr(transformer, _ENGINE_ATTR, None) is not None:
         disable_xslim(pipe_or_transformer)

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -180,7 +180,17 @@ class XSlimConfig:
             if self.rescale not in RESCALE_POLYNOMIALS:
                 _fail("rescale", f"None, coefficients, or one of {sorted(RESCALE_POLYNOMIALS)}", self.rescale)
         elif self.rescale is not None:
-            coeffs = tuple(self.rescale)
+            rescale = self.rescale
+            if hasattr(rescale, "tolist") and not isinstance(rescale, Sequence):
+                rescale = rescale.tolist()  # a 1-D numpy array or tensor of coefficients
+            if not isinstance(rescale, Sequence) or isinstance(rescale, (str, bytes, bytearray)):
+                _fail(
+                    "rescale",
+                    f"None, one of {sorted(RESCALE_POLYNOMIALS)}, or a sequence of polynomial coefficients "
+                    "(highest degree first, e.g. (1.0, 0.0) for the identity)",
+                    self.rescale,
+                )
+            coeffs = tuple(rescale)
             if not coeffs or any(
                 isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) for c in coeffs
             ):
@@ -203,11 +213,13 @@ class XSlimConfig:
     def levels(self) -> tuple[str, ...]:
         """The reuse levels this config can use, among ``step``, ``block``, ``token``."""
         if self.mode == "schedule":
-            assert self.schedule is not None
+            schedule = self.schedule
+            if not isinstance(schedule, Schedule):  # only if a built config was mutated by force
+                _fail("schedule", "a Schedule when mode='schedule' (build the config again)", schedule)
             out = ["step"]
-            if self.schedule.block_steps:
+            if schedule.block_steps:
                 out.append("block")
-            if self.schedule.token_steps:
+            if schedule.token_steps:
                 out.append("token")
             return tuple(out)
         return {
@@ -236,10 +248,23 @@ class XSlimConfig:
     def from_preset(cls, name: str, **overrides: Any) -> XSlimConfig:
         """Build a schedule-mode config from a published preset (rescaled at run time).
 
+        ``overrides`` may change the fields a schedule run reads (``token_ratio``,
+        ``block_thresh``, ...); the online controller's fields (``warn``, ``crit``, ``polish``,
+        ...), another ``mode``, ``schedule`` or ``preset`` conflict with the preset and raise
+        :class:`ConfigError`.
+
         Example:
             >>> XSlimConfig.from_preset("hunyuan_video-fast").token_ratio
             0.8
+            >>> XSlimConfig.from_preset("flux-fast", warn=0.2)
+            Traceback (most recent call last):
+            ...
+            xslim_xdit.schedule.ConfigError: warn must be left out with preset='flux-fast' (a preset runs its schedule and never reads warn, crit, warmup_steps, last_step_full, polish, partial_reset, max_skips, rescale; use mode='online' without a preset to set them); got 0.2
         """
+        if not isinstance(name, str) or name not in PRESETS:
+            _fail("preset", f"one of {sorted(PRESETS)}", name)
+        if "preset" in overrides:
+            _fail("preset", f"named once (from_preset({name!r}) already names it)", overrides["preset"])
         return cls(preset=name, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,11 +279,24 @@ class XSlimConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> XSlimConfig:
+    def from_dict(cls, d: Mapping[str, Any]) -> XSlimConfig:
+        """The config :meth:`to_dict` describes (the form ``to_json`` writes), validated.
+
+        Example:
+            >>> cfg = XSlimConfig(warn=0.1, crit=0.3, block_thresh=(1.5, 10.0))
+            >>> XSlimConfig.from_dict(json.loads(cfg.to_json())) == cfg
+            True
+            >>> XSlimConfig.from_dict(None)
+            Traceback (most recent call last):
+            ...
+            xslim_xdit.schedule.ConfigError: config must be a mapping of field names to values (e.g. json.loads(config.to_json())); got None
+        """
         names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, Mapping):
+            _fail("config", "a mapping of field names to values (e.g. json.loads(config.to_json()))", d)
         unknown = set(d) - names
         if unknown:
-            _fail("config", f"a mapping with keys among {sorted(names)}", sorted(unknown))
+            _fail("config", f"a mapping with keys among {sorted(names)}", sorted(unknown, key=str))
         kw = dict(d)
         if isinstance(kw.get("schedule"), dict):
             kw["schedule"] = Schedule.from_dict(kw["schedule"])
@@ -271,17 +309,44 @@ class XSlimConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
+#: the online controller's fields: a schedule run (a preset) never reads them
+_ONLINE_ONLY = (
+    "warn",
+    "crit",
+    "warmup_steps",
+    "last_step_full",
+    "polish",
+    "partial_reset",
+    "max_skips",
+    "rescale",
+)
+
+
+def _same(value: Any, default: Any) -> bool:
+    """``value == default`` for a field value of any type (False where it cannot be compared)."""
+    if isinstance(value, bool) or isinstance(default, bool) or value is None or default is None:
+        return value is default
+    try:
+        return bool(value == default)
+    except Exception:
+        return False
+
+
 def _build_presets(generated_init: Callable[..., None]) -> Callable[..., None]:
     """Wrap the dataclass's ``__init__`` so that ``XSlimConfig(preset=name, **fields)`` builds the
     preset with ``fields`` overriding it. Done before the generated ``__init__`` runs because only
     there is it known which fields were passed: a field equal to its default may be an override."""
     field_names = [f.name for f in dataclasses.fields(XSlimConfig)]
+    defaults = {f.name: f.default for f in dataclasses.fields(XSlimConfig)}
 
     @functools.wraps(generated_init)
     def __init__(self: XSlimConfig, *args: Any, **kwargs: Any) -> None:
         explicit = dict(zip(field_names, args, strict=False))
         if len(args) > len(field_names) or explicit.keys() & kwargs.keys():
             return generated_init(self, *args, **kwargs)  # let the dataclass refuse the call
+        unknown = sorted(kwargs.keys() - set(field_names))
+        if unknown:
+            _fail("config", f"built from fields among {sorted(field_names)}", unknown)
         explicit.update(kwargs)
         name = explicit.get("preset")
         if name is None:
@@ -290,7 +355,30 @@ def _build_presets(generated_init: Callable[..., None]) -> Callable[..., None]:
             _fail("preset", f"None or one of {sorted(PRESETS)}", name)
         if explicit.get("mode", "schedule") != "schedule":
             _fail("mode", f"'schedule' (or left out) with preset={name!r}", explicit["mode"])
-        return generated_init(self, **{**PRESETS[name], "mode": "schedule", **explicit})
+        preset = PRESETS[name]
+        for key in _ONLINE_ONLY:
+            if key in explicit and not _same(explicit[key], defaults[key]):
+                _fail(
+                    key,
+                    f"left out with preset={name!r} (a preset runs its schedule and never reads "
+                    f"{', '.join(_ONLINE_ONLY)}; use mode='online' without a preset to set them)",
+                    explicit[key],
+                )
+        if explicit.get("schedule") is not None:
+            given = explicit["schedule"]
+            if isinstance(given, Mapping):
+                given = Schedule.from_dict(given)
+            if given != preset.get("schedule"):
+                _fail(
+                    "schedule",
+                    f"left out with preset={name!r} (the preset is a schedule; pass preset=None "
+                    "with mode='schedule' to follow your own)",
+                    explicit["schedule"],
+                )
+            explicit["schedule"] = given
+        else:
+            explicit.pop("schedule", None)
+        return generated_init(self, **{**preset, "mode": "schedule", **explicit})
 
     return __init__
 

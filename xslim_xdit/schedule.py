@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,17 +23,32 @@ def _fail(field_name: str, accepted: str, got: Any) -> None:
     raise ConfigError(f"{field_name} must be {accepted}; got {got!r}")
 
 
-def _check_steps(name: str, steps: Iterable[Any], num_steps: int) -> tuple[int, ...]:
+def _check_steps(name: str, steps: Any, num_steps: int) -> tuple[int, ...]:
+    """``steps`` as a sorted tuple, or :class:`ConfigError` naming ``name``. Linear in the number
+    of steps (repeats are found with a set)."""
+    accepted = f"a list of integer step indices in [0, {num_steps - 1}]"
+    if (
+        steps is None
+        or isinstance(steps, (str, bytes, bytearray, Mapping))
+        or not isinstance(steps, Iterable)
+    ):
+        _fail(name, accepted + " (use [] for none)", steps)
     out = []
+    seen: set[int] = set()
+    repeated: set[int] = set()
     for s in steps:
         if isinstance(s, bool) or not isinstance(s, int):
-            _fail(name, f"a list of integer step indices in [0, {num_steps - 1}]", s)
+            _fail(name, accepted, s)
         if not 0 <= s < num_steps:
             _fail(name, f"a list of step indices in [0, {num_steps - 1}] (num_steps={num_steps})", s)
+        if s in seen:
+            repeated.add(s)
+        seen.add(s)
         out.append(s)
-    if len(set(out)) != len(out):
-        dup = sorted({s for s in out if out.count(s) > 1})
-        _fail(name, "a list without repeated steps", dup)
+    if repeated:
+        raise ConfigError(
+            f"{name} must be a list without repeated steps; repeated: {', '.join(map(str, sorted(repeated)))}"
+        )
     return tuple(sorted(out))
 
 
@@ -113,6 +128,12 @@ class Schedule:
         return Schedule(num_steps, tuple(sorted(full)), tuple(sorted(block)), tuple(sorted(token)))
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form (lists of step indices).
+
+        Example:
+            >>> Schedule(4, (0, 3), token_steps=(1,)).to_dict()
+            {'num_steps': 4, 'full_steps': [0, 3], 'block_steps': [], 'token_steps': [1]}
+        """
         return {
             "num_steps": self.num_steps,
             "full_steps": list(self.full_steps),
@@ -121,17 +142,30 @@ class Schedule:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Schedule:
-        unknown = set(d) - {"num_steps", "full_steps", "block_steps", "token_steps"}
+    def from_dict(cls, d: Mapping[str, Any]) -> Schedule:
+        """The schedule :meth:`to_dict` describes, validated; anything but a mapping with those keys
+        (``num_steps`` and ``full_steps`` required) raises :class:`ConfigError`.
+
+        Example:
+            >>> Schedule.from_dict({"num_steps": 4, "full_steps": [0, 3]}).kind_of(3)
+            'full'
+            >>> Schedule.from_dict(None)
+            Traceback (most recent call last):
+            ...
+            xslim_xdit.schedule.ConfigError: schedule must be a mapping with keys num_steps, full_steps, block_steps, token_steps; got None
+        """
+        keys = ("num_steps", "full_steps", "block_steps", "token_steps")
+        if not isinstance(d, Mapping):
+            _fail("schedule", "a mapping with keys " + ", ".join(keys), d)
+        unknown = set(d) - set(keys)
         if unknown:
-            _fail(
-                "schedule",
-                "a mapping with keys num_steps, full_steps, block_steps, token_steps",
-                sorted(unknown),
-            )
+            _fail("schedule", "a mapping with keys " + ", ".join(keys), sorted(unknown, key=str))
+        missing = [k for k in ("num_steps", "full_steps") if k not in d]
+        if missing:
+            _fail(f"schedule.{missing[0]}", "given (a mapping with num_steps and full_steps at least)", None)
         return cls(
-            num_steps=d.get("num_steps"),
-            full_steps=tuple(d.get("full_steps", ())),
-            block_steps=tuple(d.get("block_steps", ())),
-            token_steps=tuple(d.get("token_steps", ())),
+            num_steps=d["num_steps"],
+            full_steps=d["full_steps"],
+            block_steps=d.get("block_steps", ()),
+            token_steps=d.get("token_steps", ()),
         )

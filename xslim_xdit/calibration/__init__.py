@@ -222,10 +222,12 @@ def _validate(
 ) -> tuple[list[Callable[[], Any]], str, int]:
     """Check :func:`calibrate`'s arguments before anything runs (errors name the parameter and
     its range); returns the runs as a list, and ``polish`` and ``warmup_steps`` resolved."""
-    runs = [run] if callable(run) else list(run)
+    runs = [run] if callable(run) else list(run) if isinstance(run, (list, tuple)) else []
     if not runs or not all(callable(r) for r in runs):
         raise ConfigError(f"run must be a callable or a non-empty sequence of callables; got {run!r}")
-    if not (isinstance(target_speedup, (int, float)) and target_speedup > 1.0):
+    if isinstance(target_speedup, bool) or not (
+        isinstance(target_speedup, (int, float)) and target_speedup > 1.0
+    ):
         raise ConfigError(f"target_speedup must be > 1; got {target_speedup!r}")
     if strategy not in ("optimal", "threshold"):
         raise ConfigError(f"strategy must be 'optimal' or 'threshold'; got {strategy!r}")
@@ -238,7 +240,17 @@ def _validate(
         )
     if warmup_steps is None:
         warmup_steps = 1 if strategy == "optimal" else 3
-    if not 0.0 < warn_fraction < 1.0:
+    if num_inference_steps is not None and (
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, int)
+        or num_inference_steps < 1
+    ):
+        raise ConfigError(f"num_inference_steps must be None or an integer >= 1; got {num_inference_steps!r}")
+    if (
+        isinstance(warn_fraction, bool)
+        or not isinstance(warn_fraction, (int, float))
+        or not 0.0 < warn_fraction < 1.0
+    ):
         raise ConfigError(f"warn_fraction must be in (0, 1); got {warn_fraction!r}")
     if indicator not in ("residual_change", "probe_change"):
         raise ConfigError(f"indicator must be 'residual_change' or 'probe_change'; got {indicator!r}")

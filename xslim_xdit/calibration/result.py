@@ -38,7 +38,8 @@ class CalibrationResult:
     crit: float | None
     polish: str
     token_ratio: float
-    block_thresh: float
+    #: one threshold, or one per block stack (as :attr:`XSlimConfig.block_thresh`)
+    block_thresh: float | tuple[float, ...]
     indicator: str
     estimated_fraction: float
     profile: list[dict[str, Any]] = field(default_factory=list)
@@ -48,6 +49,10 @@ class CalibrationResult:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     #: how many calibration runs were profiled (``profile`` holds the first one's)
     num_runs: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_thresh, list):  # one per block stack: a tuple, as in XSlimConfig
+            self.block_thresh = tuple(self.block_thresh)
 
     def config(self, **overrides: Any) -> XSlimConfig:
         """A schedule-mode config that replays this schedule (rescaled to any step count)."""
@@ -101,26 +106,126 @@ class CalibrationResult:
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationResult:
-        """Read a result written by :meth:`save` (or edited by hand); it is validated again."""
-        d = json.loads(Path(path).read_text())
-        missing = {"schedule", "thresholds"} - set(d)
-        if missing:
-            raise ConfigError(f"calibration file {path}: missing keys {sorted(missing)}")
-        th = d["thresholds"]
-        res = cls(
-            schedule=Schedule.from_dict(d["schedule"]),
-            warn=None if th.get("warn") is None else float(th["warn"]),
-            crit=None if th.get("crit") is None else float(th["crit"]),
-            block_thresh=float(th.get("block_thresh", 2.0)),
-            polish=d.get("polish", "token"),
-            token_ratio=float(d.get("token_ratio", 0.5)),
-            indicator=d.get("indicator", "residual_change"),
-            estimated_fraction=float(d.get("estimated_flops_fraction", float("nan"))),
-            profile=d.get("profile", []),
-            strategy=d.get("strategy", "threshold"),
-            extrapolate=d.get("extrapolate", "linear"),
-            candidates=d.get("candidates", []),
-            num_runs=int(d.get("num_runs", 1)),
-        )
-        res.config()  # validate now, not at first use
+        """Read a result written by :meth:`save` (or edited by hand); it is validated again.
+
+        A file that is not such a result (not JSON, a missing or ill-typed key, a schedule or
+        threshold out of range) raises :class:`~xslim_xdit.config.ConfigError` naming the file and
+        the key. ``thresholds.block_thresh`` is a number or a list with one per block stack (read
+        as a tuple, as :class:`~xslim_xdit.config.XSlimConfig` takes it).
+
+        Example:
+            >>> import json, os, tempfile
+            >>> path = os.path.join(tempfile.mkdtemp(), "calibration.json")
+            >>> with open(path, "w") as f:
+            ...     json.dump({"schedule": {"num_steps": 4, "full_steps": [0, 3]},
+            ...                "thresholds": {"warn": None, "crit": None, "block_thresh": [1.5, 10.0]}}, f)
+            >>> CalibrationResult.load(path).config().block_thresh
+            (1.5, 10.0)
+        """
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"calibration file {path}: not JSON ({e}); write it with CalibrationResult.save"
+            ) from e
+        try:
+            res = _from_dict(d)
+            res.config()  # validate now, not at first use
+            if res.warn is not None:
+                res.online_config()
+        except ConfigError as e:
+            raise ConfigError(f"calibration file {path}: {e}") from None
         return res
+
+
+_KEYS = (
+    "schedule",
+    "thresholds",
+    "polish",
+    "token_ratio",
+    "indicator",
+    "strategy",
+    "extrapolate",
+    "candidates",
+    "num_runs",
+    "estimated_flops_fraction",
+    "profile",
+)
+
+
+def _number(key: str, v: Any, *, optional: bool = False) -> float | None:
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{key} must be {'null or ' if optional else ''}a number; got {v!r}")
+    return float(v)
+
+
+def _choice(key: str, v: Any, accepted: tuple[str, ...] | None = None) -> str:
+    if not isinstance(v, str) or (accepted is not None and v not in accepted):
+        what = "a string" if accepted is None else "one of " + ", ".join(map(repr, accepted))
+        raise ConfigError(f"{key} must be {what}; got {v!r}")
+    return v
+
+
+def _list(key: str, v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise ConfigError(f"{key} must be a list; got {v!r}")
+    return v
+
+
+def _from_dict(d: Any) -> CalibrationResult:
+    """:meth:`CalibrationResult.to_dict` read back, every key type-checked (errors name the key)."""
+    if not isinstance(d, dict):
+        raise ConfigError(
+            f"the file must hold a JSON object with keys {', '.join(_KEYS)}; got {type(d).__name__}"
+        )
+    missing = [k for k in ("schedule", "thresholds") if k not in d]
+    if missing:
+        raise ConfigError(f"missing keys {missing} (a file written by CalibrationResult.save has them)")
+    unknown = sorted(set(d) - set(_KEYS), key=str)
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown}; accepted: {', '.join(_KEYS)}")
+    th = d["thresholds"]
+    if not isinstance(th, dict):
+        raise ConfigError(f"thresholds must be an object with keys warn, crit, block_thresh; got {th!r}")
+    unknown = sorted(set(th) - {"warn", "crit", "block_thresh"}, key=str)
+    if unknown:
+        raise ConfigError(f"thresholds has unknown keys {unknown}; accepted: warn, crit, block_thresh")
+    warn = _number("thresholds.warn", th.get("warn"), optional=True)
+    crit = _number("thresholds.crit", th.get("crit"), optional=True)
+    if (warn is None) != (crit is None):
+        raise ConfigError(
+            f"thresholds.warn and thresholds.crit must be both numbers or both null; got {warn!r}, {crit!r}"
+        )
+    bt = th.get("block_thresh", 2.0)
+    per_stack = (
+        isinstance(bt, list)
+        and bt
+        and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in bt)
+    )
+    if not (per_stack or (isinstance(bt, (int, float)) and not isinstance(bt, bool))):
+        raise ConfigError(
+            f"thresholds.block_thresh must be a number or a non-empty list of numbers (one per block stack); got {bt!r}"
+        )
+    block_thresh = tuple(float(t) for t in bt) if isinstance(bt, list) else float(bt)
+    num_runs = d.get("num_runs", 1)
+    if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
+        raise ConfigError(f"num_runs must be an integer >= 1; got {num_runs!r}")
+    return CalibrationResult(
+        schedule=Schedule.from_dict(d["schedule"]),
+        warn=warn,
+        crit=crit,
+        block_thresh=block_thresh,
+        polish=_choice("polish", d.get("polish", "token"), ("token", "block", "auto", "none")),
+        token_ratio=_number("token_ratio", d.get("token_ratio", 0.5)),  # type: ignore[arg-type]
+        indicator=_choice("indicator", d.get("indicator", "residual_change")),
+        estimated_fraction=_number(
+            "estimated_flops_fraction", d.get("estimated_flops_fraction", float("nan"))
+        ),  # type: ignore[arg-type]
+        profile=_list("profile", d.get("profile", [])),
+        strategy=_choice("strategy", d.get("strategy", "threshold"), ("threshold", "optimal")),
+        extrapolate=_choice("extrapolate", d.get("extrapolate", "linear"), ("linear", "none")),
+        candidates=_list("candidates", d.get("candidates", [])),
+        num_runs=num_runs,
+    )

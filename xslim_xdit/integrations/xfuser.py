@@ -25,16 +25,32 @@ Example (every rank of a ``torchrun`` job, after the xFuser pipeline is built)::
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
 
 from ..api import XSlimPipelineWrapper, enable_xslim
-from ..config import PRESETS, XSlimConfig
+from ..config import XSlimConfig
 from ..engine import XSlimEngine
 from ..parallel.groups import SequenceParallelGather
 from ..parallel.sync import GroupSync, LocalSync
+from .cli import add_xslim_args as add_xslim_args  # the command line lives in cli.py
+from .cli import config_from_args as config_from_args
+
+#: the command line, reached through this module as the README imports it (doctest.testmod runs
+#: these; functions defined in cli.py are not this module's)
+__test__ = {
+    "command_line": """
+    >>> import argparse
+    >>> p = add_xslim_args(argparse.ArgumentParser())
+    >>> config_from_args(p.parse_args(["--xslim", "--xslim-preset", "flux-fast"])).preset
+    'flux-fast'
+    >>> config_from_args(p.parse_args(["--xslim", "--xslim-preset", "flux-fast", "--xslim-crit", "0.5"]))
+    Traceback (most recent call last):
+    ...
+    xslim_xdit.schedule.ConfigError: --xslim-preset and --xslim-crit cannot be combined: --xslim-preset runs a fixed schedule and never reads --xslim-warn, --xslim-crit, --xslim-warmup, --xslim-polish, --xslim-rescale; drop --xslim-crit, or drop --xslim-preset to run the online controller
+    """
+}
 
 _GENERATION_GROUPS: dict[tuple[int, ...], Any] = {}
 
@@ -161,80 +177,3 @@ class XSlimXFuserWrapper(XSlimPipelineWrapper):
     def enable_xslim(self, config: XSlimConfig | None = None, **kwargs: Any) -> XSlimEngine:
         self.engine = enable_xslim_xdit(self.pipe, config or XSlimConfig(), **kwargs)
         return self.engine
-
-
-def add_xslim_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``--xslim-*`` flags to an xDiT (``xFuserArgs``) argument parser.
-
-    Each flag is registered with dashes and with underscores (``--xslim-warn`` and
-    ``--xslim_warn``): xDiT's ``FlexibleArgumentParser`` rewrites every dash in an option name
-    to an underscore before parsing, so dash-only flags would be rejected by it.
-
-    Example:
-        >>> p = add_xslim_args(argparse.ArgumentParser())
-        >>> config_from_args(p.parse_args(["--xslim", "--xslim-preset", "flux-fast"])).preset
-        'flux-fast'
-    """
-    g = parser.add_argument_group("X-Slim caching")
-    g.add_argument("--xslim", action="store_true", help="enable X-Slim caching")
-    g.add_argument(
-        "--xslim-preset", "--xslim_preset", choices=sorted(PRESETS), default=None, help="a published schedule"
-    )
-    g.add_argument(
-        "--xslim-warn", "--xslim_warn", type=float, default=XSlimConfig.warn, help="early-warning threshold"
-    )
-    g.add_argument(
-        "--xslim-crit", "--xslim_crit", type=float, default=XSlimConfig.crit, help="critical threshold"
-    )
-    g.add_argument(
-        "--xslim-warmup",
-        "--xslim_warmup",
-        type=int,
-        default=XSlimConfig.warmup_steps,
-        help="full warm-up steps",
-    )
-    g.add_argument(
-        "--xslim-polish",
-        "--xslim_polish",
-        choices=["token", "block", "auto", "none"],
-        default=XSlimConfig.polish,
-        help="polish level",
-    )
-    g.add_argument(
-        "--xslim-token-ratio",
-        "--xslim_token_ratio",
-        type=float,
-        default=XSlimConfig.token_ratio,
-        help="tokens refreshed",
-    )
-    g.add_argument(
-        "--xslim-block-thresh", "--xslim_block_thresh", type=float, default=2.0, help="block walk threshold"
-    )
-    g.add_argument(
-        "--xslim-rescale", "--xslim_rescale", default=None, help="indicator polynomial: flux, hunyuan_video"
-    )
-    g.add_argument(
-        "--xslim-schedule", "--xslim_schedule", default=None, help="a calibration JSON file to follow"
-    )
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> XSlimConfig | None:
-    """The :class:`XSlimConfig` the ``--xslim-*`` flags describe (None without ``--xslim``)."""
-    if not getattr(args, "xslim", False):
-        return None
-    if args.xslim_schedule:
-        from ..calibration import CalibrationResult
-
-        return CalibrationResult.load(args.xslim_schedule).config()
-    if args.xslim_preset:
-        return XSlimConfig.from_preset(args.xslim_preset)
-    return XSlimConfig(
-        warn=args.xslim_warn,
-        crit=args.xslim_crit,
-        warmup_steps=args.xslim_warmup,
-        polish=args.xslim_polish,
-        token_ratio=args.xslim_token_ratio,
-        block_thresh=args.xslim_block_thresh,
-        rescale=args.xslim_rescale,
-    )
