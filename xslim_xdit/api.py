@@ -86,6 +86,7 @@ def enable_xslim(
         >>> m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
         ...     out_channels=4, num_layers=2, sample_size=8, num_embeds_ada_norm=10)
         >>> engine = enable_xslim(m, XSlimConfig(), num_inference_steps=10)
+        >>> engine.start_run(10)  # optional: where a bare transformer's run starts, never guessed
         >>> disable_xslim(m)
     """
     config = XSlimConfig() if config is None else config

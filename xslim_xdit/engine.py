@@ -49,7 +49,7 @@ from .config import XSlimConfig
 from .controller import make_controller
 from .decision import CallPlan, DecisionRoom, DepthLayout
 from .executor import CallTally, PlanExecutor
-from .hooks import BlockHooks, call_with_weights_placed
+from .hooks import BlockHooks, call_with_weights_placed, shape_key
 from .observers import EngineObserver, FlopMeter
 from .parallel.sync import DecisionSync, LocalSync
 from .stats import CacheStatistics, StepRecord
@@ -310,7 +310,7 @@ class XSlimEngine:
         self.plan = None
         self.tally = None
         self._in_call = True
-        self._call_key = ("forward", _shape_key(args, kwargs))
+        self._call_key = ("forward", shape_key(args, kwargs))
         for obs in self.observers:
             obs.on_call_start(self, self._call_key)
 
@@ -408,10 +408,3 @@ class XSlimEngine:
         if self.token_ctx is not None:
             out["kv"] = self.token_ctx.cache_bytes()
         return out
-
-
-def _shape_key(args: tuple, kwargs: dict) -> tuple:
-    def k(v: Any) -> Any:
-        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-    return tuple(k(a) for a in args) + tuple((n, k(v)) for n, v in sorted(kwargs.items()))

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 from torch import nn
@@ -220,6 +221,15 @@ def _wraps(wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -> Callable
     import functools
 
     return functools.wraps(wrapped)(wrapper)
+
+
+def shape_key(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of a call's tensor arguments (what the FLOP meter counts once)."""
+
+    def k(v: Any) -> Any:
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    return tuple(k(a) for a in args) + tuple((n, k(v)) for n, v in sorted(kwargs.items()))
 
 
 #: X-Slim's own modules whose Python dynamo never traces (see :func:`keep_out_of_compiled_graphs`;
