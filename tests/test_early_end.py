@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from xslim_xdit import XSlimConfig, disable_xslim, enable_xslim
 from xslim_xdit import testing as tiny_models  # tiny random transformers and a sampling loop
+from xslim_xdit.clock import StepClock
 from xslim_xdit.engine import XSlimRuntimeError
 from xslim_xdit.testing import pipelines as tiny_pipelines  # tiny complete diffusers pipelines
 
@@ -310,6 +311,47 @@ def test_bare_transformer_guidance_by_separate_calls_abandoned(k):
             _denoise(model, 10**6, cfg=True)
     _assert_equals_fresh(model, engine, cfg=True)
     assert {r[1] for r in records(engine)} == {0, 1}
+    disable_xslim(model)
+
+
+GUIDED_LATE = [1, 2, 2, 2, 2, 2]  # guidance from the second step on (a guidance interval)
+GUIDED_EARLY = [2, 2, 2, 1, 1, 1]  # guidance truncated after three steps
+
+
+@pytest.mark.parametrize("calls_per_step", [GUIDED_LATE, GUIDED_EARLY])
+def test_clock_guidance_on_some_steps_is_not_an_abandoned_run(calls_per_step):
+    clock = StepClock()
+    ticks = [
+        clock.tick(t)
+        for t, n in zip((900.0, 700.0, 500.0, 300.0, 200.0, 100.0), calls_per_step, strict=True)
+        for _ in range(n)
+    ]
+    assert [(s, b) for _, s, b in ticks] == [(s, b) for s, n in enumerate(calls_per_step) for b in range(n)]
+
+
+LATE_GUIDANCE_BUG = (
+    "not this change: a guidance branch that first appears after step 0 reuses branch 0's decision "
+    "(a skip) with empty caches of its own: AssertionError in caches.Track.estimate "
+    "(decision.py/executor.py)"
+)
+
+
+@pytest.mark.parametrize(
+    "calls_per_step",
+    [pytest.param(GUIDED_LATE, marks=pytest.mark.xfail(strict=True, reason=LATE_GUIDANCE_BUG)), GUIDED_EARLY],
+)
+def test_bare_transformer_guidance_on_some_steps_is_not_refused(calls_per_step):
+    """Guidance by separate calls on some steps only (an interval starting after the first step,
+    or truncated before the end) is not mistaken for an abandoned run."""
+    model = _tiny_dit()
+    engine = enable_xslim(model, CONFIG, num_inference_steps=STEPS)
+    x, cond = tiny_models.make_inputs("dit", batch=1, seed=0)
+    with torch.no_grad():
+        for t, n in zip(tiny_models.timesteps_for("dit", STEPS), calls_per_step, strict=True):
+            for lab in [cond["class_labels"], torch.full_like(cond["class_labels"], 10)][:n]:
+                model(x, timestep=torch.full((1,), t).long(), class_labels=lab, return_dict=False)
+    expected = [(s, b) for s, n in enumerate(calls_per_step) for b in range(n)]
+    assert [r[:2] for r in records(engine)] == expected
     disable_xslim(model)
 
 
