@@ -20,9 +20,10 @@ The pipeline says it, in this order of trust:
 run from the first timestep) looks, by the timestep alone, exactly like guidance as separate
 calls: the new run's first call has the abandoned call's timestep. The fallback reads it as a
 guidance branch; if the second step then has fewer calls than the first, that reading was wrong
-(the first step held an abandoned call) and the third step's first call raises
-:class:`AmbiguousRunError` instead of reusing caches of the abandoned run (the run is reset, so
-the next one starts clean). Nothing is guessed when runs are started explicitly
+(the first step held an abandoned call, whose caches the second step may have reused) and the
+third step's first call raises :class:`AmbiguousRunError` (the engine raises it as an
+``XSlimRuntimeError``), so the run never completes on the abandoned run's caches; the clock is
+reset and the next run starts clean. Nothing is guessed when runs are started explicitly
 (``engine.start_run(n)`` before each run, or a pipeline's ``set_timesteps``): do that if a run
 can be abandoned in its first step, or if a run guides only its first step.
 
