@@ -10,13 +10,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
 from .config import ConfigError, XSlimConfig
-from .engine import XSlimEngine
+from .engine import XSlimEngine, XSlimRuntimeError
 from .hooks import SchedulerHooks, inner_scheduler, is_wrapped_scheduler
 from .observers import EngineObserver
 from .parallel.sync import DecisionSync
@@ -64,6 +65,12 @@ def enable_xslim(
     ``engine.start_run(n)`` before each run); steps are then told apart by their timesteps
     (:mod:`xslim_xdit.clock`). Everything is validated before anything is patched.
 
+    Enabling again on the same pipeline (or transformer) replaces its engine. A transformer has
+    one engine: enabling on a second pipeline that shares it raises :class:`XSlimRuntimeError`
+    (disable it on the first one, or give each pipeline its own transformer). Replacing
+    ``pipe.scheduler`` later is noticed at the next transformer call: the new scheduler is hooked
+    and a clean run of ``len(scheduler.timesteps)`` steps starts there.
+
     Args:
         pipe_or_transformer: a diffusers or xDiT pipeline, or a supported transformer.
         config: an :class:`XSlimConfig` (default: the online controller with its defaults).
@@ -79,6 +86,7 @@ def enable_xslim(
         >>> m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
         ...     out_channels=4, num_layers=2, sample_size=8, num_embeds_ada_norm=10)
         >>> engine = enable_xslim(m, XSlimConfig(), num_inference_steps=10)
+        >>> engine.start_run(10)  # optional: where a bare transformer's run starts, never guessed
         >>> disable_xslim(m)
     """
     config = XSlimConfig() if config is None else config
@@ -99,7 +107,10 @@ def enable_xslim(
             f"observers must be a list of EngineObserver (xslim_xdit.observers); got {observers!r}"
         )
     pipe, transformer = _split(pipe_or_transformer)
-    if getattr(transformer, _ENGINE_ATTR, None) is not None:
+    owner = pipe if pipe is not None else transformer
+    existing = getattr(transformer, _ENGINE_ATTR, None)
+    if existing is not None:
+        _check_same_owner(existing, owner)
         disable_xslim(pipe_or_transformer)
     engine = XSlimEngine(
         transformer,
@@ -110,27 +121,86 @@ def enable_xslim(
         observers=observers,
         record=record,
     )
-    scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
+    engine.owner = _weak(owner)
     engine.attach()
     setattr(transformer, _ENGINE_ATTR, engine)
-    if scheduler is not None:
-        # xfuser's scheduler wrappers step once per PipeFusion patch: there the timestep tells
-        # the steps apart (the fallback); diffusers' schedulers step once per step.
-        driven = not is_wrapped_scheduler(scheduler)
-        inner = inner_scheduler(scheduler)
-        engine.clock.follow_scheduler(driven)
-
-        def on_timesteps(sched: Any) -> None:
-            eng = getattr(transformer, _ENGINE_ATTR, None)
-            if eng is not None:
-                n = len(sched.timesteps)
-                eng.default_steps = n
-                eng.start_run(n)
-
-        engine.scheduler_hooks = SchedulerHooks(
-            inner, on_timesteps, engine.clock.step_done if driven else None
-        )
+    if pipe is not None and getattr(pipe, "scheduler", None) is not None:
+        _hook_scheduler(engine, pipe.scheduler)
+        engine.before_call = _scheduler_check(engine, _weak(pipe))
     return engine
+
+
+def _weak(obj: Any) -> Callable[[], Any]:
+    """A weak reference where the object allows one: a pipeline is kept alive by its own users,
+    not by the engine on a transformer it may share."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _describe(obj: Any) -> str:
+    return f"{type(obj).__name__} at {hex(id(obj))}"
+
+
+def _check_same_owner(engine: XSlimEngine, owner: Any) -> None:
+    """One engine per transformer: enabling through another pipeline would silently run the
+    first pipeline with the second one's config (and with no hook on its scheduler)."""
+    previous = engine.owner()
+    if previous is None or previous is owner:
+        return
+    raise XSlimRuntimeError(
+        f"X-Slim is already enabled on this transformer through {_describe(previous)}; enabling it "
+        f"through {_describe(owner)} would run the first with this config. A transformer has one "
+        f"engine: call disable_xslim on the {type(previous).__name__} first, or give each pipeline "
+        "its own transformer"
+    )
+
+
+def _hook_scheduler(engine: XSlimEngine, scheduler: Any) -> None:
+    """Tell ``engine`` the runs (``set_timesteps``) and steps (``step``) of ``scheduler``."""
+    # xfuser's scheduler wrappers step once per PipeFusion patch: there the timestep tells
+    # the steps apart (the fallback); diffusers' schedulers step once per step.
+    driven = not is_wrapped_scheduler(scheduler)
+    engine.clock.follow_scheduler(driven)
+    transformer = engine.model
+
+    def on_timesteps(sched: Any) -> None:
+        eng = getattr(transformer, _ENGINE_ATTR, None)
+        if eng is not None:
+            n = len(sched.timesteps)
+            eng.default_steps = n
+            eng.start_run(n)
+
+    engine.scheduler_hooks = SchedulerHooks(
+        inner_scheduler(scheduler), on_timesteps, engine.clock.step_done if driven else None
+    )
+
+
+def _scheduler_check(engine: XSlimEngine, pipe_ref: Callable[[], Any]) -> Callable[[], None]:
+    """Before each transformer call: if ``pipe.scheduler`` was replaced since it was hooked, the
+    engine is no longer told the steps: hook the new one and start a clean run of its steps."""
+
+    def check() -> None:
+        pipe = pipe_ref()
+        hooks = engine.scheduler_hooks
+        scheduler = getattr(pipe, "scheduler", None)
+        if pipe is None or hooks is None or scheduler is None:
+            return
+        if inner_scheduler(scheduler) is hooks.scheduler:
+            return
+        hooks.remove()
+        _hook_scheduler(engine, scheduler)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None:
+            raise XSlimRuntimeError(
+                f"pipe.scheduler was replaced by a {type(scheduler).__name__} whose timesteps are not "
+                "set: X-Slim cannot tell the run's steps; call scheduler.set_timesteps first"
+            )
+        engine.default_steps = len(timesteps)
+        engine.start_run(len(timesteps))
+
+    return check
 
 
 def disable_xslim(pipe_or_transformer: Any) -> None:
@@ -144,6 +214,7 @@ def disable_xslim(pipe_or_transformer: Any) -> None:
     if engine is None:
         return
     engine.detach()
+    engine.before_call = None
     delattr(transformer, _ENGINE_ATTR)
     hooks = getattr(engine, "scheduler_hooks", None)
     if hooks is not None:

@@ -16,15 +16,36 @@ The pipeline says it, in this order of trust:
    Heun-type schedulers cannot be told apart from guidance branches this way: enable X-Slim on
    the pipeline for them.
 
+**A run abandoned in its first step** (an exception or an interrupt after one call, then a new
+run from the first timestep) looks, by the timestep alone, exactly like guidance as separate
+calls: the new run's first call has the abandoned call's timestep. The fallback reads it as a
+guidance branch; if the second step then has fewer calls than the first, that reading was wrong
+(the first step held an abandoned call, whose caches the second step may have reused) and the
+third step's first call raises :class:`AmbiguousRunError` (the engine raises it as an
+``XSlimRuntimeError``), so the run never completes on the abandoned run's caches; the clock is
+reset and the next run starts clean. Nothing is guessed when runs are started explicitly
+(``engine.start_run(n)`` before each run, or a pipeline's ``set_timesteps``): do that if a run
+can be abandoned in its first step, or if a run guides only its first step.
+
 Example:
     >>> clock = StepClock()
-    >>> [clock.tick(t) for t in (900.0, 900.0, 500.0, 100.0, 900.0)]
-    [(True, 0, 0), (False, 0, 1), (False, 1, 0), (False, 2, 0), (True, 0, 0)]
+    >>> [clock.tick(t) for t in (900.0, 900.0, 500.0, 500.0, 100.0, 100.0, 900.0)]
+    [(True, 0, 0), (False, 0, 1), (False, 1, 0), (False, 1, 1), (False, 2, 0), (False, 2, 1), (True, 0, 0)]
+    >>> [clock.tick(t) for t in (900.0, 500.0)]  # abandoned after its first call, then a new run
+    [(False, 0, 1), (False, 1, 0)]
+    >>> clock.tick(100.0)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    ...
+    AmbiguousRunError: the first step had 2 transformer calls at the same timestep ...
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+
+class AmbiguousRunError(RuntimeError):
+    """The timestep fallback cannot tell whether the first step held an abandoned run's call."""
 
 
 class StepClock:
@@ -44,14 +65,19 @@ class StepClock:
         self._last_t: float | None = None
         self._step_t: float | None = None
         self._fresh = True
+        self._explicit = False  # the run was started by start_run(explicit=True)
+        self._calls_per_step: list[int] = []  # calls of steps 0 and 1 (the timestep fallback)
 
     def follow_scheduler(self, driven: bool = True) -> None:
         """Count steps from the scheduler's ``step()`` calls (reported with :meth:`step_done`)."""
         self.scheduler_driven = driven
 
-    def start_run(self) -> None:
-        """A run starts (the scheduler's timesteps were set): step 0 comes next."""
+    def start_run(self, explicit: bool = True) -> None:
+        """A run starts: step 0 comes next. ``explicit``: the caller knows a run starts here (a
+        scheduler's ``set_timesteps``, the user's ``engine.start_run``), so a first step with
+        several calls is several guidance branches, not an abandoned call plus a new run."""
         self._reset()
+        self._explicit = explicit
 
     def step_done(self) -> None:
         """The scheduler finished a step."""
@@ -72,6 +98,8 @@ class StepClock:
                 new_run = True
                 self._reset()
                 step = 0
+            elif step != self.step and len(self._calls_per_step) < 2:
+                self._check_first_steps()
         if step != self.step:
             self._calls_this_step = 0
             self._step_t = timestep
@@ -82,6 +110,21 @@ class StepClock:
         self._calls_this_step += 1
         self.step, self.branch, self._last_t, self._fresh = step, branch, timestep, False
         return new_run, step, branch
+
+    def _check_first_steps(self) -> None:
+        """At the end of step 0 or 1 (fallback only): step 1 with fewer calls than step 0 means
+        step 0 held a call of an abandoned run (see the module docstring)."""
+        if self.step >= 0:
+            self._calls_per_step.append(self._calls_this_step)
+        calls = self._calls_per_step
+        if not self._explicit and len(calls) == 2 and calls[1] < calls[0]:
+            self._reset()
+            raise AmbiguousRunError(
+                f"the first step had {calls[0]} transformer calls at the same timestep and the second "
+                f"{calls[1]}: the first step probably held the last call of an abandoned run, whose "
+                "caches would be reused now. Call engine.start_run(num_steps) before each run of a bare "
+                "transformer (or enable X-Slim on the pipeline); the engine has been reset"
+            )
 
     def _timestep_step(self, t: float | None) -> int:
         if self.step < 0:

@@ -45,13 +45,12 @@ from torch import nn
 from .adapters.attention import TokenAttentionHooks, TokenContext
 from .adapters.base import BlockCall, BlockStack, ModelAdapter, adapter_for
 from .caches import BranchCaches
-from .clock import StepClock
+from .clock import AmbiguousRunError, StepClock
 from .config import XSlimConfig
 from .controller import make_controller
 from .decision import CallPlan, DecisionRoom, DepthLayout
-from .dynamo_rules import keep_out_of_compiled_graphs
 from .executor import CallTally, PlanExecutor
-from .hooks import BlockHooks, call_with_weights_placed
+from .hooks import BlockHooks, call_with_weights_placed, shape_key
 from .observers import EngineObserver, FlopMeter
 from .parallel.sync import DecisionSync, LocalSync
 from .stats import CacheStatistics, StepRecord
@@ -151,6 +150,10 @@ class XSlimEngine:
         self.tally: CallTally | None = None
         self._in_call = False
         self._call_key: tuple = ()
+        #: called before each transformer call (``enable_xslim`` on a pipeline: is the pipeline's
+        #: scheduler still the hooked one?)
+        self.before_call: Callable[[], None] | None = None
+        self.owner: Callable[[], Any] = lambda: None  # what enable_xslim enabled it on (weakly)
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -238,15 +241,19 @@ class XSlimEngine:
         self.reset_state()
 
     # ------------------------------------------------------------------ runs
-    def start_run(self, num_steps: int) -> None:
-        """Begin a new denoising run of ``num_steps`` transformer steps: clears every cache."""
+    def start_run(self, num_steps: int, *, explicit: bool = True) -> None:
+        """Begin a new denoising run of ``num_steps`` transformer steps: clears every cache.
+
+        On a bare transformer, calling it before each run tells the engine where runs start, which
+        the timestep cannot always tell (a run abandoned in its first step, see
+        :mod:`xslim_xdit.clock`). ``explicit=False``: the engine started the run itself."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_steps!r}")
         self.reset_state()
         self.run_index += 1
         self.num_steps = num_steps
         self.room.start_run(make_controller(self.config, num_steps, record=self.record))
-        self.clock.start_run()
+        self.clock.start_run(explicit)
         for obs in self.observers:
             obs.on_run_start(self, num_steps)
 
@@ -270,15 +277,30 @@ class XSlimEngine:
                 "engine), or pass num_inference_steps= to enable_xslim / XSlimEngine, or call "
                 "engine.start_run(num_steps) before the first step"
             )
-        self.start_run(self.default_steps)
+        self.start_run(self.default_steps, explicit=False)
+
+    def _abandon_call(self) -> None:
+        """A call raised: its caches may be half refreshed and its step committed, so the run ends
+        here (the next call starts a new one) and the call leaves no record and no FLOP count."""
+        if self.flop_meter is not None:
+            self.flop_meter.abandon()
+        self.reset_state()
 
     # ------------------------------------------------------------------ model hooks
     def _pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._in_call:  # the last call never ended: torch runs no hook on a KeyboardInterrupt
+            self._abandon_call()
+        if self.before_call is not None:
+            self.before_call()
         if self.room.controller is None:
             self._start_default_run()
         t = self.adapter.timestep(model, args, kwargs)
         context = self._hooks.context if self._hooks is not None else None
-        new_run, step, branch = self.clock.tick(t, context)
+        try:
+            new_run, step, branch = self.clock.tick(t, context)
+        except AmbiguousRunError as e:
+            self.reset_state()
+            raise XSlimRuntimeError(str(e)) from None
         if step >= (self.num_steps or 0) or (new_run and self.step >= 0):
             # The previous run used all its steps, or a bare transformer went back to a higher
             # noise level: a new run, with nothing inherited from the old one.
@@ -288,11 +310,14 @@ class XSlimEngine:
         self.plan = None
         self.tally = None
         self._in_call = True
-        self._call_key = ("forward", _shape_key(args, kwargs))
+        self._call_key = ("forward", shape_key(args, kwargs))
         for obs in self.observers:
             obs.on_call_start(self, self._call_key)
 
     def _post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if output is None:  # the forward raised (torch calls this hook then, with no output)
+            self._abandon_call()
+            return
         self._in_call = False
         plan, tally = self.plan, self.tally
         if plan is None or tally is None:
@@ -332,7 +357,12 @@ class XSlimEngine:
         plan, tally = self.plan, self.tally
         if plan is None or tally is None:
             return original(*args, **kwargs)
-        return self.executor.run_block(g, original, call, plan, tally)
+        try:
+            return self.executor.run_block(g, original, call, plan, tally)
+        except BaseException as e:
+            if not isinstance(e, Exception):  # KeyboardInterrupt: torch calls no post-hook then
+                self._abandon_call()
+            raise
 
     def _begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
         caches = self.current_caches()
@@ -380,13 +410,3 @@ class XSlimEngine:
         if self.token_ctx is not None:
             out["kv"] = self.token_ctx.cache_bytes()
         return out
-
-
-def _shape_key(args: tuple, kwargs: dict) -> tuple:
-    def k(v: Any) -> Any:
-        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-    return tuple(k(a) for a in args) + tuple((n, k(v)) for n, v in sorted(kwargs.items()))
-
-
-keep_out_of_compiled_graphs()

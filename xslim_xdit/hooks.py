@@ -8,6 +8,8 @@
 * The transformer gets a forward pre-hook and a forward hook (torch's, removed by handle).
 * A scheduler's ``set_timesteps`` and ``step`` are wrapped per instance; the attribute that was
   in the instance's ``__dict__`` (or its absence) is put back on removal.
+* Under ``torch.compile`` X-Slim's own modules are in dynamo's skip rules
+  (:func:`keep_out_of_compiled_graphs`, applied when this module is imported).
 
 Example:
     >>> import torch
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 from torch import nn
@@ -218,3 +221,51 @@ def _wraps(wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -> Callable
     import functools
 
     return functools.wraps(wrapped)(wrapper)
+
+
+def shape_key(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of a call's tensor arguments (what the FLOP meter counts once)."""
+
+    def k(v: Any) -> Any:
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    return tuple(k(a) for a in args) + tuple((n, k(v)) for n, v in sorted(kwargs.items()))
+
+
+#: X-Slim's own modules whose Python dynamo never traces (see :func:`keep_out_of_compiled_graphs`;
+#: ``api`` for the check of the pipeline's scheduler before each call).
+EAGER_MODULES = (
+    "xslim_xdit.adapters.base",
+    "xslim_xdit.api",
+    "xslim_xdit.caches",
+    "xslim_xdit.clock",
+    "xslim_xdit.controller",
+    "xslim_xdit.decision",
+    "xslim_xdit.engine",
+    "xslim_xdit.executor",
+    "xslim_xdit.flops",
+    "xslim_xdit.hooks",
+    "xslim_xdit.observers",
+    "xslim_xdit.parallel.pipeline",
+    "xslim_xdit.parallel.sync",
+    "xslim_xdit.stats",
+)
+
+
+def keep_out_of_compiled_graphs() -> None:
+    """Under ``torch.compile`` X-Slim's bookkeeping (step clock, decisions, cache updates,
+    statistics) runs as plain Python and the model's own code compiles: the decisions change from
+    step to step, and traced into a graph they would guard it on every step index, plan kind and
+    block mask (a recompilation per step, then dynamo's recompile limit and eager fallback).
+    Registered in dynamo's skip rules, X-Slim's modules are never traced; each block's own
+    forward, called from them, compiles once per input shape and is reused at every step.
+    (Token refresh's attention processors stay traceable: they are tensor code inside the block.)"""
+    try:
+        from torch._dynamo import trace_rules
+    except ImportError:  # a torch without dynamo: nothing is compiled
+        return
+    for name in EAGER_MODULES:
+        trace_rules.add(name)
+
+
+keep_out_of_compiled_graphs()

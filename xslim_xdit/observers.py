@@ -89,8 +89,11 @@ class FlopMeter(EngineObserver):
         self.cache[key] = int(mode.get_total_flops())
         return self.cache[key], out
 
+    def on_run_start(self, engine: XSlimEngine, num_steps: int) -> None:
+        self.abandon()  # a count still open here belongs to a call that never ended
+
     def on_call_start(self, engine: XSlimEngine, key: Hashable) -> None:
-        self._finish_whole()
+        self.abandon()  # a count still open here belongs to a call that never ended
         self._key, self._call_flops = key, 0
         self.active = not _called_through_compile()
         if key not in self.cache and self.active:
@@ -123,9 +126,18 @@ class FlopMeter(EngineObserver):
             mode.__exit__(None, None, None)
             self.cache[key] = int(mode.get_total_flops())
 
+    def abandon(self) -> None:
+        """Stop a count left open by a call that raised (or was interrupted) and forget it: the
+        ``FlopCounterMode`` leaves torch's dispatch stack, and a partial count is never taken for
+        the whole call's."""
+        if self._whole is not None:
+            mode = self._whole[1]
+            self._whole = None
+            mode.__exit__(None, None, None)
+
     def close(self) -> None:
         """Stop a count left open by a call that raised."""
-        self._finish_whole()
+        self.abandon()
 
 
 def _called_through_compile() -> bool:
