@@ -329,16 +329,9 @@ def test_clock_guidance_on_some_steps_is_not_an_abandoned_run(calls_per_step):
     assert [(s, b) for _, s, b in ticks] == [(s, b) for s, n in enumerate(calls_per_step) for b in range(n)]
 
 
-LATE_GUIDANCE_BUG = (
-    "not this change: a guidance branch that first appears after step 0 reuses branch 0's decision "
-    "(a skip) with empty caches of its own: AssertionError in caches.Track.estimate "
-    "(decision.py/executor.py)"
-)
-
-
 @pytest.mark.parametrize(
     "calls_per_step",
-    [pytest.param(GUIDED_LATE, marks=pytest.mark.xfail(strict=True, reason=LATE_GUIDANCE_BUG)), GUIDED_EARLY],
+    [GUIDED_LATE, GUIDED_EARLY],
 )
 def test_bare_transformer_guidance_on_some_steps_is_not_refused(calls_per_step):
     """Guidance by separate calls on some steps only (an interval starting after the first step,

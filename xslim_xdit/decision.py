@@ -140,7 +140,9 @@ class DecisionRoom:
             caches.probe_prev = probe.detach()
         received: list[int] | None = None
         if lead is not None:
-            decision = lead.decision
+            # Follow the step's first branch, as far as this branch's own caches can (a guidance
+            # branch that starts after the first step has nothing cached yet).
+            decision = self._feasible(lead.decision, caches, img, token_kv_ready)
         elif not self.sync.is_decider:
             received = self.sync.receive_decision(1 + self.layout.total_blocks)
             assert received is not None
