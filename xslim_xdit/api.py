@@ -58,7 +58,8 @@ def enable_xslim(
     """Turn X-Slim on for a pipeline (or a bare transformer) and return its engine.
 
     On a pipeline, the scheduler tells the engine where the run is: ``set_timesteps`` starts a
-    run (every cache cleared) of ``len(scheduler.timesteps)`` steps, and each ``step()`` call ends
+    run (every cache cleared) of ``len(scheduler.timesteps)`` steps (from its begin index on, for
+    img2img and inpainting with ``strength < 1``), and each ``step()`` call ends
     a step, so a Heun-type scheduler's two evaluations per step are two steps, and the calls
     between two ``step()`` calls are guidance branches (named by diffusers' ``cache_context``
     where the pipeline sets one). On a bare transformer pass ``num_inference_steps`` (or call
@@ -168,13 +169,29 @@ def _hook_scheduler(engine: XSlimEngine, scheduler: Any) -> None:
     def on_timesteps(sched: Any) -> None:
         eng = getattr(transformer, _ENGINE_ATTR, None)
         if eng is not None:
-            n = len(sched.timesteps)
+            n = steps_to_run(sched)
             eng.default_steps = n
             eng.start_run(n)
 
     engine.scheduler_hooks = SchedulerHooks(
         inner_scheduler(scheduler), on_timesteps, engine.clock.step_done if driven else None
     )
+
+
+def steps_to_run(scheduler: Any) -> int:
+    """The transformer steps a run makes: the scheduler's timesteps from its begin index on
+    (img2img and inpainting with ``strength < 1`` start part-way down).
+
+    Example:
+        >>> from diffusers import FlowMatchEulerDiscreteScheduler
+        >>> s = FlowMatchEulerDiscreteScheduler()
+        >>> s.set_timesteps(10)
+        >>> s.set_begin_index(4)
+        >>> steps_to_run(s)
+        6
+    """
+    begin = getattr(scheduler, "begin_index", None)
+    return len(scheduler.timesteps) - (int(begin) if begin is not None else 0)
 
 
 def _scheduler_check(engine: XSlimEngine, pipe_ref: Callable[[], Any]) -> Callable[[], None]:
@@ -197,8 +214,8 @@ def _scheduler_check(engine: XSlimEngine, pipe_ref: Callable[[], Any]) -> Callab
                 f"pipe.scheduler was replaced by a {type(scheduler).__name__} whose timesteps are not "
                 "set: X-Slim cannot tell the run's steps; call scheduler.set_timesteps first"
             )
-        engine.default_steps = len(timesteps)
-        engine.start_run(len(timesteps))
+        engine.default_steps = steps_to_run(inner_scheduler(scheduler))
+        engine.start_run(engine.default_steps)
 
     return check
 

@@ -181,7 +181,8 @@ def is_wrapped_scheduler(scheduler: Any) -> bool:
 
 
 class SchedulerHooks:
-    """Tell the engine when a run starts (``set_timesteps``) and when a step ends (``step``)."""
+    """Tell the engine when a run starts (``set_timesteps``, and ``set_begin_index`` where a
+    pipeline starts part-way) and when a step ends (``step``)."""
 
     def __init__(
         self,
@@ -201,6 +202,18 @@ class SchedulerHooks:
         self.patches.append(
             AttributePatch(scheduler, "set_timesteps", _wraps(set_timesteps_hooked, set_timesteps))
         )
+        set_begin_index = getattr(scheduler, "set_begin_index", None)
+        if callable(set_begin_index):
+            # img2img, inpainting (strength < 1): the pipeline starts part-way down the timesteps
+            # after setting them; the run is then the steps from there on.
+            def set_begin_index_hooked(*args: Any, **kwargs: Any) -> Any:
+                out = set_begin_index(*args, **kwargs)
+                on_timesteps(scheduler)
+                return out
+
+            self.patches.append(
+                AttributePatch(scheduler, "set_begin_index", _wraps(set_begin_index_hooked, set_begin_index))
+            )
         if on_step is not None:
             step = scheduler.step
 
