@@ -82,7 +82,8 @@ def _groups_by(key_of_rank: list[Any], my_key: Any) -> tuple[Any, list[int]]:
             _GENERATION_GROUPS[ranks] = torch.distributed.new_group(list(ranks))
         if key == my_key:
             mine = (_GENERATION_GROUPS[ranks], list(ranks))
-    assert mine is not None
+    if mine is None:  # every rank gathered its own key: only a broken all_gather gets here
+        raise RuntimeError(f"this rank's group key {my_key!r} is not among the gathered keys {key_of_rank!r}")
     return mine
 
 
