@@ -1,0 +1,70 @@
+"""Wan 2.1 (``WanTransformer3DModel``): one stack of blocks over the video tokens. Each block
+modulates with a shared ``(batch, 6, dim)`` timestep projection plus its own ``scale_shift_table``
+(adaLN, in float32), runs self-attention (``attn1``: RMS norm of queries and keys across heads,
+then Wan's RoPE over frames, height and width), cross-attention to the text (``attn2``: the text
+is a condition, not a stream; image-to-video models put the CLIP image tokens in front of the text
+and attend to them through ``add_k_proj``/``add_v_proj``) and a feed-forward. Blocks return the
+video tokens alone. Timesteps are the flow-matching scheduler's, in [0, 1000].
+
+No preset and no rescale polynomial: TeaCache4Wan2.1 publishes polynomials per checkpoint, but for
+the timestep embedding as its indicator, not block 0's modulated input that X-Slim probes.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import TokenContext, WanSelfAttnTokenProcessor
+from .base import BlockCall, BlockStack, ModelAdapter, register_adapter
+
+
+@register_adapter
+class WanAdapter(ModelAdapter):
+    name = "wan"
+    model_class_names = ("WanTransformer3DModel",)
+    tiny_config = MappingProxyType(
+        dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,  # Wan's RoPE splits a head into frame, height, width: 4 + 4 + 4
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=32,
+            ffn_dim=32,
+            num_layers=3,
+            cross_attn_norm=True,
+            rope_max_seq_len=32,
+        )
+    )
+    timestep_max = 1000.0
+
+    def tiny_inputs(
+        self, batch: int = 1, seed: int = 0, frames: int = 2, height: int = 8, width: int = 8
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``frames x height x width`` video latents (2x2 spatial patches) and 6 text tokens."""
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, 4, frames, height, width, generator=g)
+        return x, {"encoder_hidden_states": torch.randn(batch, 6, 16, generator=g)}
+
+    def stacks(self, model: nn.Module) -> list[BlockStack]:
+        return [BlockStack("blocks", model.blocks, attr="blocks")]
+
+    def modulated_input(self, block: nn.Module, call: BlockCall) -> torch.Tensor:
+        h, temb = call.img, call.bound.arguments["temb"]
+        if temb.ndim == 4:  # Wan 2.2 TI2V: a timestep per token, (batch, tokens, 6, dim)
+            shift, scale = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)[:2]
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:  # (batch, 6, dim)
+            shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+        return (block.norm1(h.float()) * (1 + scale) + shift).type_as(h)
+
+    def self_attention(self, block: nn.Module) -> nn.Module:
+        return block.attn1
+
+    def token_processor(self, attn: nn.Module, stack: BlockStack, ctx: TokenContext) -> Any:
+        return WanSelfAttnTokenProcessor(attn.processor, ctx, "none")
