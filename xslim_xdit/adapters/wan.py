@@ -44,12 +44,24 @@ class WanAdapter(ModelAdapter):
     timestep_max = 1000.0
 
     def tiny_inputs(
-        self, batch: int = 1, seed: int = 0, frames: int = 2, height: int = 8, width: int = 8
+        self,
+        batch: int = 1,
+        seed: int = 0,
+        frames: int = 2,
+        height: int = 8,
+        width: int = 8,
+        image_tokens: int = 0,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``frames x height x width`` video latents (2x2 spatial patches) and 6 text tokens."""
+        """``frames x height x width`` video latents (2x2 spatial patches) and 6 text tokens; with
+        ``image_tokens`` (an image-to-video model: ``image_dim=8``), that many CLIP image tokens and
+        the 512 text tokens Wan's I2V attention assumes."""
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, 4, frames, height, width, generator=g)
-        return x, {"encoder_hidden_states": torch.randn(batch, 6, 16, generator=g)}
+        text_len = 512 if image_tokens else 6
+        cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(batch, text_len, 16, generator=g)}
+        if image_tokens:
+            cond["encoder_hidden_states_image"] = torch.randn(batch, image_tokens, 8, generator=g)
+        return x, cond
 
     def stacks(self, model: nn.Module) -> list[BlockStack]:
         return [BlockStack("blocks", model.blocks, attr="blocks")]

@@ -1,0 +1,110 @@
+"""The per-family suite on the variants of the Wan and SD3 families that their tiny configs do not
+cover: SD3.0 (no query/key norm), SD3.5 Medium (dual-attention blocks: token refresh refused,
+skip and block levels served) and Wan 2.1 image-to-video (CLIP image tokens through ``attn2``'s
+added K/V)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import AttentionCounter
+from family_suite import FamilyTesterMixin, _restorable_state
+
+from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
+from xslim_xdit.testing import sample, tiny_model
+
+
+class TestSD30Family(FamilyTesterMixin):
+    """SD3.0: the joint attention without query/key norms."""
+
+    family = "sd3"
+
+    def model(self):
+        return tiny_model("sd3", qk_norm=None)
+
+
+class TestWanImageToVideoFamily(FamilyTesterMixin):
+    """Wan 2.1 I2V: the cross-attention also attends to CLIP image tokens (added K/V)."""
+
+    family = "wan"
+
+    def model(self):
+        return tiny_model("wan", image_dim=8, added_kv_proj_dim=24)
+
+    def sample(self, model, steps=None):
+        return sample(model, self.family, steps=steps or self.steps, batch=self.batch, image_tokens=3)
+
+
+class TestSD35MediumFamily(FamilyTesterMixin):
+    """SD3.5 Medium: blocks 0 and 1 have a second self-attention ``attn2``. Token refresh is
+    refused with an error naming the family and the level; skip and block levels run."""
+
+    family = "sd3"
+    block_only = dict(polish="block")
+
+    def model(self):
+        return tiny_model("sd3", dual_attention_layers=(0, 1))
+
+    def test_disabled_is_bit_identical(self):
+        model = self.model()
+        before = _restorable_state(model)
+        ref = self.sample(model)
+        enable_xslim(
+            model, XSlimConfig(warn=0.5, crit=1.0, **self.block_only), num_inference_steps=self.steps
+        )
+        cached = self.sample(model)
+        disable_xslim(model)
+        assert torch.equal(self.sample(model), ref) and not torch.equal(cached, ref)
+        assert _restorable_state(model) == before
+
+    def test_online_decisions_match_the_statistics(self):
+        model = self.model()
+        cfg = XSlimConfig(warn=0.05, crit=0.5, warmup_steps=2, **self.block_only)
+        eng = enable_xslim(model, cfg, num_inference_steps=self.steps)
+        self.sample(model)
+        disable_xslim(model)
+        kinds = [r.kind for r in eng.statistics.run_records()]
+        assert len(kinds) == self.steps and kinds[:2] == ["full", "full"] and kinds[-1] == "full"
+        assert "token" not in kinds
+        assert all(eng.statistics.summary()[k] == kinds.count(k) for k in ("full", "block", "skip"))
+
+    def test_each_level_matches_what_ran(self):
+        """Skip and block levels: what ran is what the statistics say."""
+        model = self.model()
+        schedule = Schedule(self.steps, full_steps=(0, 1, 4, 7), block_steps=(2, 5))
+        counter = AttentionCounter(model)
+        eng = enable_xslim(
+            model,
+            XSlimConfig(mode="schedule", schedule=schedule, block_thresh=2.0),
+            num_inference_steps=self.steps,
+        )
+        self.sample(model)
+        disable_xslim(model)
+        counter.remove()
+        recs = eng.statistics.run_records()
+        assert [r.kind for r in recs] == ["full", "full", "block", "skip", "full", "block", "skip", "full"]
+        assert counter.blocks_per_call() == [r.blocks_computed for r in recs]
+        for i, r in enumerate(recs):
+            if r.kind == "block":
+                assert [g for g, _ in counter.calls[i]] == [g for g, c in enumerate(r.blocks_mask) if c]
+                assert 0 < counter.blocks_per_call()[i] < counter.num_blocks
+
+    def test_token_refresh_at_ratio_one_equals_full(self):
+        """Replaced: token refresh is refused on the dual-attention blocks, clearly, and disabling
+        afterwards gives the model back unchanged."""
+        model = self.model()
+        before = _restorable_state(model)
+        ref = self.sample(model, steps=6)
+        schedule = Schedule(6, full_steps=(0, 1, 5), token_steps=(3, 4))
+        eng = enable_xslim(
+            model, XSlimConfig(mode="schedule", schedule=schedule, token_ratio=1.0), num_inference_steps=6
+        )
+        with pytest.raises(
+            NotImplementedError, match=r"family 'sd3': token refresh \(level 'token'\).*dual-attention"
+        ):
+            self.sample(model, steps=6)
+        # the refused token step is recorded as the step that raised
+        assert [r.kind for r in eng.statistics.run_records()] == ["full", "full", "skip", "token"]
+        disable_xslim(model)
+        assert torch.equal(self.sample(model, steps=6), ref)
+        assert _restorable_state(model) == before
