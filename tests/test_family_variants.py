@@ -108,3 +108,37 @@ class TestSD35MediumFamily(FamilyTesterMixin):
         disable_xslim(model)
         assert torch.equal(self.sample(model, steps=6), ref)
         assert _restorable_state(model) == before
+
+
+@torch.no_grad()
+def _sample_with_skip_layer_guidance(model, steps: int = 6) -> torch.Tensor:
+    """SD3.5's skip-layer guidance: per step a plain call and a call with ``skip_layers`` (those
+    blocks are not called at all), combined as the pipeline does."""
+    from xslim_xdit.adapters import adapter_named
+
+    sd3 = adapter_named("sd3")
+    x, cond = sd3.tiny_inputs(batch=2)
+    for t in sd3.timesteps(steps):
+        tt = sd3.timestep_input(t, 2)
+        out = model(x, timestep=tt, return_dict=False, **cond)[0]
+        slg = model(x, timestep=tt, return_dict=False, skip_layers=[1, 2], **cond)[0]
+        x = x - (1.0 / steps) * (out + 0.5 * (out - slg))
+    return x
+
+
+def test_sd3_skip_layer_guidance_branch():
+    """The skip-layer-guidance call is a branch of its own: forced full is bit-identical, and
+    token refresh at ratio 1 (all blocks computed on the block step) equals the full computation."""
+    model = tiny_model("sd3", num_layers=4)
+    ref = _sample_with_skip_layer_guidance(model)
+    eng = enable_xslim(model, XSlimConfig(warn=1e-12, crit=2e-12, polish="auto"), num_inference_steps=6)
+    assert torch.equal(_sample_with_skip_layer_guidance(model), ref)
+    disable_xslim(model)
+    assert [r.kind for r in eng.statistics.run_records()] == ["full"] * 12  # two calls per step
+    schedule = Schedule(6, full_steps=(0, 1, 5), block_steps=(2,), token_steps=(3, 4))
+    cfg = XSlimConfig(mode="schedule", schedule=schedule, token_ratio=1.0, block_thresh=1e-9)
+    eng = enable_xslim(model, cfg, num_inference_steps=6)
+    out = _sample_with_skip_layer_guidance(model)
+    disable_xslim(model)
+    assert [r.kind for r in eng.statistics.run_records()][4:10] == ["block", "block"] + ["token"] * 4
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
