@@ -35,6 +35,42 @@ class TestWanImageToVideoFamily(FamilyTesterMixin):
         return sample(model, self.family, steps=steps or self.steps, batch=self.batch, image_tokens=3)
 
 
+@torch.no_grad()
+def _sample_per_token_timesteps(model, steps: int, batch: int) -> torch.Tensor:
+    """Wan 2.2 TI2V's loop: a timestep per video token, the first frame's tokens (the conditioning
+    image) at 0, as the pipeline's ``expand_timesteps`` passes them."""
+    from xslim_xdit.adapters import adapter_named
+
+    wan = adapter_named("wan")
+    x, cond = wan.tiny_inputs(batch=batch)  # 2 frames of 4x4 patches
+    for t in wan.timesteps(steps):
+        timestep = torch.full((batch, 32), t)
+        timestep[:, :16] = 0.0
+        x = x - (1.0 / steps) * model(x, timestep=timestep, return_dict=False, **cond)[0]
+    return x
+
+
+class TestWanPerTokenTimestepFamily(FamilyTesterMixin):
+    """Wan 2.2 TI2V: a timestep per token (``temb`` of shape (batch, tokens, 6, dim)); the step
+    is read as the largest timestep, and token refresh gives the selected tokens their ``temb``."""
+
+    family = "wan"
+
+    def model(self):
+        # 6 blocks: with a timestep per token the embedding's cost grows with the tokens, and a
+        # skipped step is checked to cost under a fifth of a full one
+        return tiny_model("wan", num_layers=6)
+
+    def sample(self, model, steps=None):
+        return _sample_per_token_timesteps(model, steps or self.steps, self.batch)
+
+    def test_the_step_timestep_is_the_largest_of_the_first_sample(self):
+        from xslim_xdit.adapters import adapter_named
+
+        t = torch.tensor([[0.0, 0.0, 750.0], [0.0, 0.0, 250.0]])
+        assert adapter_named("wan").timestep(self.model(), (None, t), {}) == 750.0
+
+
 class TestSD35MediumFamily(FamilyTesterMixin):
     """SD3.5 Medium: blocks 0 and 1 have a second self-attention ``attn2``. Token refresh is
     refused with an error naming the family and the level; skip and block levels run."""

@@ -6,20 +6,44 @@ is a condition, not a stream; image-to-video models put the CLIP image tokens in
 and attend to them through ``add_k_proj``/``add_v_proj``) and a feed-forward. Blocks return the
 video tokens alone. Timesteps are the flow-matching scheduler's, in [0, 1000].
 
+Wan 2.2 TI2V (same class) passes a timestep per token, so ``temb`` is ``(batch, tokens, 6, dim)``:
+the step's timestep is the largest of the first sample's (the conditioning frame's tokens are at
+0), and a token-refresh step gives the selected tokens their rows of ``temb``.
+
 No preset and no rescale polynomial: TeaCache4Wan2.1 publishes polynomials per checkpoint, but for
 the timestep embedding as its indicator, not block 0's modulated input that X-Slim probes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attention import TokenContext, WanSelfAttnTokenProcessor
-from .base import BlockCall, BlockStack, ModelAdapter, register_adapter
+from .attention import TokenContext, WanSelfAttnTokenProcessor, gather_rows
+from .base import BlockCall, BlockStack, ModelAdapter, _put_arg, register_adapter
+
+
+@dataclass
+class _PerTokenTembCall(BlockCall):
+    """A Wan 2.2 TI2V block call (``temb`` per token, ``(batch, tokens, 6, dim)``): called again
+    on the selected tokens of a token-refresh step, it gets their rows of ``temb``."""
+
+    ctx: TokenContext | None = field(default=None, repr=False)
+    temb_pos: int | None = None  # position of ``temb`` among the positional arguments, else keyword
+
+    def with_streams(self, img: torch.Tensor, txt: torch.Tensor | None) -> tuple[tuple, dict]:
+        args, kwargs = super().with_streams(img, txt)
+        ctx = self.ctx
+        if ctx is None or ctx.index is None or img.shape[1] == self.img.shape[1]:
+            return args, kwargs
+        temb = args[self.temb_pos] if self.temb_pos is not None else kwargs["temb"]
+        args_list = list(args)
+        _put_arg(self.signature, args_list, kwargs, "temb", gather_rows(temb, ctx.index, ctx.flat))
+        return tuple(args_list), kwargs
 
 
 @register_adapter
@@ -43,6 +67,9 @@ class WanAdapter(ModelAdapter):
     )
     timestep_max = 1000.0
 
+    def __init__(self) -> None:
+        self._token_ctx: TokenContext | None = None  # the engine's, once token refresh is installed
+
     def tiny_inputs(
         self,
         batch: int = 1,
@@ -63,6 +90,25 @@ class WanAdapter(ModelAdapter):
             cond["encoder_hidden_states_image"] = torch.randn(batch, image_tokens, 8, generator=g)
         return x, cond
 
+    def timestep(self, model: nn.Module, args: tuple, kwargs: dict) -> float | None:
+        """Wan 2.2 TI2V passes a timestep per token, ``(batch, tokens)``, the conditioning frame's
+        tokens at 0: the step's timestep is the largest of the first sample's."""
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if isinstance(t, torch.Tensor) and t.ndim == 2 and t.numel():
+            return float(t[0].max().item())
+        return super().timestep(model, args, kwargs)
+
+    def parse_call(self, stack: BlockStack, sig: Any, args: tuple, kwargs: dict) -> BlockCall:
+        call = super().parse_call(stack, sig, args, kwargs)
+        if self._token_ctx is None:
+            return call
+        temb_pos = 2 if len(args) > 2 else None  # forward(hidden_states, encoder_hidden_states, temb, ...)
+        temb = args[2] if temb_pos is not None else kwargs.get("temb")
+        if not (isinstance(temb, torch.Tensor) and temb.ndim == 4):
+            return call
+        state = {f.name: getattr(call, f.name) for f in fields(BlockCall)}
+        return _PerTokenTembCall(**state, ctx=self._token_ctx, temb_pos=temb_pos)
+
     def stacks(self, model: nn.Module) -> list[BlockStack]:
         return [BlockStack("blocks", model.blocks, attr="blocks")]
 
@@ -79,4 +125,5 @@ class WanAdapter(ModelAdapter):
         return block.attn1
 
     def token_processor(self, attn: nn.Module, stack: BlockStack, ctx: TokenContext) -> Any:
+        self._token_ctx = ctx  # Wan 2.2 TI2V's per-token temb follows the selected tokens
         return WanSelfAttnTokenProcessor(attn.processor, ctx, "none")
