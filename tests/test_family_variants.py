@@ -178,3 +178,28 @@ def test_sd3_skip_layer_guidance_branch():
     disable_xslim(model)
     assert [r.kind for r in eng.statistics.run_records()][4:10] == ["block", "block"] + ["token"] * 4
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["wan", "sd3"])
+def test_every_level_runs_in_half_precision(family, dtype):
+    """Skip, block and token steps in bf16 and fp16: the K/V cache and the residuals keep the
+    model's dtype and the output stays finite."""
+    from xslim_xdit.testing import make_inputs, timesteps_for
+
+    model = tiny_model(family).to(dtype)
+    schedule = Schedule(10, full_steps=(0, 1, 5, 9), block_steps=(2, 6), token_steps=(3, 7))
+    eng = enable_xslim(model, XSlimConfig(mode="schedule", schedule=schedule), num_inference_steps=10)
+    x, cond = make_inputs(family, batch=2)
+    cond = {k: v.to(dtype) for k, v in cond.items()}
+    outs = []
+    with torch.no_grad():
+        for t in timesteps_for(family, 10):
+            outs.append(model(x.to(dtype), timestep=torch.tensor([t, t]), return_dict=False, **cond)[0])
+    kinds = [r.kind for r in eng.statistics.run_records()]
+    dtypes = {st.residual.dtype for st in eng.branches.values()}
+    dtypes |= {t.dtype for pair in eng.token_ctx.kv.values() for t in pair if t is not None}
+    disable_xslim(model)
+    assert {"skip", "block", "token", "full"} <= set(kinds)
+    assert dtypes == {dtype}
+    assert all(torch.isfinite(o).all() for o in outs)
