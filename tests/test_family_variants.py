@@ -203,3 +203,39 @@ def test_every_level_runs_in_half_precision(family, dtype):
     assert {"skip", "block", "token", "full"} <= set(kinds)
     assert dtypes == {dtype}
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+_SAME_INPUTS_REUSE = {
+    "skip": XSlimConfig(mode="schedule", schedule=Schedule(3, full_steps=(0, 2)), extrapolate="none"),
+    "block": XSlimConfig(
+        mode="schedule", schedule=Schedule(3, full_steps=(0, 2), block_steps=(1,)), block_thresh=100.0
+    ),
+    "token": XSlimConfig(
+        mode="schedule", schedule=Schedule(3, full_steps=(0, 2), token_steps=(1,)), token_ratio=0.01
+    ),
+}
+
+
+@pytest.mark.parametrize("level", sorted(_SAME_INPUTS_REUSE))
+def test_sd3_controlnet_residuals_with_the_same_inputs_reproduce_the_full_step(level):
+    """SD3's ControlNet samples are added to the image stream between blocks (not after the last,
+    ``context_pre_only`` block): with the same inputs twice, a step reusing the full step's
+    residuals gives the full step's output (the samples are counted once)."""
+    from xslim_xdit.testing import make_inputs
+
+    model = tiny_model("sd3")
+    x, cond = make_inputs("sd3", seed=3)
+    g = torch.Generator().manual_seed(5)
+    control = [torch.randn(1, 16, 16, generator=g) for _ in range(2)]
+    eng = enable_xslim(model, _SAME_INPUTS_REUSE[level], num_inference_steps=3)
+    eng.clock.follow_scheduler()  # the steps are told apart as a scheduler tells them (same timestep)
+    outs = []
+    with torch.no_grad():
+        for _ in range(2):
+            out = model(x, timestep=torch.tensor([500.0]), block_controlnet_hidden_states=control, **cond)
+            outs.append(out.sample)
+            eng.clock.step_done()
+    kinds = eng.statistics.summary()["kinds"]
+    disable_xslim(model)
+    assert kinds[0] == "full" and kinds[1] == level, kinds
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
