@@ -205,6 +205,25 @@ def test_every_level_runs_in_half_precision(family, dtype):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
+def test_a_branch_of_another_batch_size_is_refused_token_refresh_clearly():
+    """SD3.5's skip-layer guidance call carries the conditional half of the batch only; the K/V
+    cache is one for all branches, so its token step is refused with a message saying why."""
+    from xslim_xdit.adapters import adapter_named
+
+    sd3, model = adapter_named("sd3"), tiny_model("sd3")
+    x, cond = sd3.tiny_inputs(batch=2)
+    schedule = Schedule(4, full_steps=(0, 1, 3), token_steps=(2,))
+    enable_xslim(
+        model, XSlimConfig(mode="schedule", schedule=schedule, token_ratio=0.5), num_inference_steps=4
+    )
+    with torch.no_grad(), pytest.raises(RuntimeError, match="K/V cache holds 1 samples and this call 2"):
+        for t in sd3.timesteps(4):
+            model(x, timestep=sd3.timestep_input(t, 2), return_dict=False, **cond)
+            half = {k: v[:1] for k, v in cond.items()}
+            model(x[:1], timestep=sd3.timestep_input(t, 1), return_dict=False, skip_layers=[1], **half)
+    disable_xslim(model)
+
+
 _SAME_INPUTS_REUSE = {
     "skip": XSlimConfig(mode="schedule", schedule=Schedule(3, full_steps=(0, 2)), extrapolate="none"),
     "block": XSlimConfig(
@@ -239,3 +258,43 @@ def test_sd3_controlnet_residuals_with_the_same_inputs_reproduce_the_full_step(l
     disable_xslim(model)
     assert kinds[0] == "full" and kinds[1] == level, kinds
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="engine: one K/V cache per model (TokenContext.kv), not per guidance branch: a branch's "
+    "token step reads the K/V the other branch recorded last for its unrefreshed tokens",
+)
+def test_token_refresh_of_a_branch_does_not_depend_on_the_other_branch():
+    """Wan's pipeline calls the transformer once per guidance branch (``cache_context("cond")`` /
+    ``("uncond")``). Each branch has caches of its own, and the first branch decides the step: so
+    the first branch's outputs must be the same whether or not a second branch runs. They are
+    with skip and block steps; with token steps they are not (the K/V cache is shared)."""
+    from xslim_xdit.adapters import adapter_named
+
+    wan, model = adapter_named("wan"), tiny_model("wan")
+    x0, cond = wan.tiny_inputs(batch=1)
+    uncond = {"encoder_hidden_states": 3 * torch.randn_like(cond["encoder_hidden_states"])}
+    schedule = Schedule(6, full_steps=(0, 1, 5), token_steps=(2, 3, 4))
+
+    def first_branch(two_branches: bool) -> list[torch.Tensor]:
+        enable_xslim(
+            model, XSlimConfig(mode="schedule", schedule=schedule, token_ratio=0.5), num_inference_steps=6
+        )
+        x, outs = x0, []
+        with torch.no_grad():
+            for t in wan.timesteps(6):
+                timestep = wan.timestep_input(t, 1)
+                with model.cache_context("cond"):
+                    out = model(x, timestep=timestep, return_dict=False, **cond)[0]
+                if two_branches:
+                    with model.cache_context("uncond"):
+                        model(x, timestep=timestep, return_dict=False, **uncond)
+                outs.append(out)
+                x = x - out / 6
+        disable_xslim(model)
+        return outs
+
+    for alone, with_second in zip(first_branch(False), first_branch(True), strict=True):
+        torch.testing.assert_close(with_second, alone, rtol=0, atol=1e-6)

@@ -218,6 +218,13 @@ class _TokenProcessor:
         pair = self.ctx.kv.get(id(attn))
         if pair is None or pair[0] is None or pair[1] is None:
             raise RuntimeError("token refresh before any full step recorded the K/V cache")
+        if pair[0].shape[0] != k_new.shape[0]:  # else an index error deep in the splice, or SDPA's
+            raise RuntimeError(
+                f"token refresh: the K/V cache holds {pair[0].shape[0]} samples and this call "
+                f"{k_new.shape[0]}; the guidance branches of separate calls share one K/V cache, so a "
+                "branch with another batch size (SD3.5's skip-layer guidance call) cannot use token "
+                "refresh; use polish='block' or a schedule without token steps"
+            )
         idx = self.ctx.index
         assert idx is not None
         k = splice(pair[0], idx, k_new, self.ctx.flat)
