@@ -1,7 +1,9 @@
 """The per-family suite on the variants of the Wan and SD3 families that their tiny configs do not
 cover: SD3.0 (no query/key norm), SD3.5 Medium (dual-attention blocks: token refresh refused,
-skip and block levels served) and Wan 2.1 image-to-video (CLIP image tokens through ``attn2``'s
-added K/V)."""
+skip and block levels served), Wan 2.1 image-to-video (CLIP image tokens through ``attn2``'s
+added K/V) and Wan 2.2 TI2V's per-token timesteps. Then what the families' pipelines do around
+the transformer: SD3.5's skip-layer guidance call, SD3's ControlNet samples between blocks, half
+precision, and guidance branches called separately (a strict xfail: the K/V cache is shared)."""
 
 from __future__ import annotations
 
