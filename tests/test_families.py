@@ -19,7 +19,7 @@ for _family in PACKAGE_FAMILIES:
 
 
 def test_every_package_family_is_in_the_suite():
-    assert {"dit", "pixart", "flux", "hunyuan_video"} <= set(PACKAGE_FAMILIES)
+    assert {"dit", "pixart", "flux", "hunyuan_video", "wan", "sd3"} <= set(PACKAGE_FAMILIES)
     made = {
         cls.family
         for cls in globals().values()

@@ -218,6 +218,13 @@ class _TokenProcessor:
         pair = self.ctx.kv.get(id(attn))
         if pair is None or pair[0] is None or pair[1] is None:
             raise RuntimeError("token refresh before any full step recorded the K/V cache")
+        if pair[0].shape[0] != k_new.shape[0]:  # else an index error deep in the splice, or SDPA's
+            raise RuntimeError(
+                f"token refresh: the K/V cache holds {pair[0].shape[0]} samples and this call "
+                f"{k_new.shape[0]}; the guidance branches of separate calls share one K/V cache, so a "
+                "branch with another batch size (SD3.5's skip-layer guidance call) cannot use token "
+                "refresh; use polish='block' or a schedule without token steps"
+            )
         idx = self.ctx.index
         assert idx is not None
         k = splice(pair[0], idx, k_new, self.ctx.flat)
@@ -379,3 +386,52 @@ class JointAttnTokenProcessor(_TokenProcessor):
                 out_txt = attn.to_add_out(out_txt)
             return out_img, out_txt
         return torch.cat([out_txt, out_img], 1) if txt_first else torch.cat([out_img, out_txt], 1)
+
+
+def wan_rope_bshd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as ``WanAttnProcessor`` computes it (interleaved pairs; tables repeat-interleaved):
+    ``x`` (B, S, H, D), ``cos``/``sin`` (1 or B, S, 1, D)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class WanSelfAttnTokenProcessor(_TokenProcessor):
+    """For Wan's self-attention (``WanAttention`` as ``attn1``): RMS norm of the queries and keys
+    across heads (before the head split), then Wan's RoPE over the video tokens; the text enters
+    through the block's cross-attention, which runs unchanged on the selected tokens."""
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        ctx = self.ctx
+        if ctx.index is None:
+            return self.original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, *args, **kwargs
+            )
+        if getattr(attn, "fused_projections", False):
+            raise NotImplementedError("token refresh does not support fused QKV projections; unfuse them")
+        if encoder_hidden_states is not None or attention_mask is not None or args or kwargs:
+            raise NotImplementedError("token refresh supports Wan's unmasked self-attention (attn1) only")
+        n_q = hidden_states.shape[1]
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k, v = self._cached_kv(attn, attn.to_k(hidden_states), attn.to_v(hidden_states))
+        k, v = attn.norm_k(k).unflatten(2, (attn.heads, -1)), v.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:  # tables (1, S, 1, D) over the whole video: keys all, queries at idx
+            cos, sin = rotary_emb
+            k = wan_rope_bshd(k, cos, sin)
+            q = wan_rope_bshd(q, cos[0][ctx.index], sin[0][ctx.index])
+        k, v = ctx.gather(k, "img"), ctx.gather(v, "img")
+        ctx.query_rows += n_q
+        out = ctx.attention(q, k, v, None).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
