@@ -366,6 +366,8 @@ class XSlimEngine:
 
     def _begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
         caches = self.current_caches()
+        if self.token_ctx is not None:
+            self.token_ctx.branch = self.branch
         img = call.img
         self.tally = tally = CallTally(rows_full=img.shape[0] * img.shape[1])
         if self.seg_start:  # first_block_residual: block 0 runs every step, its residual is the probe
@@ -377,7 +379,7 @@ class XSlimEngine:
         if self._token_attention is not None:
             self._token_attention.refresh()  # a LoRA loaded or a processor set since the last call
         tick = time.perf_counter()
-        kv_ready = self.token_ctx is not None and bool(self.token_ctx.kv)
+        kv_ready = self.token_ctx is not None and self.token_ctx.has_kv(self.branch)
         self.plan = self.room.decide(self.step, self.branch, caches, img, probe, token_kv_ready=kv_ready)
         self.statistics.bookkeeping_seconds += time.perf_counter() - tick
 

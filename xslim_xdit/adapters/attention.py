@@ -64,7 +64,10 @@ class TokenContext:
     flat: torch.Tensor | None = None  # flat_rows(index, N) of the current step
     n_txt: int = 0
     record: bool = False
-    kv: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
+    #: the guidance branch of the current call: each branch (a pipeline that calls the
+    #: transformer once per branch) keeps K/V of its own, as it keeps its other caches
+    branch: int = 0
+    kv: dict[tuple[int, int], list[torch.Tensor | None]] = field(default_factory=dict)
     attention: AttentionFn = sdpa_bshd
     gather: GatherFn = no_gather
     query_rows: int = 0  # rows of queries attended in the last refresh (for statistics and tests)
@@ -72,7 +75,12 @@ class TokenContext:
     def reset(self) -> None:
         self.index = None
         self.flat = None
+        self.branch = 0
         self.kv.clear()
+
+    def has_kv(self, branch: int) -> bool:
+        """A full step of ``branch`` recorded K/V (token steps can then splice into it)."""
+        return any(b == branch and pair[0] is not None for (b, _), pair in self.kv.items())
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.kv.values() for t in pair if t is not None)
@@ -90,13 +98,12 @@ def install_kv_recorders(attn: nn.Module, ctx: TokenContext, text_position: str)
     """Forward hooks on ``attn.to_k`` and ``attn.to_v`` that keep the image rows of their output
     while ``ctx.record`` is set. Returns the hook handles."""
     key = id(attn)
-    ctx.kv.setdefault(key, [None, None])
     handles = []
     for slot, lin in enumerate((attn.to_k, attn.to_v)):
 
         def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor, slot: int = slot) -> None:
             if ctx.record and ctx.index is None:
-                ctx.kv.setdefault(key, [None, None])[slot] = _image_rows(
+                ctx.kv.setdefault((ctx.branch, key), [None, None])[slot] = _image_rows(
                     out, ctx.n_txt, text_position
                 ).detach()
 
@@ -215,15 +222,14 @@ class _TokenProcessor:
         self.text_position = text_position
 
     def _cached_kv(self, attn: nn.Module, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple:
-        pair = self.ctx.kv.get(id(attn))
+        pair = self.ctx.kv.get((self.ctx.branch, id(attn)))
         if pair is None or pair[0] is None or pair[1] is None:
             raise RuntimeError("token refresh before any full step recorded the K/V cache")
         if pair[0].shape[0] != k_new.shape[0]:  # else an index error deep in the splice, or SDPA's
             raise RuntimeError(
                 f"token refresh: the K/V cache holds {pair[0].shape[0]} samples and this call "
-                f"{k_new.shape[0]}; the guidance branches of separate calls share one K/V cache, so a "
-                "branch with another batch size (SD3.5's skip-layer guidance call) cannot use token "
-                "refresh; use polish='block' or a schedule without token steps"
+                f"{k_new.shape[0]}: the batch changed within a run of one guidance branch; start a new "
+                "run (engine.start_run) or use polish='block' or a schedule without token steps"
             )
         idx = self.ctx.index
         assert idx is not None
