@@ -8,13 +8,8 @@ layers. What a call does is decided elsewhere: the step and branch by the
 :class:`~xslim_xdit.clock.StepClock`, the plan by the
 :class:`~xslim_xdit.decision.DecisionRoom`; what is reused lives in
 :class:`~xslim_xdit.caches.BranchCaches`; statistics, FLOPs and calibration profiles are
-:mod:`~xslim_xdit.observers`. Per plan kind, the block hook:
-
-* SKIP: applies the cached stack residual to the stack input; the other blocks pass through;
-* BLOCK: runs the selected blocks, the others add their cached residual;
-* TOKEN: runs every block on the selected image tokens (and all text tokens) with attention
-  against the K/V cache, and fills the other tokens from the cached stack residual;
-* FULL: runs everything and refreshes every cache the enabled levels need.
+:mod:`~xslim_xdit.observers`; what each block does under a plan, the
+:class:`~xslim_xdit.executor.PlanExecutor`.
 
 Example:
     >>> import torch
