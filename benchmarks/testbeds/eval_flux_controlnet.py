@@ -1,6 +1,6 @@
 """X-Slim with and without the ControlNet on the digits FLUX testbed (issue 10, point 1).
 
-For ``--n`` test digits (sample ``i``: test image ``i``'s class and its control signal, noise seeded
+For ``--n`` test digits (sample ``i``, from ``--offset``: test image ``i``'s class and its control signal, noise seeded
 ``i``, one sample per pipeline call, true CFG 7), ``--steps`` steps: the full computation with the
 ControlNet and without it, then each X-Slim setting with and without it. Each X-Slim run is
 scored by its PSNR against the full run of the SAME pipeline (with against with, without against
@@ -57,10 +57,10 @@ def linear_params(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def eval_inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classes ``(n,)`` and control signals ``(n, 1, 16, 16)`` of the first ``n`` test digits."""
+def eval_inputs(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classes ``(n,)`` and control signals ``(n, 1, 16, 16)`` of test digits ``offset .. offset+n-1``."""
     images, labels = load_digits_images("test")
-    return labels[:n], control_signal(images[:n])
+    return labels[offset : offset + n], control_signal(images[offset : offset + n])
 
 
 def sample(
@@ -97,15 +97,17 @@ def _stats(x: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate(
-    pipe: DigitsFluxControlNetPipeline, n: int, steps: int, which: list[str] | None = None
+    pipe: DigitsFluxControlNetPipeline, n: int, steps: int, which: list[str] | None = None, offset: int = 0
 ) -> dict[str, Any]:
-    """The measurements of the module docstring, as a dict (see :func:`main` for the table)."""
-    labels, controls = eval_inputs(n)
-    ref_plain, _ = sample(pipe, labels, None, steps)
-    ref_cn, _ = sample(pipe, labels, controls, steps)
+    """The measurements of the module docstring, as a dict (see :func:`main` for the table);
+    samples ``offset .. offset+n-1`` (test digit and noise seed)."""
+    labels, controls = eval_inputs(n, offset)
+    ref_plain, _ = sample(pipe, labels, None, steps, seed0=offset)
+    ref_cn, _ = sample(pipe, labels, controls, steps, seed0=offset)
     share = linear_params(pipe.controlnet) / linear_params(pipe.transformer)
     result: dict[str, Any] = {
         "n": n,
+        "offset": offset,
         "steps": steps,
         "controlnet_cost_share": share,
         "psnr_full_cn_vs_full_plain": _stats(psnr_per_image(ref_cn, ref_plain)),
@@ -117,8 +119,8 @@ def evaluate(
     for name, make in settings(steps).items():
         if which and name not in which:
             continue
-        out_plain, f_plain = sample(pipe, labels, None, steps, make())
-        out_cn, f_cn = sample(pipe, labels, controls, steps, make())
+        out_plain, f_plain = sample(pipe, labels, None, steps, make(), seed0=offset)
+        out_cn, f_cn = sample(pipe, labels, controls, steps, make(), seed0=offset)
         p_plain = psnr_per_image(out_plain, ref_plain)
         p_cn = psnr_per_image(out_cn, ref_cn)
         fp, fc = sum(f_plain) / n, sum(f_cn) / n
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run :func:`evaluate` and print the table (and the JSON with ``--json``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=20, help="samples (first n test digits, seeds 0..n-1)")
+    p.add_argument("--offset", type=int, default=0, help="first test digit and noise seed")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--controlnet", type=Path, default=None, help="ControlNet checkpoint folder")
     p.add_argument("--setting", action="append", default=None, help="only this setting (repeatable)")
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = DigitsFluxControlNetPipeline.from_checkpoint(controlnet_path=args.controlnet)
-    result = evaluate(pipe, args.n, args.steps, args.setting)
+    result = evaluate(pipe, args.n, args.steps, args.setting, args.offset)
     print(table(result), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
