@@ -163,7 +163,9 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run :func:`evaluate` and print the table (and the JSON with ``--json``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=20, help="samples (first n test digits, seeds 0..n-1)")
+    p.add_argument(
+        "--n", type=int, default=20, help="samples (n test digits from --offset, noise seeded by their index)"
+    )
     p.add_argument("--offset", type=int, default=0, help="first test digit and noise seed")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--controlnet", type=Path, default=None, help="ControlNet checkpoint folder")

@@ -99,7 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", type=Path, default=None, help="testbed checkpoint (default: digits_flux)")
     p.add_argument("--double-blocks", type=int, default=1, help="ControlNet double-stream blocks")
     p.add_argument("--single-blocks", type=int, default=1, help="ControlNet single-stream blocks")
-    p.add_argument("--cell", type=int, default=CONTROL_CELL, help="control signal cell size (pixels)")
+    p.add_argument(
+        "--cell",
+        type=int,
+        default=CONTROL_CELL,
+        help="control signal cell size in pixels (the pipeline and eval use flux_controlnet.CONTROL_CELL = 4)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     add_save_args(p, log_every=50)
     p.add_argument("--state", type=Path, default=None, help=argparse.SUPPRESS)
