@@ -170,6 +170,11 @@ class DigitsFluxPipeline(ClassTokenPipeline):
     transformer_cls = FluxTransformer2DModel
     default_checkpoint = DEFAULT_CHECKPOINT
 
+    def _extra_transformer_kwargs(self, kwargs: dict) -> dict:
+        """More arguments of this step's transformer call, given its others (none here; the
+        ControlNet pipeline adds its block samples)."""
+        return {}
+
     def encode_prompt(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(encoder_hidden_states, pooled_projections, txt_ids)`` of the class labels."""
         tokens, pooled, _ = self.text_encoder(labels)
@@ -213,15 +218,15 @@ class DigitsFluxPipeline(ClassTokenPipeline):
         img_ids = image_ids().to(device, dtype)
 
         def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.transformer(
-                hidden_states=model_input,
-                timestep=t.expand(model_input.shape[0]).to(dtype) / 1000,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=txt_ids,
-                img_ids=img_ids,
-                return_dict=False,
-            )[0]
+            kwargs = {
+                "hidden_states": model_input,
+                "timestep": t.expand(model_input.shape[0]).to(dtype) / 1000,
+                "pooled_projections": pooled,
+                "encoder_hidden_states": prompt_embeds,
+                "txt_ids": txt_ids,
+                "img_ids": img_ids,
+            }
+            return self.transformer(**kwargs, **self._extra_transformer_kwargs(kwargs), return_dict=False)[0]
 
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         cfg = self.scheduler.config

@@ -167,7 +167,8 @@ def run_training(
     num_items: int,
     betas: tuple[float, float],
 ) -> None:
-    """Train ``model`` for ``args.minutes`` of wall time and save its EMA.
+    """Train ``model`` for ``args.minutes`` of wall time (or ``args.max_steps`` steps where that
+    option exists and is set, whichever ends first) and save its EMA.
 
     Every step sets the learning rate (:func:`lr_at`), computes ``batch_loss(model)`` (which draws
     its own batch), clips the gradient norm to 1 and updates the EMA (decay
@@ -213,7 +214,8 @@ def run_training(
     last_save = t_start
     running = 0.0
     model.train()
-    while (elapsed := time.time() - t_start) < budget:
+    max_steps = getattr(args, "max_steps", None)
+    while (elapsed := time.time() - t_start) < budget and (max_steps is None or step < max_steps):
         lr = lr_at(step, elapsed / budget, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
