@@ -230,3 +230,18 @@ def test_show_refuses_a_json_of_neither_kind(tmp_path, capsys):
     path.write_text(json.dumps({"hello": 1}))
     assert main(["show", str(path)]) == 1
     assert "neither a calibration result" in capsys.readouterr().err
+
+
+def test_calibrate_in_process_with_the_threshold_strategy(workdir, tmp_path, capsys):
+    out = tmp_path / "threshold.json"
+    argv = ["calibrate", str(workdir / "pixart"), "--prompts", str(workdir / "prompts.txt")]
+    argv += ["--target-speedup", "1.5", "--steps", "8", "--strategy", "threshold", "--polish", "token"]
+    argv += ["--seed", "3", "--quiet", "--output", str(out), *TINY_PIXART_ARGS]
+    assert main(argv) == 0
+    result = CalibrationResult.load(out)
+    assert result.strategy == "threshold" and result.polish == "token"
+    assert result.schedule.num_steps == 8 and result.warn is not None
+    captured = capsys.readouterr()
+    assert "profiling full runs" not in captured.err  # --quiet: no bars
+    assert main(["show", str(out)]) == 0
+    assert "strategy threshold" in capsys.readouterr().out
