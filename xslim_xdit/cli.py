@@ -328,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "versions (xfuser is not imported); whether an accelerator is present.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable JSON")
+    p.set_defaults(subparser=p)
 
     p = sub.add_parser(
         "calibrate",
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights dtype (auto: float32 on CPU, bfloat16 on an accelerator)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
+    p.set_defaults(subparser=p)
 
     p = sub.add_parser(
         "show",
@@ -392,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", metavar="FILE", help="a calibration or statistics JSON file")
     p.add_argument("--run", type=int, default=None, help="statistics: which run (default the last)")
+    p.set_defaults(subparser=p)
     return parser
 
 
@@ -406,12 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     if args.command == "info":
         return _cmd_info(args)
     if args.command == "calibrate":
-        return _cmd_calibrate(args, subparser)
-    return _cmd_show(args, subparser)
+        return _cmd_calibrate(args, args.subparser)
+    return _cmd_show(args, args.subparser)
 
 
 if __name__ == "__main__":
