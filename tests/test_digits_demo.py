@@ -25,6 +25,9 @@ def test_demo_draws_and_reports(tmp_path, capsys, extra):
     res = _demo().main(["--per-class", "2", "--steps", "30", "--repeats", "1", "--out", str(out), *extra])
     text = capsys.readouterr().out
     assert out.is_file() and out.stat().st_size > 1000
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 600  # the labelled figure, not the bare grid
     assert res["accuracy_full"] >= 0.9 and res["accuracy_xslim"] >= 0.9
     assert 20.0 < res["psnr"] < float("inf")
     if extra:
@@ -35,6 +38,8 @@ def test_demo_draws_and_reports(tmp_path, capsys, extra):
         assert res["flops_fraction"] < 0.8
         assert "default online controller" in text
     assert "PSNR X-Slim vs full" in text
+    assert "demo run time: " in text and "load average" in text
+    assert len(res["kinds"]) == 30 and res["kinds"][0] == "full" and res["run_time"] > 0
 
 
 def test_demo_refuses_two_configs(tmp_path):

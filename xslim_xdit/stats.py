@@ -136,7 +136,60 @@ class CacheStatistics(EngineObserver):
         return {"summary": self.summary(), "records": [asdict(r) for r in self.records]}
 
     def to_json(self, path: str | Path | None = None) -> str:
+        """The statistics as indented JSON (:meth:`to_dict`), written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
             Path(path).write_text(text)
         return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CacheStatistics:
+        """Statistics read back from :meth:`to_dict`: the records, and the cache bytes,
+        collectives and bookkeeping time of its summary; :meth:`table` prints what it printed.
+
+        A dict that is not such statistics raises ``ValueError`` naming the key.
+
+        Example:
+            >>> s = CacheStatistics()
+            >>> s.add(StepRecord(run=0, step=0, branch=0, kind="full", indicator=None, error=0.0,
+            ...     blocks_computed=4, blocks_total=4, tokens_computed=64, tokens_total=64,
+            ...     flops=100, flops_full=100))
+            >>> CacheStatistics.from_dict(s.to_dict()).table() == s.table()
+            True
+        """
+        if not isinstance(d, dict) or not isinstance(d.get("records"), list):
+            raise ValueError("statistics: a JSON object with a 'records' list (CacheStatistics.to_json)")
+        summary = d.get("summary") or {}
+        if not isinstance(summary, dict):
+            raise ValueError(f"statistics: 'summary' must be an object; got {summary!r}")
+        try:
+            records = [StepRecord(**r) for r in d["records"]]
+        except TypeError as e:
+            raise ValueError(f"statistics: 'records' holds an entry that is not a StepRecord ({e})") from None
+        return cls(
+            records=records,
+            cache_bytes=dict(summary.get("cache_bytes", {})),
+            collectives=int(summary.get("collectives", 0)),
+            collective_bytes=int(summary.get("collective_bytes", 0)),
+            bookkeeping_seconds=float(summary.get("bookkeeping_seconds", 0.0)),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> CacheStatistics:
+        """Statistics read from a file written by :meth:`to_json`.
+
+        Example:
+            >>> import os, tempfile
+            >>> path = os.path.join(tempfile.mkdtemp(), "stats.json")
+            >>> _ = CacheStatistics().to_json(path)
+            >>> CacheStatistics.from_json(path).records
+            []
+        """
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"statistics file {path}: not JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"statistics file {path}: {e}") from None

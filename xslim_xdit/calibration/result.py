@@ -100,6 +100,59 @@ class CalibrationResult:
             "profile": self.profile,
         }
 
+    def table(self) -> str:
+        """A printable table in the layout of :meth:`CacheStatistics.table
+        <xslim_xdit.stats.CacheStatistics.table>`: one line per step of the schedule (its kind, the
+        profiled indicator, the planned skip error), the candidates tried, then the totals.
+
+        Example:
+            >>> r = CalibrationResult(schedule=Schedule(num_steps=3, full_steps=(0, 2)), warn=None,
+            ...     crit=None, polish="none", token_ratio=0.5, block_thresh=2.0, indicator="gram",
+            ...     estimated_fraction=0.67, strategy="optimal")
+            >>> print(r.table())
+            step kind   indicator    error
+               0 full           -        -
+               1 skip           -        -
+               2 full           -        -
+            steps 3: full 2, block 0, token 0, skip 1 | FLOPs estimated 67.0% (theoretical 1.49x) | strategy optimal, 1 calibration run(s)
+        """
+
+        def num(v: Any, width: int) -> str:
+            return (
+                f"{v:>{width}.4f}"
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+                else f"{'-':>{width}}"
+            )
+
+        key = self.indicator if self.indicator in ("residual_change", "probe_change") else "residual_change"
+        lines = [f"{'step':>4} {'kind':<5} {'indicator':>10} {'error':>8}"]
+        n = self.schedule.num_steps
+        for i in range(n):
+            row = self.profile[i] if i < len(self.profile) and isinstance(self.profile[i], dict) else {}
+            lines.append(
+                f"{i:>4} {self.schedule.kind_of(i):<5} {num(row.get(key), 10)} "
+                f"{num(row.get('planned_skip_error'), 8)}"
+            )
+        for j, c in enumerate(self.candidates):
+            if isinstance(c, dict):
+                err = c.get("closed_loop_error")
+                err_s = f"{err:.4g}" if isinstance(err, (int, float)) else "-"
+                lines.append(f"candidate {j}: full steps {c.get('full_steps')}, closed-loop error {err_s}")
+        kinds = [self.schedule.kind_of(i) for i in range(n)]
+        frac = self.estimated_fraction
+        speed = f"{1.0 / frac:.2f}x" if isinstance(frac, float) and frac > 0 else "-"
+        lines.append(
+            f"steps {n}: full {kinds.count('full')}, block {kinds.count('block')}, token {kinds.count('token')}, "
+            f"skip {kinds.count('skip')} | FLOPs estimated {frac:.1%} (theoretical {speed}) | "
+            f"strategy {self.strategy}, {self.num_runs} calibration run(s)"
+            + (
+                f" | warn {self.warn:.4g}, crit {self.crit:.4g}"
+                if self.warn is not None and self.crit is not None
+                else ""
+            )
+        )
+        return "\n".join(lines)
+
     def save(self, path: str | Path) -> None:
         """Write the result as indented JSON."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

@@ -1,0 +1,136 @@
+"""What X-Slim supports, per model family: one table that ``xslim-xdit info``, the README's
+table and its test all read.
+
+The reuse levels a family supports are read from its adapter (every family has the step and
+block levels; the token level needs the adapter's ``token_processor``); what has been *tested*
+(xDiT layouts, diffusers pipelines) is declared in :data:`TESTED`, one entry per family, each
+naming the tests that back it. A family registered from outside the package appears with its
+levels and with nothing tested.
+
+Example:
+    >>> rows = {r.family: r for r in support_table()}
+    >>> rows["flux"].model_classes, rows["flux"].levels
+    (('FluxTransformer2DModel',), ('step', 'block', 'token'))
+    >>> rows["pixart"].xdit_layouts
+    ('CFG parallel 2', 'Ulysses 2 x CFG parallel 2')
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .adapters import ModelAdapter, registered_adapters
+
+__all__ = ["LEVELS", "TESTED", "FamilySupport", "Evidence", "support_table"]
+
+#: The reuse levels, coarsest first.
+LEVELS = ("step", "block", "token")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What has been run with a family on CPU (tiny models, gloo ranks), and which tests run it."""
+
+    #: xDiT (xfuser) parallel layouts run with X-Slim on, each checked against one device
+    xdit_layouts: tuple[str, ...]
+    #: diffusers pipeline classes run with X-Slim on
+    pipelines: tuple[str, ...]
+    #: the test files behind the two lists
+    tests: tuple[str, ...]
+    #: one line on what is not covered
+    note: str = ""
+
+
+#: Declared per family name; the tests named here are the evidence (``docs/parallel.md``,
+#: ``docs/parallel_pipelines.md``, ``docs/works_with.md``).
+TESTED: dict[str, Evidence] = {
+    "flux": Evidence(
+        xdit_layouts=(
+            "Ulysses 2",
+            "Ring 2",
+            "Ulysses 2 x Ring 2",
+            "PipeFusion 2",
+            "Ulysses 2 x PipeFusion 2",
+        ),
+        pipelines=("FluxPipeline", "FluxControlNetPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+        tests=(
+            "tests/test_parallel_xdit.py",
+            "tests/test_parallel_pipefusion.py",
+            "tests/test_xdit_pipelines.py",
+            "tests/test_controlnet.py",
+            "tests/test_img2img.py",
+        ),
+        note="token refresh is refused under PipeFusion",
+    ),
+    "pixart": Evidence(
+        xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
+        pipelines=("PixArtSigmaPipeline",),
+        tests=("tests/test_xdit_pipelines.py", "tests/test_xdit_four_ranks.py"),
+    ),
+    "hunyuan_video": Evidence(
+        xdit_layouts=("Ulysses 2",),
+        pipelines=(),
+        tests=("tests/test_xdit_pipelines.py",),
+        note="xDiT has no HunyuanVideo pipeline class: its transformer wrapper, bare, with an Euler loop",
+    ),
+    "dit": Evidence(
+        xdit_layouts=(),
+        pipelines=(),
+        tests=("tests/test_parallel_cfg_dp.py", "tests/test_digits_testbed.py"),
+        note="xDiT has no DiT wrapper (CFG and data parallel tested with plain torch.distributed); "
+        "DiTPipeline not run, the digits testbed's pipeline mirrors its calls",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class FamilySupport:
+    """One row of :func:`support_table`."""
+
+    family: str
+    model_classes: tuple[str, ...]
+    levels: tuple[str, ...]
+    xdit_layouts: tuple[str, ...]
+    pipelines: tuple[str, ...]
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as JSON-ready lists and strings.
+
+        Example:
+            >>> support_table()[0].to_dict()["levels"][0]
+            'step'
+        """
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _levels(cls: type[ModelAdapter]) -> tuple[str, ...]:
+    has_token = cls.token_processor is not ModelAdapter.token_processor
+    return LEVELS if has_token else LEVELS[:2]
+
+
+def support_table() -> list[FamilySupport]:
+    """One row per registered model family (in registration order): its transformer classes, the
+    reuse levels its adapter supports, and the xDiT layouts and diffusers pipelines tested with it.
+
+    Example:
+        >>> [r.family for r in support_table()][:4] == ["dit", "flux", "hunyuan_video", "pixart"]
+        True
+    """
+    rows = []
+    for cls in registered_adapters():
+        tested = TESTED.get(
+            cls.name, Evidence(xdit_layouts=(), pipelines=(), tests=(), note="not tested here")
+        )
+        rows.append(
+            FamilySupport(
+                family=cls.name,
+                model_classes=tuple(cls.model_class_names),
+                levels=_levels(cls),
+                xdit_layouts=tested.xdit_layouts,
+                pipelines=tested.pipelines,
+                note=tested.note,
+            )
+        )
+    return rows
