@@ -72,7 +72,8 @@ def test_rescale_must_be_a_name_or_a_coefficient_sequence(bad):
     """``rescale=5`` gave ``TypeError: 'int' object is not iterable``; bytes and sets were read
     as coefficients."""
     with pytest.raises(
-        ConfigError, match=r"^rescale must be None, one of \[[^]]*'flux', 'hunyuan_video'[^]]*\], or a sequence"
+        ConfigError,
+        match=r"^rescale must be None, one of \[[^]]*'flux', 'hunyuan_video'[^]]*\], or a sequence",
     ):
         XSlimConfig(rescale=bad)
 

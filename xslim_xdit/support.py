@@ -68,6 +68,18 @@ TESTED: dict[str, Evidence] = {
         pipelines=("PixArtSigmaPipeline",),
         tests=("tests/test_xdit_pipelines.py", "tests/test_xdit_four_ranks.py"),
     ),
+    "wan": Evidence(
+        xdit_layouts=(),
+        pipelines=(),
+        tests=("tests/test_families.py", "tests/test_family_variants.py"),
+        note="transformer level (Wan 2.1 T2V/I2V, Wan 2.2 TI2V); pipeline and xDiT not tested",
+    ),
+    "sd3": Evidence(
+        xdit_layouts=(),
+        pipelines=(),
+        tests=("tests/test_families.py", "tests/test_family_variants.py"),
+        note="transformer level (SD3, SD3.5); token refresh refused on SD3.5 dual-attention blocks; pipeline and xDiT not tested",
+    ),
     "hunyuan_video": Evidence(
         xdit_layouts=("Ulysses 2",),
         pipelines=(),
