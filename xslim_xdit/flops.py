@@ -1,4 +1,5 @@
-"""Counting the floating-point work a call really did, memoised by call shape.
+"""Counting the floating-point work a call really did (the engine's
+:class:`~xslim_xdit.observers.FlopMeter` memoises it by call shape).
 
 torch's ``FlopCounterMode`` counts matrix products exactly but, on CPU, does not know the fused
 attention kernel ``_scaled_dot_product_flash_attention_for_cpu``; we add its formula (the same
@@ -7,7 +8,6 @@ one torch uses for the CUDA kernels) locally, without touching torch's global re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -27,28 +27,13 @@ def _custom_mapping() -> dict[Any, Any]:
 
 
 def counter() -> FlopCounterMode:
-    """A silent ``FlopCounterMode`` that also counts CPU fused attention."""
-    return FlopCounterMode(display=False, custom_mapping=_custom_mapping())
-
-
-class FlopMeter:
-    """Runs a callable and returns its FLOPs, counting each distinct ``key`` only once.
+    """A silent ``FlopCounterMode`` that also counts CPU fused attention.
 
     Example:
-        >>> meter = FlopMeter()
         >>> lin = torch.nn.Linear(4, 3, bias=False)
-        >>> flops, _ = meter.run(("lin", 2), lambda: lin(torch.ones(2, 4)))
-        >>> flops
+        >>> with counter() as mode:
+        ...     _ = lin(torch.ones(2, 4))
+        >>> mode.get_total_flops()
         48
     """
-
-    def __init__(self) -> None:
-        self.cache: dict[Hashable, int] = {}
-
-    def run(self, key: Hashable, fn: Callable[[], Any]) -> tuple[int, Any]:
-        if key in self.cache:
-            return self.cache[key], fn()
-        with counter() as mode:
-            out = fn()
-        self.cache[key] = int(mode.get_total_flops())
-        return self.cache[key], out
+    return FlopCounterMode(display=False, custom_mapping=_custom_mapping())
