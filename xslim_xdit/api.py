@@ -169,9 +169,7 @@ def _hook_scheduler(engine: XSlimEngine, scheduler: Any) -> None:
     def on_timesteps(sched: Any) -> None:
         eng = getattr(transformer, _ENGINE_ATTR, None)
         if eng is not None:
-            n = steps_to_run(sched)
-            eng.default_steps = n
-            eng.start_run(n)
+            _start_scheduled_run(eng, sched)
 
     engine.scheduler_hooks = SchedulerHooks(
         inner_scheduler(scheduler), on_timesteps, engine.clock.step_done if driven else None
@@ -194,6 +192,12 @@ def steps_to_run(scheduler: Any) -> int:
     return len(scheduler.timesteps) - (int(begin) if begin is not None else 0)
 
 
+def _start_scheduled_run(engine: XSlimEngine, scheduler: Any) -> None:
+    """A clean run of the steps ``scheduler`` will make (also the default for later runs)."""
+    engine.default_steps = steps_to_run(scheduler)
+    engine.start_run(engine.default_steps)
+
+
 def _scheduler_check(engine: XSlimEngine, pipe_ref: Callable[[], Any]) -> Callable[[], None]:
     """Before each transformer call: if ``pipe.scheduler`` was replaced since it was hooked, the
     engine is no longer told the steps: hook the new one and start a clean run of its steps."""
@@ -214,8 +218,7 @@ def _scheduler_check(engine: XSlimEngine, pipe_ref: Callable[[], Any]) -> Callab
                 f"pipe.scheduler was replaced by a {type(scheduler).__name__} whose timesteps are not "
                 "set: X-Slim cannot tell the run's steps; call scheduler.set_timesteps first"
             )
-        engine.default_steps = steps_to_run(inner_scheduler(scheduler))
-        engine.start_run(engine.default_steps)
+        _start_scheduled_run(engine, inner_scheduler(scheduler))
 
     return check
 

@@ -360,6 +360,8 @@ class XSlimEngine:
             raise
 
     def _begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
+        if self._token_attention is not None:
+            self._token_attention.refresh()  # a LoRA loaded or a processor set since the last call
         caches = self.current_caches()
         if self.token_ctx is not None:
             self.token_ctx.branch = self.branch
@@ -371,8 +373,6 @@ class XSlimEngine:
             probe: torch.Tensor | None = self.adapter.split_output(call.stack, tally.probe_out)[0] - img
         else:
             probe = self._probe(blk0, call) if self.room.wants_probe else None
-        if self._token_attention is not None:
-            self._token_attention.refresh()  # a LoRA loaded or a processor set since the last call
         tick = time.perf_counter()
         kv_ready = self.token_ctx is not None and self.token_ctx.has_kv(self.branch)
         self.plan = self.room.decide(self.step, self.branch, caches, img, probe, token_kv_ready=kv_ready)
