@@ -642,8 +642,10 @@ def run_model(
     repeats: int,
     seed: int,
     progress: bool,
+    on_kind: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Build one model at ``shape`` and measure every kind; the model's part of ``scale.json``."""
+    """Build one model at ``shape`` and measure every kind; the model's part of ``scale.json``.
+    ``on_kind`` is called with the kinds measured so far after each one (partial results)."""
     t0 = time.perf_counter()
     model = build_model(spec, shape, device, dtype, seed)
     build_seconds = time.perf_counter() - t0
@@ -652,6 +654,8 @@ def run_model(
     kinds: dict[str, dict[str, Any]] = {}
     for kind in tqdm(kinds_for(spec, token_ratios), desc=f"[{spec.label}] kinds", disable=not progress):
         kinds[kind.label] = measure_kind(model, spec, kind, x0, cond, warmup=warmup, repeats=repeats)
+        if on_kind is not None:
+            on_kind(kinds)
     kinds["plain"]["flops"] = kinds["full"]["flops"]  # the same computation; the engine counts it
     plain, full, skip = (kinds[k]["seconds_median"] for k in ("plain", "full", "skip"))
     out = {
@@ -928,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "models": {},
         "failed": {},
+        # kinds measured of a model still running (a time limit that stops the process keeps them)
+        "partial": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -942,6 +948,11 @@ def main(argv: list[str] | None = None) -> int:
             frames=args.frames,
             on_gpu=device.type == "cuda",
         )
+
+        def write_partial(kinds: dict[str, Any], name: str = name, shape: Shape = shape) -> None:
+            results["partial"][name] = {"shape": shape.to_dict(), "kinds": kinds}
+            (args.out / "scale.json").write_text(json.dumps(results, indent=1, default=str))
+
         try:
             results["models"][name] = run_model(
                 spec,
@@ -953,7 +964,9 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=args.repeats,
                 seed=args.seed,
                 progress=not args.no_progress,
+                on_kind=write_partial,
             )
+            results["partial"].pop(name, None)
         except torch.cuda.OutOfMemoryError as e:  # one model too large must not lose the others
             results["failed"][name] = f"out of memory: {e}"
             torch.cuda.empty_cache()
