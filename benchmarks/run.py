@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks.run --out bench_out                 # full run, 50 steps, 100 samples
     python -m benchmarks.run --quick --out /tmp/q            # CI: 3 methods, 4 samples, 20 steps
     python -m benchmarks.run --steps 20 --samples 200 --methods "X-Slim,steps/"
+    python -m benchmarks.run --pipeline flux --model /ckpt/FLUX.1-dev --out real_out   # a real checkpoint
 
 Per testbed it
 
@@ -16,6 +17,9 @@ Per testbed it
 3. times one batch per method, methods interleaved (the order rotates every repeat), several
    repeats, and reports the ratio of medians against the full computation;
 4. writes ``results.json``, PNG plots and ``report.html`` into ``--out`` and prints a table.
+
+With ``--pipeline FAMILY --model PATH`` it runs a real checkpoint instead of the testbeds, with
+prompts from ``--prompts`` (:mod:`benchmarks.real`).
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=None, help="sampling steps of the reference (default 50; quick 20)"
     )
     p.add_argument("--samples", type=int, default=None, help="evaluated samples (default 100; quick 4)")
-    p.add_argument("--batch-size", type=int, default=50, help="samples per pipeline call (default 50)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="samples per pipeline call (default 50; --pipeline: 1)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (default 5; quick 2)")
     p.add_argument(
         "--timing-samples", type=int, default=None, help="batch size of the timed runs (default 20)"
@@ -70,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed; batch b uses seed+b")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    from benchmarks.real import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -404,11 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0 on success."""
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
+    if args.pipeline is not None:  # a real checkpoint instead of the testbeds
+        from benchmarks.real import main_real
+
+        return main_real(args, argv)
+    if args.model is not None:
+        raise SystemExit("--model needs --pipeline FAMILY (for the testbeds use --checkpoint)")
     steps = args.steps or (20 if args.quick else 50)
     samples = args.samples or (4 if args.quick else 100)
     repeats = args.repeats or (2 if args.quick else 5)
     timing_samples = min(samples, args.timing_samples or (4 if args.quick else 20))
-    batch_size = max(1, args.batch_size)
+    batch_size = max(1, args.batch_size or 50)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
