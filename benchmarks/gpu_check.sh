@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full-size GPU check of issue #13: benchmarks.scale at the real shapes on one GPU, in under
 # 8 minutes on one H200. FLUX.1-dev (the real 1024x1024 shape) first, then HunyuanVideo and Wan 2.1
-# 14B at the real width and depth but a shorter 720p clip (33 and 21 frames) so that the whole
+# 14B at the real width and depth but a shorter 720p clip (25 and 21 frames) so that the whole
 # check fits; each model has its own time limit and writes its own folder, so a model cut short
 # never loses the ones before it.
 #
@@ -24,7 +24,7 @@ import torch, diffusers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "diffusers", diffusers.__version__)
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
 PY
-FRAMES_HY=33; FRAMES_WAN=21; LIMIT_HY=170; LIMIT_WAN=130
+FRAMES_HY=25; FRAMES_WAN=21; LIMIT_HY=170; LIMIT_WAN=130
 if [ "${FULL_CLIPS:-0}" = 1 ]; then FRAMES_HY=129; FRAMES_WAN=81; LIMIT_HY=1500; LIMIT_WAN=900; fi
 COMMON="--dtype bf16 --warmup 1 --repeats 2 --no-progress"
 status=0

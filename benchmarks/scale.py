@@ -680,6 +680,23 @@ def run_model(
             ),
         },
         "presets": preset_ratios(spec, kinds),
+        # what each reuse level holds once it has run (step: the stack residual and its slope;
+        # block: a residual per block; token: K/V per block and the token history), measured
+        "cache_memory_per_level": {
+            level: {
+                "kind": label,
+                "storage_bytes": kinds[label].get("cache_storage_bytes"),
+                "cuda_bytes": kinds[label].get("cuda_cache_bytes"),
+            }
+            for level, label in (
+                ("step", "skip"),
+                ("block", "block@mean2"),
+                (
+                    "token",
+                    max((k for k in kinds if k.startswith("token@")), key=lambda k: kinds[k]["token_ratio"]),
+                ),
+            )
+        },
     }
     del model
     if device.type == "cuda":
@@ -719,6 +736,12 @@ def model_table(m: dict[str, Any]) -> list[str]:
             f"{k.get('blocks_computed', '-')}/{k.get('blocks_total', '-')} | {k.get('token_count') or '-'} | "
             f"{_bytes(k.get('cache_storage_bytes'))} | {_bytes(k.get('cuda_cache_bytes'))} |"
         )
+    per_level = ", ".join(
+        f"{level} {_bytes(v['storage_bytes'])}"
+        + (f" (CUDA {_bytes(v['cuda_bytes'])})" if v["cuda_bytes"] else "")
+        for level, v in m["cache_memory_per_level"].items()
+    )
+    lines += ["", f"Cache memory per level (measured after the level's run): {per_level}."]
     fc = m["fixed_cost"]
     lines += [
         "",

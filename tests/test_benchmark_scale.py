@@ -55,6 +55,10 @@ def test_cache_memory_is_measured_per_level(tiny_run: dict) -> None:
         # skip level's single stack residual
         assert k["block@mean2"]["cache_storage_bytes"] > k["skip"]["cache_storage_bytes"]
         assert k["token@0.5"]["cache_storage_bytes"] > k["skip"]["cache_storage_bytes"]
+        levels = m["cache_memory_per_level"]
+        assert levels["step"]["storage_bytes"] == k["skip"]["cache_storage_bytes"]
+        assert levels["block"]["storage_bytes"] > levels["step"]["storage_bytes"] > 0
+        assert levels["token"]["kind"] == "token@0.7"
 
 
 def test_preset_ratios_and_fixed_cost(tiny_run: dict) -> None:
