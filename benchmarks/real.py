@@ -400,7 +400,10 @@ def main_real(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise SystemExit(f"--device must be 'auto', 'cpu' or 'cuda[:N]'; got {args.device!r}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available here")
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")

@@ -32,6 +32,7 @@ around every timed call on GPU. Output: a printed table, ``scale.json`` and ``sc
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -584,6 +585,7 @@ def measure_kind(
             disable_xslim(model)
     if engine is not None and device.type == "cuda":
         del engine
+        gc.collect()  # the engine's hooks and closures form cycles: free its caches now, not later
         torch.cuda.empty_cache()
         # what the allocator freed when the caches went: the caches' memory, measured
         res["cuda_cache_bytes"] = held - torch.cuda.memory_allocated(device)
