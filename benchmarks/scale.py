@@ -340,9 +340,9 @@ def build_model(
     nn.Module.to(model, dtype)  # diffusers' own .to() warns about fp32 modules we handle just below
     keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
     if keep and dtype != torch.float32:
-        for name, mod in model.named_modules():
+        for name, p in model.named_parameters():  # by name part: modules and bare parameters alike
             if any(k in name.split(".") for k in keep):
-                nn.Module.to(mod, torch.float32)
+                p.data = p.data.float()
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

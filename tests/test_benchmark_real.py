@@ -90,3 +90,68 @@ def test_default_methods_use_the_published_presets() -> None:
     assert not any("flux-" in n for n in names)
     preset = next(m for m in real.real_methods(50, "flux") if m.name == "X-Slim preset flux-slow")
     assert preset.config.block_thresh == (1.5, 10.0)  # published thresholds on a real checkpoint
+
+
+def _save_tiny_wan(path: Path) -> Path:
+    """A tiny random ``WanPipeline`` (UMT5 encoder, Wan VAE, the tiny Wan transformer) on disk."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from xslim_xdit.testing import tiny_model
+    from xslim_xdit.testing.pipelines import _t5_tokenizer
+
+    torch.manual_seed(0)
+    tok = _t5_tokenizer()
+    cfg = UMT5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    cfg.update(
+        dict(relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0)
+    )
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    transformer = tiny_model("wan", in_channels=16, out_channels=16, text_dim=16)
+    pipe = WanPipeline(
+        tokenizer=tok,
+        text_encoder=UMT5EncoderModel(cfg).eval(),
+        vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_video_checkpoint_psnr_per_frame(tmp_path: Path) -> None:
+    ckpt = _save_tiny_wan(tmp_path / "tiny-wan")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a river at night\na dog running\n")
+    out = tmp_path / "out"
+    argv = ["--pipeline", "wan", "--model", str(ckpt), "--prompts", str(prompts), "--steps", "6"]
+    argv += ["--methods", "=X-Slim default config", "--repeats", "1", "--out", str(out), "--no-progress"]
+    argv += [
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--num-frames",
+        "5",
+        "--call-kwargs",
+        '{"max_sequence_length": 8}',
+    ]
+    assert run.main(argv) == 0
+    tb = json.loads((out / "results.json").read_text())["testbeds"]["wan"]
+    xs = tb["methods"]["X-Slim default config"]
+    assert isinstance(xs["psnr"], float) and xs["psnr"] > 0
+    assert "skip" in xs["run_stats"][0]["kinds"]  # the online controller skipped at least one step
+    assert tb["restored_bit_identical"] is True
+
+
+def test_video_frames_are_the_images_compared() -> None:
+    import torch
+
+    tb = real.RealPipelineTestbed(
+        "wan", ["x"], device=torch.device("cpu"), dtype=torch.float32, call_kwargs={}
+    )
+    clip = torch.rand(2, 3, 5, 8, 8)  # (B, C, T, H, W)
+    frames = tb.as_images(clip)
+    assert frames.shape == (10, 3, 8, 8)
+    assert torch.equal(frames[6], clip[1, :, 1])  # sample 1, frame 1
