@@ -10,7 +10,7 @@
 #
 # If the GPU machine lacks diffusers (or xfuser), build wheels here and carry them along:
 #   pip wheel --no-deps -w wheels/ diffusers==0.42.1 .       # diffusers and this package
-#   pip wheel -w wheels/ diffusers==0.42.1                   # ... with diffusers' own dependencies
+#   pip wheel -w wheels/ diffusers==0.42.1 tqdm              # ... with their own dependencies
 # the script installs whatever wheels/ holds before it starts (no network needed).
 set -u -o pipefail
 OUT=${1:-gpu_check_out}
