@@ -299,7 +299,8 @@ def resolve_shape(
     n = tokens if tokens is not None else n
     depths = spec.depths if total >= sum(spec.depths) else split_depth(total, spec.depths)
     grid = real_grid if n >= real_grid.image_tokens else shrink_grid(real_grid, n)
-    reduced = w != spec.width or depths != spec.depths or grid != real_grid
+    # a shorter clip than the model's standard one is a reduced shape too
+    reduced = w != spec.width or depths != spec.depths or grid != spec.grid(spec.default_frames)
     return Shape(w, depths, grid, reduced, grid.derivation)
 
 

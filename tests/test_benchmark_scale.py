@@ -86,6 +86,11 @@ def test_shapes_and_token_counts() -> None:
         flux, scale=None, width=None, blocks=None, tokens=None, frames=None, on_gpu=False
     )
     assert cpu.reduced and cpu.width == 256 and cpu.grid.image_tokens == 256
+    hy = scale.SPECS["hunyuan_video"]
+    clip = scale.resolve_shape(hy, scale=None, width=None, blocks=None, tokens=None, frames=25, on_gpu=True)
+    assert (
+        clip.reduced and clip.width == 3072 and clip.grid.image_tokens == 7 * 45 * 80
+    )  # the GPU check's clip
 
 
 def test_wan_rope_buffers_rebuilt_after_meta_init() -> None:
