@@ -634,6 +634,62 @@ def preset_ratios(spec: ModelSpec, kinds: dict[str, dict[str, Any]]) -> dict[str
     return out
 
 
+def _denoise(model: nn.Module, spec: ModelSpec, x0: torch.Tensor, cond: dict[str, Any], n: int) -> float:
+    """``n`` Euler steps from ``x0``; the wall time of the whole loop (synchronised on GPU)."""
+    device = x0.device
+    x = x0.clone()
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(n):
+            ts = torch.full((1,), spec.timestep_max * (1.0 - i / n), device=device, dtype=x.dtype)
+            out = model(x, timestep=ts, return_dict=False, **cond)[0]
+            x = (x.float() - (1.0 / n) * out.float()).to(x.dtype)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def preset_runs(
+    model: nn.Module, spec: ModelSpec, x0: torch.Tensor, cond: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Each published preset of the family run end to end (its 50-step schedule through the
+    engine), against 50 plain steps: measured wall-clock speedup, X-Slim's FLOP fraction of the
+    run, and their ratio. FLOPs come from a first run with the FlopMeter on; the timed run has it
+    off, so the count's own cost is not timed."""
+    from xslim_xdit import PRESETS, XSlimConfig, disable_xslim, enable_xslim
+
+    out: dict[str, dict[str, Any]] = {}
+    names = sorted(n for n in PRESETS if n.startswith(spec.name + "-"))
+    if not names:
+        return out
+    steps = PRESETS[names[0]]["schedule"].num_steps
+    _denoise(model, spec, x0, cond, 2)  # warm-up
+    plain = _denoise(model, spec, x0, cond, steps)
+    for name in names:
+        cfg = XSlimConfig.from_preset(name)
+        try:
+            engine = enable_xslim(model, cfg, num_inference_steps=steps, count_flops=True)
+            engine.start_run(steps)
+            _denoise(model, spec, x0, cond, steps)
+            summary = engine.statistics.summary()
+            engine = enable_xslim(model, cfg, num_inference_steps=steps, count_flops=False)
+            engine.start_run(steps)
+            wall = _denoise(model, spec, x0, cond, steps)
+        finally:
+            disable_xslim(model)
+        ws, fs = plain / wall, 1.0 / summary["flops_fraction"]
+        out[name] = {
+            "steps": steps,
+            "plain_seconds": plain,
+            "seconds": wall,
+            "counts": {k: summary[k] for k in ("full", "block", "token", "skip")},
+            "wall_speedup": ws,
+            "flop_speedup": fs,
+            "wall_over_flop": ws / fs,
+        }
+    return out
+
+
 def run_model(
     spec: ModelSpec,
     shape: Shape,
@@ -646,6 +702,7 @@ def run_model(
     seed: int,
     progress: bool,
     on_kind: Callable[[dict[str, Any]], None] | None = None,
+    run_presets: bool = False,
 ) -> dict[str, Any]:
     """Build one model at ``shape`` and measure every kind; the model's part of ``scale.json``.
     ``on_kind`` is called with the kinds measured so far after each one (partial results)."""
@@ -660,6 +717,7 @@ def run_model(
         if on_kind is not None:
             on_kind(kinds)
     kinds["plain"]["flops"] = kinds["full"]["flops"]  # the same computation; the engine counts it
+    measured = preset_runs(model, spec, x0, cond) if run_presets else {}
     plain, full, skip = (kinds[k]["seconds_median"] for k in ("plain", "full", "skip"))
     out = {
         "label": spec.label,
@@ -683,6 +741,8 @@ def run_model(
             ),
         },
         "presets": preset_ratios(spec, kinds),
+        # the presets run end to end (--preset-runs): measured, not composed
+        "presets_measured": measured,
         # what each reuse level holds once it has run (step: the stack residual and its slope;
         # block: a residual per block; token: K/V per block and the token history), measured
         "cache_memory_per_level": {
@@ -765,6 +825,20 @@ def model_table(m: dict[str, Any]) -> list[str]:
                 f"| {name} | {c['full']}/{c['block']}/{c['token']}/{c['skip']} | {p['wall_speedup']:.2f}x | "
                 f"{p['flop_speedup']:.2f}x | {p['wall_over_flop']:.3f} |"
             )
+        lines.append("")
+        lines.append("Composed from the per-kind costs above (wall against 50 plain steps).")
+        if m.get("presets_measured"):
+            lines += [
+                "",
+                "| preset, run end to end | full/block/token/skip | wall speedup | FLOP speedup | wall/FLOP |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for name, p in m["presets_measured"].items():
+                c = p["counts"]
+                lines.append(
+                    f"| {name} | {c['full']}/{c['block']}/{c['token']}/{c['skip']} | {p['wall_speedup']:.2f}x | "
+                    f"{p['flop_speedup']:.2f}x | {p['wall_over_flop']:.3f} |"
+                )
     else:
         lines += ["", "No published X-Slim preset for this family: no preset ratios."]
     return lines
@@ -899,6 +973,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=_int_at_least("--warmup", 1), default=1, help="untimed calls per kind")
     p.add_argument("--repeats", type=_int_at_least("--repeats", 1), default=3, help="timed calls per kind")
+    p.add_argument(
+        "--preset-runs",
+        action="store_true",
+        help="also run each published preset end to end (50 steps, twice) against 50 plain steps",
+    )
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -991,6 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 progress=not args.no_progress,
                 on_kind=write_partial,
+                run_presets=args.preset_runs,
             )
             results["partial"].pop(name, None)
         except torch.cuda.OutOfMemoryError as e:  # one model too large must not lose the others

@@ -16,7 +16,18 @@ from benchmarks import scale
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("scale")
     argv = ["--out", str(out), "--models", "flux,wan", "--device", "cpu", "--width", "128"]
-    argv += ["--blocks", "4", "--tokens", "16", "--warmup", "1", "--repeats", "1", "--no-progress"]
+    argv += [
+        "--blocks",
+        "4",
+        "--tokens",
+        "16",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--no-progress",
+        "--preset-runs",
+    ]
     assert scale.main(argv) == 0
     assert (out / "scale.md").read_text().startswith("# X-Slim at scale")
     return json.loads((out / "scale.json").read_text())
@@ -68,7 +79,15 @@ def test_preset_ratios_and_fixed_cost(tiny_run: dict) -> None:
         assert sum(p["counts"].values()) == p["steps"] == 50
         assert p["flop_speedup"] > 1 and p["wall_speedup"] > 0
         assert p["wall_over_flop"] == pytest.approx(p["wall_speedup"] / p["flop_speedup"])
+    # run end to end, each preset does what its schedule says, at the FLOPs the kinds add up to
+    measured = flux["presets_measured"]
+    assert set(measured) == {"flux-fast", "flux-slow"}
+    for name, p in measured.items():
+        assert p["counts"] == flux["presets"][name]["counts"]
+        assert p["flop_speedup"] == pytest.approx(flux["presets"][name]["flop_speedup"], rel=0.1)
+        assert p["seconds"] > 0 and p["plain_seconds"] > 0
     assert tiny_run["models"]["wan"]["presets"] == {}  # no published Wan preset
+    assert tiny_run["models"]["wan"]["presets_measured"] == {}
     assert flux["fixed_cost"]["skip_step_seconds"] > 0
     assert tiny_run["meta"]["device"] == "cpu" and tiny_run["meta"]["dtype"] == "bf16"
 
