@@ -862,8 +862,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"Shape: width {s['width']} ({s['heads']} heads x {HEAD_DIM}), blocks {s['blocks_per_stack']}, "
             f"{s['image_tokens']} image + {s['text_tokens']} text tokens (grid {s['token_grid']})"
-            + (" - REDUCED" if s["reduced"] else " - the real shape")
-            + f". Real tokens: {m['real_tokens']}.",
+            + (f" - REDUCED ({s['note']})" if s["reduced"] else " - the real shape")
+            + f". The model's standard output: {m['real_tokens']}.",
             "",
             *model_table(m),
             "",
