@@ -423,6 +423,12 @@ def main_real(args: argparse.Namespace, argv: list[str] | None) -> int:
         clip_model=args.clip_model,
         imagereward_weights=args.imagereward_weights,
     )
+    if args.no_progress:  # the loaders' own bars too (diffusers' components, transformers' weights)
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     pipe = testbed.load(args.model)
     methods = candidate_methods(steps, family)
     if args.methods:
