@@ -155,3 +155,36 @@ def test_video_frames_are_the_images_compared() -> None:
     frames = tb.as_images(clip)
     assert frames.shape == (10, 3, 8, 8)
     assert torch.equal(frames[6], clip[1, :, 1])  # sample 1, frame 1
+
+
+def test_lpips_from_local_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LPIPS plumbing, with a stand-in ``lpips`` module (the package is not installed here):
+    the network is built without downloads, its weights come from the file, the reference scores 0."""
+    import sys
+    import types
+
+    import torch
+
+    built: list[dict] = []
+
+    class FakeLPIPS(torch.nn.Module):
+        def __init__(self, **kw: object) -> None:
+            super().__init__()
+            built.append(kw)
+            self.scale = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.scale * (a - b).abs().mean(dim=(1, 2, 3))
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=FakeLPIPS))
+    weights = tmp_path / "lpips.pth"
+    torch.save({"scale": torch.tensor(2.0)}, weights)
+    ref = torch.zeros(2, 3, 4, 4)
+    images = {"full": ref, "other": torch.full((2, 3, 4, 4), 0.25)}
+    scores, why = real.lpips_vs_reference(images, "full", weights, lambda x: x)
+    assert why is None and built[0]["pnet_rand"] is True and built[0]["pretrained"] is False
+    assert scores["full"] == 0.0 and scores["other"] == pytest.approx(2.0 * 0.5)  # [-1, 1] scale: 0.25 -> 0.5
+    assert real.lpips_vs_reference(images, "full", None, lambda x: x) == (
+        {},
+        "--lpips-weights not given (LPIPS weights are never downloaded)",
+    )
