@@ -979,7 +979,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run each published preset end to end (50 steps, twice) against 50 plain steps",
     )
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=_int_at_least("--threads", 1),
+        default=None,
+        help="torch CPU threads (default: torch's)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
