@@ -140,3 +140,12 @@ def test_bad_flags_name_the_flag(argv: list[str], message: str, capsys: pytest.C
 def test_bad_model_list_names_the_flag(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--models must be"):
         scale.main(["--models", "sdxl", "--out", str(tmp_path)])
+
+
+def test_help_lists_the_shape_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        scale.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--width", "--blocks", "--tokens", "--scale", "--frames", "--dtype", "--preset-runs"):
+        assert flag in out
