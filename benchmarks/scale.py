@@ -618,6 +618,12 @@ def preset_ratios(spec: ModelSpec, kinds: dict[str, dict[str, Any]]) -> dict[str
         counts = {k: 0 for k in label}
         for s in range(sched.num_steps):
             counts[sched.kind_of(s)] += 1
+        failed = [
+            label[k] for k, c in counts.items() if c and "error" in kinds.get(label[k], {"error": "missing"})
+        ]
+        if failed:
+            out[name] = {"steps": sched.num_steps, "counts": counts, "error": f"needs {failed}, which failed"}
+            continue
         wall = sum(c * kinds[label[k]]["seconds_median"] for k, c in counts.items())
         flops = sum(c * kinds[label[k]]["flops"] for k, c in counts.items())
         plain_wall = sched.num_steps * kinds["plain"]["seconds_median"]
@@ -675,6 +681,9 @@ def preset_runs(
             engine = enable_xslim(model, cfg, num_inference_steps=steps, count_flops=False)
             engine.start_run(steps)
             wall = _denoise(model, spec, x0, cond, steps)
+        except Exception as e:  # noqa: BLE001 - recorded; the other presets still run
+            out[name] = {"steps": steps, "error": f"{type(e).__name__}: {e}"}
+            continue
         finally:
             disable_xslim(model)
         ws, fs = plain / wall, 1.0 / summary["flops_fraction"]
@@ -713,7 +722,14 @@ def run_model(
     x0, cond = make_inputs(spec, shape, device, dtype, seed)
     kinds: dict[str, dict[str, Any]] = {}
     for kind in tqdm(kinds_for(spec, token_ratios), desc=f"[{spec.label}] kinds", disable=not progress):
-        kinds[kind.label] = measure_kind(model, spec, kind, x0, cond, warmup=warmup, repeats=repeats)
+        try:
+            kinds[kind.label] = measure_kind(model, spec, kind, x0, cond, warmup=warmup, repeats=repeats)
+        except Exception as e:  # noqa: BLE001 - one failing kind (on a GPU run we get once) must not lose the rest
+            if kind.kind in ("plain", "full", "skip"):
+                raise  # every other number is relative to these
+            kinds[kind.label] = {"kind": kind.kind, "error": f"{type(e).__name__}: {e}"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if on_kind is not None:
             on_kind(kinds)
     kinds["plain"]["flops"] = kinds["full"]["flops"]  # the same computation; the engine counts it
@@ -756,7 +772,10 @@ def run_model(
                 ("block", "block@mean2"),
                 (
                     "token",
-                    max((k for k in kinds if k.startswith("token@")), key=lambda k: kinds[k]["token_ratio"]),
+                    max(
+                        (k for k in kinds if k.startswith("token@")),
+                        key=lambda k: (("error" not in kinds[k]), kinds[k].get("token_ratio") or 0.0),
+                    ),
                 ),
             )
         },
@@ -791,6 +810,9 @@ def model_table(m: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, k in m["kinds"].items():
+        if "error" in k:
+            lines.append(f"| {label} | failed: {k['error'][:120]} | | | | | | | |")
+            continue
         fl = k.get("flops")
         lines.append(
             f"| {label} | {1e3 * k['seconds_median']:.2f} | {k['seconds_median'] / plain:.3f} | "
@@ -821,6 +843,11 @@ def model_table(m: dict[str, Any]) -> list[str]:
         ]
         for name, p in m["presets"].items():
             c = p["counts"]
+            if "error" in p:
+                lines.append(
+                    f"| {name} | {c['full']}/{c['block']}/{c['token']}/{c['skip']} | {p['error']} | | |"
+                )
+                continue
             lines.append(
                 f"| {name} | {c['full']}/{c['block']}/{c['token']}/{c['skip']} | {p['wall_speedup']:.2f}x | "
                 f"{p['flop_speedup']:.2f}x | {p['wall_over_flop']:.3f} |"
@@ -834,6 +861,9 @@ def model_table(m: dict[str, Any]) -> list[str]:
                 "| --- | --- | --- | --- | --- |",
             ]
             for name, p in m["presets_measured"].items():
+                if "error" in p:
+                    lines.append(f"| {name} | failed: {p['error'][:120]} | | | |")
+                    continue
                 c = p["counts"]
                 lines.append(
                     f"| {name} | {c['full']}/{c['block']}/{c['token']}/{c['skip']} | {p['wall_speedup']:.2f}x | "

@@ -149,3 +149,25 @@ def test_help_lists_the_shape_flags(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for flag in ("--width", "--blocks", "--tokens", "--scale", "--frames", "--dtype", "--preset-runs"):
         assert flag in out
+
+
+def test_a_failing_kind_is_recorded_and_the_rest_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_measure = scale.measure_kind
+
+    def measure(model, spec, kind, *args, **kwargs):  # noqa: ANN001, ANN202 - the wrapped signature
+        if kind.label == "token@0.7":
+            raise RuntimeError("simulated kernel failure")
+        return real_measure(model, spec, kind, *args, **kwargs)
+
+    monkeypatch.setattr(scale, "measure_kind", measure)
+    argv = ["--out", str(tmp_path), "--models", "flux", "--device", "cpu", "--width", "128", "--blocks", "2"]
+    assert scale.main([*argv, "--tokens", "16", "--repeats", "1", "--no-progress"]) == 0
+    flux = json.loads((tmp_path / "scale.json").read_text())["models"]["flux"]
+    assert flux["kinds"]["token@0.7"]["error"] == "RuntimeError: simulated kernel failure"
+    assert "seconds_median" in flux["kinds"]["token@0.5"]  # measured after the failure
+    assert "token@0.7" in flux["presets"]["flux-fast"]["error"]  # flux-fast refreshes tokens at 0.7
+    assert flux["presets"]["flux-slow"]["flop_speedup"] > 1  # flux-slow (ratio 0.5) unaffected
+    assert flux["cache_memory_per_level"]["token"]["kind"] == "token@0.5"
+    assert "failed: RuntimeError: simulated kernel failure" in (tmp_path / "scale.md").read_text()
