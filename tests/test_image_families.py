@@ -5,22 +5,21 @@ Qwen-Image-Edit-2511's per-token modulation index (``zero_cond_t``)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from family_suite import FamilyTesterMixin
 
 from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
+from xslim_xdit.adapters import adapter_for, adapter_named
 from xslim_xdit.testing import sample, tiny_model
 
 REFERENCE_ROWS = 2  # a 2 x 4 reference image after the 4 x 4 noisy one: 8 reference tokens
 
 
-class TestQwenImageEditFamily(FamilyTesterMixin):
-    """Qwen-Image-Edit-2511: reference tokens in the image stream, modulated at timestep 0."""
+class _ReferenceTokensMixin(FamilyTesterMixin):
+    """A family whose tiny inputs take ``reference`` rows of reference-image tokens."""
 
-    family = "qwen_image"
-
-    def model(self):
-        return tiny_model("qwen_image", zero_cond_t=True)
+    text_rows_inside: dict[str, int] = {}  # per stack: text rows inside the attention's hidden_states
 
     def sample(self, model, steps=None):
         return sample(
@@ -29,16 +28,20 @@ class TestQwenImageEditFamily(FamilyTesterMixin):
 
     def test_each_level_matches_what_ran(self):
         """Every token step's attention gets the selected noisy tokens and every reference token
-        (counted by a hook of its own); the noisy tokens are the ones selected."""
+        (counted by hooks of its own); the noisy tokens are the ones selected."""
         model = self.model()
+        adapter = adapter_for(model)
         rows: list[list[int]] = []
         handles = [model.register_forward_pre_hook(lambda *_: rows.append([]))]
-        for blk in model.transformer_blocks:
-            handles.append(
-                blk.attn.register_forward_pre_hook(
-                    lambda _m, a, kw: rows[-1].append(kw["hidden_states"].shape[1]), with_kwargs=True
+        for stack in adapter.stacks(model):
+            text = self.text_rows_inside.get(stack.name, 0)
+            for blk in stack.blocks:
+                handles.append(
+                    adapter.self_attention(blk).register_forward_pre_hook(
+                        lambda _m, a, kw, text=text: rows[-1].append(kw["hidden_states"].shape[1] - text),
+                        with_kwargs=True,
+                    )
                 )
-            )
         schedule = Schedule(self.steps, full_steps=(0, 1, 4, 7), block_steps=(2,), token_steps=(3, 5))
         cfg = XSlimConfig(mode="schedule", schedule=schedule, token_ratio=0.25, block_thresh=2.0)
         eng = enable_xslim(model, cfg, num_inference_steps=self.steps)
@@ -48,7 +51,7 @@ class TestQwenImageEditFamily(FamilyTesterMixin):
             h.remove()
         recs = eng.statistics.run_records()
         assert [r.kind for r in recs] == ["full", "full", "block", "token", "full", "token", "skip", "full"]
-        n_noisy, n_ref, nb = 16, REFERENCE_ROWS * 4, len(model.transformer_blocks)
+        n_noisy, n_ref, nb = 16, REFERENCE_ROWS * 4, recs[0].blocks_total
         for i, r in enumerate(recs):
             if r.kind == "full":
                 assert rows[i] == [n_noisy + n_ref] * nb
@@ -61,27 +64,42 @@ class TestQwenImageEditFamily(FamilyTesterMixin):
                 assert 0 < len(rows[i]) < nb
 
 
-def test_qwen_reference_tokens_are_fresh_on_token_steps():
+class TestQwenImageEditFamily(_ReferenceTokensMixin):
+    """Qwen-Image-Edit-2511: reference tokens in the image stream, modulated at timestep 0."""
+
+    family = "qwen_image"
+
+    def model(self):
+        return tiny_model("qwen_image", zero_cond_t=True)
+
+
+class TestFlux2ReferenceImageFamily(_ReferenceTokensMixin):
+    """FLUX.2 with a reference image (time coordinate 10 in ``img_ids``), through both stacks."""
+
+    family = "flux2"
+    text_rows_inside = {"single": 6}
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "flux2"])
+def test_reference_tokens_are_fresh_on_token_steps(family):
     """With the reference latents changed before a token step, the token step's prediction for
     the noisy tokens sees the new reference (it is a condition, recomputed every step), so it
     differs from the same schedule run with the reference left unchanged."""
 
     def run(change: bool) -> torch.Tensor:
-        model = tiny_model("qwen_image")
-        from xslim_xdit.adapters import adapter_named
-
-        qwen = adapter_named("qwen_image")
-        x, cond = qwen.tiny_inputs(batch=1, reference=REFERENCE_ROWS)
+        model = tiny_model(family)
+        fam = adapter_named(family)
+        x, cond = fam.tiny_inputs(batch=1, reference=REFERENCE_ROWS)
         schedule = Schedule(3, full_steps=(0, 1), token_steps=(2,))
         eng = enable_xslim(
             model, XSlimConfig(mode="schedule", schedule=schedule, token_ratio=0.25), num_inference_steps=3
         )
         outs = []
         with torch.no_grad():
-            for i, t in enumerate(qwen.timesteps(3)):
+            for i, t in enumerate(fam.timesteps(3)):
                 if change and i == 2:
                     cond = {**cond, "reference_latents": cond["reference_latents"] + 1.0}
-                outs.append(qwen.tiny_forward(model, x, qwen.timestep_input(t, 1), cond))
+                outs.append(fam.tiny_forward(model, x, fam.timestep_input(t, 1), cond))
         disable_xslim(model)
         assert [r.kind for r in eng.statistics.run_records()] == ["full", "full", "token"]
         return outs[-1]

@@ -26,6 +26,7 @@ No preset and no rescale polynomial: none is published for Qwen-Image's block-0 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import TokenContext, _TokenProcessor, gather_rows, splice
+from .attention import TokenContext, _TokenProcessor, gather_rows, rows_with_tail
 from .base import BlockCall, BlockStack, ModelAdapter, _put_arg, register_adapter
 
 
@@ -51,6 +52,11 @@ class _Layout:
 
     n_ref: int = 0  # reference-image tokens after the noisy ones (Qwen-Image-Edit), per sample
     n_txt: int = 0  # text tokens of the current call
+
+
+#: The layout of each model's current call, shared by every adapter instance (the engine's, a test's
+#: hooks), keyed by the model's block list.
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -120,29 +126,17 @@ class QwenDoubleStreamTokenProcessor(_TokenProcessor):
             raise NotImplementedError(
                 "family 'qwen_image': token refresh supports the joint attention with a text key mask only"
             )
-        pair = ctx.kv.get((ctx.branch, id(attn)))
-        if pair is None or pair[0] is None or pair[1] is None:
-            raise RuntimeError("token refresh before any full step recorded the K/V cache")
         idx = ctx.index
         b, k_sel = idx.shape
         n_ref = hidden_states.shape[1] - k_sel  # reference tokens follow the selected ones
-        n_img = pair[0].shape[1] - n_ref  # noisy image tokens in the cache
-        if pair[0].shape[0] != b or n_img < k_sel:
-            raise RuntimeError(
-                "family 'qwen_image': the K/V cache does not match this call (batch or image size changed "
-                "within a run); start a new run"
-            )
-        # positions of the computed rows in the cached image sequence: selected, then every reference row
-        ref_pos = torch.arange(n_img, n_img + n_ref, device=idx.device).expand(b, n_ref)
-        rows = torch.cat([idx, ref_pos], 1)
 
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(-1, (attn.heads, -1))
 
         q = heads(attn.to_q(hidden_states))
-        k = splice(pair[0], rows, attn.to_k(hidden_states))
-        v = splice(pair[1], rows, attn.to_v(hidden_states))
-        pair[0], pair[1] = k, v  # the refreshed rows stay fresh for later refreshes
+        k, v = self._cached_kv(attn, attn.to_k(hidden_states), attn.to_v(hidden_states), tail=n_ref)
+        # positions of the computed rows in the image sequence: the selected, then every reference row
+        rows = rows_with_tail(idx, k.shape[1], n_ref)
         k, v = heads(k), heads(v)
         txt = encoder_hidden_states
         q_t, k_t, v_t = heads(attn.add_q_proj(txt)), heads(attn.add_k_proj(txt)), heads(attn.add_v_proj(txt))
@@ -200,7 +194,6 @@ class QwenImageAdapter(ModelAdapter):
     timestep_max = 1.0
 
     def __init__(self) -> None:
-        self._layout = _Layout()
         self._token_ctx: TokenContext | None = None
 
     def tiny_inputs(
@@ -244,12 +237,13 @@ class QwenImageAdapter(ModelAdapter):
         the noisy ones, from ``img_shapes``), which the block calls of this call then use."""
         shapes = kwargs.get("img_shapes")
         per_image = _image_tokens(shapes[0]) if shapes else []
-        self._layout.n_ref = sum(per_image[1:])
+        self.stacks(model)  # registers the model's layout on first sight
+        _LAYOUTS[model.transformer_blocks].n_ref = sum(per_image[1:])
         return super().timestep(model, args, kwargs)
 
     def parse_call(self, stack: BlockStack, sig: Any, args: tuple, kwargs: dict) -> BlockCall:
         call = super().parse_call(stack, sig, args, kwargs)
-        layout = self._layout
+        layout = _LAYOUTS[stack.blocks]
         layout.n_txt = call.txt.shape[1] if call.txt is not None else 0
         if not layout.n_ref and self._token_ctx is None:
             return call  # no reference tokens, no token refresh: the block's own streams
@@ -261,7 +255,7 @@ class QwenImageAdapter(ModelAdapter):
 
     def split_output(self, stack: BlockStack, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         txt, hidden = out
-        n_ref = self._layout.n_ref
+        n_ref = _LAYOUTS[stack.blocks].n_ref
         if not n_ref:
             return hidden, txt
         n = hidden.shape[1] - n_ref
@@ -269,12 +263,13 @@ class QwenImageAdapter(ModelAdapter):
 
     def make_output(self, stack: BlockStack, img: torch.Tensor, txt: torch.Tensor | None) -> Any:
         assert txt is not None
-        n_txt = self._layout.n_txt
+        n_txt = _LAYOUTS[stack.blocks].n_txt
         if txt.shape[1] == n_txt:
             return txt, img
         return txt[:, :n_txt], torch.cat([img, txt[:, n_txt:]], 1)
 
     def stacks(self, model: nn.Module) -> list[BlockStack]:
+        _LAYOUTS.setdefault(model.transformer_blocks, _Layout())
         return [
             BlockStack(
                 "blocks",
