@@ -48,6 +48,7 @@ class _Layout:
 
     n_txt: int = 0  # text tokens (the double blocks' ``encoder_hidden_states``)
     n_ref: int = 0  # reference-image tokens after the noisy image tokens
+    n_ids: int = 0  # image rows of the model's call (``img_ids``), before any sequence sharding
 
 
 #: The layout of each model's current call, shared by every adapter instance (the engine's, a test's
@@ -158,8 +159,12 @@ class Flux2DoubleTokenProcessor(_TokenProcessor):
             k_all = apply_rope_bshd(k_all, cos, sin)
             q_t = apply_rope_bshd(q_t, cos[:n_txt], sin[:n_txt])
             q = apply_rope_bshd(q, *rope_rows((cos, sin), rows, n_txt))
+        # under sequence parallelism each rank holds a shard of both streams (xfuser's FLUX.2 wrapper
+        # splits the text too): gather the keys, roped with each rank's own positions
+        k_all = torch.cat([ctx.gather(k_all[:, :n_txt], "txt"), ctx.gather(k_all[:, n_txt:], "img")], 1)
+        v_all = torch.cat([ctx.gather(v_t, "txt"), ctx.gather(v, "img")], 1)
         ctx.query_rows += idx.shape[1]
-        out = ctx.attention(torch.cat([q_t, q], 1), k_all, torch.cat([v_t, v], 1), None)
+        out = ctx.attention(torch.cat([q_t, q], 1), k_all, v_all, None)
         out = out.flatten(2, 3).to(q.dtype)
         out_img = attn.to_out[1](attn.to_out[0](out[:, n_txt:]))
         return out_img, attn.to_add_out(out[:, :n_txt])
@@ -228,6 +233,8 @@ class Flux2SingleTokenProcessor(_TokenProcessor):
             k = apply_rope_bshd(k, cos, sin)
             q_img = apply_rope_bshd(q[:, n_txt:], *rope_rows((cos, sin), rows, n_txt))
             q = torch.cat([apply_rope_bshd(q[:, :n_txt], cos[:n_txt], sin[:n_txt]), q_img], 1)
+        k = torch.cat([ctx.gather(k[:, :n_txt], "txt"), ctx.gather(k[:, n_txt:], "img")], 1)
+        v = torch.cat([ctx.gather(v[:, :n_txt], "txt"), ctx.gather(v[:, n_txt:], "img")], 1)
         ctx.query_rows += idx.shape[1]
         out = ctx.attention(q, k, v, None).flatten(2, 3).to(q.dtype)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
@@ -309,7 +316,9 @@ class Flux2Adapter(ModelAdapter):
                 raise NotImplementedError(
                     "family 'flux2': reference-image tokens must follow the noisy image tokens in img_ids"
                 )
-        self._model_layout(model).n_ref = n_ref
+        layout = self._model_layout(model)
+        layout.n_ref = n_ref
+        layout.n_ids = int(ids.shape[-2]) if isinstance(ids, torch.Tensor) else 0
         return super().timestep(model, args, kwargs)
 
     def _model_layout(self, model: nn.Module) -> _Layout:
@@ -325,6 +334,11 @@ class Flux2Adapter(ModelAdapter):
             layout.n_txt = call.txt.shape[1]
             if not layout.n_ref:
                 return call
+            if call.img.shape[1] != layout.n_ids:
+                raise NotImplementedError(
+                    "family 'flux2': reference-image tokens with the sequence sharded over ranks (xDiT "
+                    "sequence parallelism) are not supported: the shards do not end with them"
+                )
             img, txt = _split(stack, (call.txt, call.img), layout)
         else:
             if call.txt is not None:  # the model passes the joint sequence with encoder_hidden_states=None

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import TokenContext, _TokenProcessor, gather_rows, rows_with_tail
+from .attention import TokenContext, _TokenProcessor, gather_rows, no_gather, rows_with_tail
 from .base import BlockCall, BlockStack, ModelAdapter, _put_arg, register_adapter
 
 
@@ -125,6 +125,11 @@ class QwenDoubleStreamTokenProcessor(_TokenProcessor):
         if encoder_hidden_states is None or attention_mask is not None or args or kwargs:
             raise NotImplementedError(
                 "family 'qwen_image': token refresh supports the joint attention with a text key mask only"
+            )
+        if ctx.gather is not no_gather:
+            raise NotImplementedError(
+                "family 'qwen_image': token refresh (level 'token') under sequence parallelism is not supported "
+                "(not tested with xfuser's wrapper); use polish='block' or 'none', or a schedule without token steps"
             )
         idx = ctx.index
         b, k_sel = idx.shape

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import TokenContext, _TokenProcessor
+from .attention import TokenContext, _TokenProcessor, no_gather
 from .base import BlockCall, BlockStack, ModelAdapter, _put_arg, register_adapter
 
 
@@ -93,6 +93,11 @@ class ZImageTokenProcessor(_TokenProcessor):
             )
         if encoder_hidden_states is not None or args or kwargs:
             raise NotImplementedError("family 'z_image': token refresh supports the self-attention only")
+        if ctx.gather is not no_gather:
+            raise NotImplementedError(
+                "family 'z_image': token refresh (level 'token') under sequence parallelism is not supported "
+                "(not tested with xfuser's wrapper); use polish='block' or 'none', or a schedule without token steps"
+            )
         idx = ctx.index
         b, k_sel = idx.shape
         n_txt = hidden_states.shape[1] - k_sel  # caption rows after the image rows (main layers)
