@@ -91,20 +91,26 @@ TESTED: dict[str, Evidence] = {
         pipelines=("QwenImagePipeline",),
         tests=("tests/test_families.py", "tests/test_image_families.py", "tests/test_image_pipelines.py"),
         note="Qwen-Image-Edit's reference tokens always fresh (transformer level); pipelines run with "
-        "prompt embeddings; xDiT not tested",
+        "prompt embeddings; xDiT not tested (token refresh refused under sequence parallelism)",
     ),
     "flux2": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2",),
         pipelines=("Flux2Pipeline",),
-        tests=("tests/test_families.py", "tests/test_image_families.py", "tests/test_image_pipelines.py"),
-        note="reference-image tokens always fresh; kv_cache_mode refused for token refresh; pipelines run "
-        "with prompt embeddings; xDiT not tested",
+        tests=(
+            "tests/test_families.py",
+            "tests/test_image_families.py",
+            "tests/test_image_pipelines.py",
+            "tests/test_parallel_xdit_image.py",
+        ),
+        note="reference-image tokens always fresh (refused with a sharded sequence); kv_cache_mode refused "
+        "for token refresh; pipelines run with prompt embeddings; xDiT: the transformer wrapper, bare",
     ),
     "z_image": Evidence(
         xdit_layouts=(),
         pipelines=("ZImagePipeline",),
         tests=("tests/test_families.py", "tests/test_image_pipelines.py"),
-        note="omni mode refused; pipelines run with prompt embeddings; xDiT not tested",
+        note="omni mode refused; pipelines run with prompt embeddings; xDiT not tested (token refresh "
+        "refused under sequence parallelism)",
     ),
     "dit": Evidence(
         xdit_layouts=(),
