@@ -105,3 +105,42 @@ def test_reference_tokens_are_fresh_on_token_steps(family):
         return outs[-1]
 
     assert not torch.equal(run(True), run(False))
+
+
+def test_z_image_under_xfusers_sequence_parallel_wrapper_is_refused():
+    """xfuser's Z-Image wrapper shards the refiner input and the unified sequence separately: the
+    adapter refuses it rather than reuse residuals of rows that do not correspond."""
+    from xslim_xdit.adapters import adapter_named
+
+    class xFuserZImageTransformer2DWrapper(torch.nn.Module):  # the name is what is matched
+        noise_refiner = layers = torch.nn.ModuleList()
+
+    with pytest.raises(NotImplementedError, match="family 'z_image'"):
+        adapter_named("z_image").stacks(xFuserZImageTransformer2DWrapper())
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "flux2"])
+def test_reference_tokens_in_a_sharded_sequence_are_refused(family):
+    """A block that sees fewer image rows than the model's call (a sequence-parallel shard) while
+    reference tokens are present: refused, naming the family."""
+    model = tiny_model(family)
+    fam = adapter_named(family)
+    x, cond = fam.tiny_inputs(batch=1, reference=REFERENCE_ROWS)
+    enable_xslim(model, XSlimConfig(), num_inference_steps=2)
+    blocks = model.transformer_blocks
+    handle = blocks[
+        0
+    ].register_forward_pre_hook(  # the shard a rank would see: half the rows
+        lambda _m, a, kw: (
+            a,
+            {**kw, "hidden_states": kw["hidden_states"][:, : kw["hidden_states"].shape[1] // 2]},
+        ),
+        with_kwargs=True,
+        prepend=True,
+    )
+    try:
+        with pytest.raises(NotImplementedError, match=f"family '{family}'.*sharded"), torch.no_grad():
+            fam.tiny_forward(model, x, fam.timestep_input(1.0, 1), cond)
+    finally:
+        handle.remove()
+        disable_xslim(model)

@@ -52,6 +52,7 @@ class _Layout:
 
     n_ref: int = 0  # reference-image tokens after the noisy ones (Qwen-Image-Edit), per sample
     n_txt: int = 0  # text tokens of the current call
+    n_ids: int = 0  # image tokens of the model's call (all of ``img_shapes``), before any sharding
 
 
 #: The layout of each model's current call, shared by every adapter instance (the engine's, a test's
@@ -243,7 +244,8 @@ class QwenImageAdapter(ModelAdapter):
         shapes = kwargs.get("img_shapes")
         per_image = _image_tokens(shapes[0]) if shapes else []
         self.stacks(model)  # registers the model's layout on first sight
-        _LAYOUTS[model.transformer_blocks].n_ref = sum(per_image[1:])
+        layout = _LAYOUTS[model.transformer_blocks]
+        layout.n_ref, layout.n_ids = sum(per_image[1:]), sum(per_image)
         return super().timestep(model, args, kwargs)
 
     def parse_call(self, stack: BlockStack, sig: Any, args: tuple, kwargs: dict) -> BlockCall:
@@ -254,6 +256,11 @@ class QwenImageAdapter(ModelAdapter):
             return call  # no reference tokens, no token refresh: the block's own streams
         state = {f.name: getattr(call, f.name) for f in fields(BlockCall)}
         if layout.n_ref:
+            if call.img.shape[1] != layout.n_ids:
+                raise NotImplementedError(
+                    "family 'qwen_image': reference-image tokens with the sequence sharded over ranks (xDiT "
+                    "sequence parallelism) are not supported: the shards do not end with them"
+                )
             hidden, n = call.img, call.img.shape[1] - layout.n_ref
             state["img"], state["txt"] = hidden[:, :n], torch.cat([call.txt, hidden[:, n:]], 1)
         return _QwenCall(**state, layout=layout, ctx=self._token_ctx)

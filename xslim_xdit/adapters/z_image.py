@@ -16,7 +16,8 @@ The model's timestep ``t`` is ``(1000 - t_scheduler) / 1000``: it *rises* from 0
 The family's units are the noise level ``1 - t`` (falling from 1, as the step clock expects): the
 adapter reads a call's timestep as ``1 - t`` and the tiny model's loop passes ``t = 1 - sigma``.
 
-Omni mode (``x`` as nested lists: SigLIP features and per-token noise masks, the sequence ordered
+xfuser's ``xFuserZImageTransformer2DWrapper`` is refused (its sequence parallelism shards the
+refiner's input and the unified sequence separately). Omni mode (``x`` as nested lists: SigLIP features and per-token noise masks, the sequence ordered
 ``[caption, image, siglip]``) is refused, at every level.
 
 Pipeline (diffusers 0.42 defaults): ``ZImagePipeline`` 50 steps with ``guidance_scale=5.0`` (CFG
@@ -195,6 +196,13 @@ class ZImageAdapter(ModelAdapter):
         return 1.0 - float(t)
 
     def stacks(self, model: nn.Module) -> list[BlockStack]:
+        if any(c.__name__ == "xFuserZImageTransformer2DWrapper" for c in type(model).__mro__):
+            # its sequence parallelism shards the noise refiner's input and the unified sequence
+            # separately: a shard's first rows are not the image rows the noise refiner saw
+            raise NotImplementedError(
+                "family 'z_image': xfuser's sequence-parallel Z-Image wrapper is not supported at any "
+                "level; use the diffusers transformer"
+            )
         layout = _LAYOUTS.setdefault(model.noise_refiner, _Layout())
         _LAYOUTS[model.layers] = layout
         return [
