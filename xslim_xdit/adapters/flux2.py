@@ -23,8 +23,9 @@ the text and the reference tokens fresh. The KV-cache mode of ``Flux2KleinKVPipe
 refused.
 
 Pipelines (diffusers 0.42 defaults): ``Flux2Pipeline`` 50 steps, guidance-distilled
-(``guidance_scale=4.0`` is embedded, one transformer call per step); ``Flux2KleinPipeline`` 50
-steps with true CFG (``cache_context("cond")``/``("uncond")``). No preset and no rescale polynomial:
+(``guidance_scale=4.0`` is embedded, one transformer call per step; the pipeline's example for
+FLUX.2-dev uses 50 steps and 2.5); ``Flux2KleinPipeline`` 50 steps with true CFG
+(``cache_context("cond")``/``("uncond")``). No preset and no rescale polynomial:
 none is published for FLUX.2.
 """
 

@@ -22,8 +22,8 @@ refiner's input and the unified sequence separately). Omni mode (``x`` as nested
 
 Pipeline (diffusers 0.42 defaults): ``ZImagePipeline`` 50 steps with ``guidance_scale=5.0`` (CFG
 batched in one call: the transformer gets the conditional and unconditional samples together);
-Z-Image-Turbo's model card uses 9 steps with ``guidance_scale=0.0``. No preset and no rescale
-polynomial: none is published for Z-Image.
+the pipeline's own example runs Z-Image-Turbo with ``num_inference_steps=8, guidance_scale=0.0``
+(one call per step). No preset and no rescale polynomial: none is published for Z-Image.
 """
 
 from __future__ import annotations
