@@ -20,7 +20,8 @@ true classifier-free guidance (``true_cfg_scale=4.0`` when a negative prompt is 
 transformer calls per step in ``cache_context("cond")`` and ``("uncond")``, each a branch of its
 own caches and K/V.
 
-No preset and no rescale polynomial: none is published for Qwen-Image's block-0 modulated input.
+No preset and no rescale polynomial: none is published for Qwen-Image (the TeaCache ports for
+ComfyUI and vLLM-Omni reuse FLUX.1's polynomial unchanged, marked as to be tuned).
 """
 
 from __future__ import annotations
