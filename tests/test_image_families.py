@@ -144,3 +144,19 @@ def test_reference_tokens_in_a_sharded_sequence_are_refused(family):
     finally:
         handle.remove()
         disable_xslim(model)
+
+
+def test_flux2_kv_cache_mode_is_refused():
+    """Flux2KleinKVPipeline's reference K/V cache mode changes the sequence between steps and
+    passes the cache to the processors: refused when the model is called, naming the family."""
+    model = tiny_model("flux2")
+    fam = adapter_named("flux2")
+    x, cond = fam.tiny_inputs(batch=1)
+    enable_xslim(model, XSlimConfig(), num_inference_steps=2)
+    try:
+        with pytest.raises(NotImplementedError, match="family 'flux2'.*kv_cache_mode"), torch.no_grad():
+            model(x, timestep=fam.timestep_input(1.0, 1), kv_cache_mode="cached", return_dict=False, **cond)
+    finally:
+        disable_xslim(model)
+    with torch.no_grad():  # and nothing is left behind: the plain model runs
+        assert model(x, timestep=fam.timestep_input(1.0, 1), return_dict=False, **cond)[0].shape == x.shape

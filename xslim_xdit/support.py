@@ -102,8 +102,8 @@ TESTED: dict[str, Evidence] = {
             "tests/test_image_pipelines.py",
             "tests/test_parallel_xdit_image.py",
         ),
-        note="reference-image tokens always fresh (refused with a sharded sequence); kv_cache_mode refused "
-        "for token refresh; pipelines run with prompt embeddings; xDiT: the transformer wrapper, bare",
+        note="reference-image tokens always fresh (refused with a sharded sequence); kv_cache_mode "
+        "refused; pipelines run with prompt embeddings; xDiT: the transformer wrapper, bare",
     ),
     "z_image": Evidence(
         xdit_layouts=(),

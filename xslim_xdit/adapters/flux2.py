@@ -19,8 +19,9 @@ Reference images (``Flux2Pipeline(image=...)``) put their tokens after the noisy
 references' 10, 20, ...); the pipeline keeps only the noisy rows of the output. They travel with the
 text stream, so the token level never selects or reuses them: every token-refresh step computes
 the text and the reference tokens fresh. The KV-cache mode of ``Flux2KleinKVPipeline``
-(``kv_cache_mode``) moves the reference tokens out of the sequence after the first step and is
-refused.
+(``kv_cache_mode``) moves the reference tokens out of the sequence after the first step (the
+sequence changes length between steps, and the attention processors take the cache as extra
+arguments): it is refused at every level, when the model is called.
 
 Pipelines (diffusers 0.42 defaults): ``Flux2Pipeline`` 50 steps, guidance-distilled
 (``guidance_scale=4.0`` is embedded, one transformer call per step; the pipeline's example for
@@ -102,14 +103,6 @@ class _Flux2Call(BlockCall):
         return tuple(args), kwargs
 
 
-def _refuse_kv_mode(kwargs: dict[str, Any]) -> None:
-    if kwargs.get("kv_cache_mode") is not None:
-        raise NotImplementedError(
-            "family 'flux2': token refresh (level 'token') does not support the reference K/V cache "
-            "(kv_cache_mode); use polish='block' or 'none', or a schedule without token steps"
-        )
-
-
 class Flux2DoubleTokenProcessor(_TokenProcessor):
     """Token refresh for ``Flux2AttnProcessor`` (double blocks): queries for the selected image
     tokens, the reference tokens after them and every text token, against the image K/V cache
@@ -132,7 +125,8 @@ class Flux2DoubleTokenProcessor(_TokenProcessor):
             return self.original(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
             )
-        _refuse_kv_mode(kwargs)
+        if kwargs:  # the KV-cache processors' arguments: their mode is refused in timestep()
+            raise NotImplementedError(f"family 'flux2': token refresh does not take {sorted(kwargs)}")
         if getattr(attn, "fused_projections", False):
             raise NotImplementedError("family 'flux2': token refresh does not support fused QKV projections")
         if encoder_hidden_states is None or attention_mask is not None:
@@ -214,7 +208,8 @@ class Flux2SingleTokenProcessor(_TokenProcessor):
                 return self.original(attn, hidden_states, attention_mask, image_rotary_emb, **kwargs)
             finally:
                 handle.remove()
-        _refuse_kv_mode(kwargs)
+        if kwargs:  # the KV-cache processors' arguments: their mode is refused in timestep()
+            raise NotImplementedError(f"family 'flux2': token refresh does not take {sorted(kwargs)}")
         if attention_mask is not None:
             raise NotImplementedError("family 'flux2': token refresh supports the unmasked attention only")
         idx = ctx.index
@@ -306,8 +301,13 @@ class Flux2Adapter(ModelAdapter):
         return model(hidden, timestep=timestep, return_dict=False, **cond)[0][:, : x.shape[1]]
 
     def timestep(self, model: nn.Module, args: tuple, kwargs: dict) -> float | None:
-        """The call's timestep; reads the call's reference tokens too (``img_ids`` rows with a
+        """The call's timestep (refusing the KV-cache mode); reads the call's reference tokens too (``img_ids`` rows with a
         nonzero time coordinate, after the noisy image's), which its block calls then use."""
+        if kwargs.get("kv_cache_mode") is not None:
+            raise NotImplementedError(
+                "family 'flux2': the reference K/V cache mode (kv_cache_mode, Flux2KleinKVPipeline) is not "
+                "supported at any level; disable X-Slim for this pipeline"
+            )
         ids = kwargs.get("img_ids")
         n_ref = 0
         if isinstance(ids, torch.Tensor):
