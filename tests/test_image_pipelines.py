@@ -1,7 +1,8 @@
 """The image families' diffusers pipelines with X-Slim enabled on the pipeline: forced full is
 bit-identical to the plain pipeline; a schedule with every level runs, computes less (counted by
-attention hooks of the test's own) and stays close to the plain output; Qwen-Image's true CFG
-(two calls per step in ``cache_context("cond")``/``("uncond")``) is two branches of each step."""
+attention hooks of the test's own) and stays close to the plain output; Qwen-Image's and FLUX.2 Klein's
+true CFG (two calls per step in ``cache_context("cond")``/``("uncond")``) is two branches of each
+step."""
 
 from __future__ import annotations
 
@@ -10,17 +11,17 @@ import torch
 
 from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
 from xslim_xdit.adapters import adapter_for
-from xslim_xdit.testing.image_pipelines import IMAGE_PIPELINE_FAMILIES, tiny_image_pipeline
+from xslim_xdit.testing.image_pipelines import IMAGE_PIPELINES, tiny_image_pipeline
 
 STEPS = 6
 #: calls of the transformer per step: Qwen-Image's true CFG calls it once per branch
-BRANCHES = {"qwen_image": 2, "flux2": 1, "z_image": 1}
+BRANCHES = {"qwen_image": 2, "flux2": 1, "flux2_klein": 2, "z_image": 1}
 #: bound on the relative error of the every-level schedule against the plain pipeline
-RELATIVE_ERROR = {"qwen_image": 0.1, "flux2": 0.1, "z_image": 0.75}
+RELATIVE_ERROR = {"qwen_image": 0.1, "flux2": 0.1, "flux2_klein": 0.1, "z_image": 0.75}
 
 
-def _run(family, config=None):
-    pipe, kwargs = tiny_image_pipeline(family)
+def _run(name, config=None):
+    pipe, kwargs = tiny_image_pipeline(name)
     engine = enable_xslim(pipe, config) if config is not None else None
     rows: list[int] = []  # image query rows of every self-attention call
     model = pipe.transformer
@@ -44,7 +45,7 @@ def _run(family, config=None):
     return out, engine, sum(rows)
 
 
-@pytest.mark.parametrize("family", sorted(IMAGE_PIPELINE_FAMILIES))
+@pytest.mark.parametrize("family", sorted(IMAGE_PIPELINES))
 def test_forced_full_is_bit_identical_to_the_plain_pipeline(family):
     ref, _, ref_rows = _run(family)
     out, engine, rows = _run(family, XSlimConfig(warn=1e-12, crit=2e-12, polish="auto"))
@@ -57,7 +58,7 @@ def test_forced_full_is_bit_identical_to_the_plain_pipeline(family):
     assert {r.kind for r in recs} == {"full"}
 
 
-@pytest.mark.parametrize("family", sorted(IMAGE_PIPELINE_FAMILIES))
+@pytest.mark.parametrize("family", sorted(IMAGE_PIPELINES))
 def test_every_level_runs_in_the_pipeline_and_saves_computation(family):
     ref, _, ref_rows = _run(family)
     schedule = Schedule(STEPS, full_steps=(0, 1, 5), block_steps=(2,), token_steps=(3,))  # step 4: skip

@@ -95,7 +95,7 @@ TESTED: dict[str, Evidence] = {
     ),
     "flux2": Evidence(
         xdit_layouts=("Ulysses 2",),
-        pipelines=("Flux2Pipeline",),
+        pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
         tests=(
             "tests/test_families.py",
             "tests/test_image_families.py",
