@@ -118,14 +118,15 @@ class Flux2DoubleTokenProcessor(_TokenProcessor):
         image_rotary_emb: Any = None,
         **kwargs: Any,
     ) -> Any:
-        # ``Flux2Attention.forward`` passes on only the keyword arguments this signature names: with
-        # ``**kwargs`` it passes them all (the KV-cache processor's ``kv_cache`` ... among them)
+        # ``Flux2Attention.forward`` drops (with a warning) the keyword arguments this signature does
+        # not name, as it does for the original processor; the KV-cache processors' arguments
+        # (``kv_cache``, ...) come only with ``kv_cache_mode``, refused in ``Flux2Adapter.timestep``
         ctx = self.ctx
         if ctx.index is None:
             return self.original(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
             )
-        if kwargs:  # the KV-cache processors' arguments: their mode is refused in timestep()
+        if kwargs:  # none reach here (see above); refuse rather than ignore one that would
             raise NotImplementedError(f"family 'flux2': token refresh does not take {sorted(kwargs)}")
         if getattr(attn, "fused_projections", False):
             raise NotImplementedError("family 'flux2': token refresh does not support fused QKV projections")
@@ -208,7 +209,7 @@ class Flux2SingleTokenProcessor(_TokenProcessor):
                 return self.original(attn, hidden_states, attention_mask, image_rotary_emb, **kwargs)
             finally:
                 handle.remove()
-        if kwargs:  # the KV-cache processors' arguments: their mode is refused in timestep()
+        if kwargs:  # none reach here (see above); refuse rather than ignore one that would
             raise NotImplementedError(f"family 'flux2': token refresh does not take {sorted(kwargs)}")
         if attention_mask is not None:
             raise NotImplementedError("family 'flux2': token refresh supports the unmasked attention only")
