@@ -98,7 +98,10 @@ def install_kv_recorders(attn: nn.Module, ctx: TokenContext, text_position: str)
     """Forward hooks on ``attn.to_k`` and ``attn.to_v`` that keep the image rows of their output
     while ``ctx.record`` is set. Returns the hook handles."""
     key = id(attn)
-    handles = []
+    handles: list[Any] = []
+    if getattr(attn, "to_k", None) is None or getattr(attn, "to_v", None) is None:
+        # a fused projection (FLUX.2's single-stream attention): its token processor records
+        return handles
     for slot, lin in enumerate((attn.to_k, attn.to_v)):
 
         def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor, slot: int = slot) -> None:
@@ -135,8 +138,8 @@ class TokenAttentionHooks:
             done = self._installed.get(id(attn))
             if (
                 done is not None
-                and done[0] is attn.to_k
-                and done[1] is attn.to_v
+                and done[0] is getattr(attn, "to_k", None)
+                and done[1] is getattr(attn, "to_v", None)
                 and done[4] is attn.processor
             ):
                 continue
@@ -148,7 +151,8 @@ class TokenAttentionHooks:
             handles = install_kv_recorders(attn, self.ctx, text_position)
             processor = make_processor()
             attn.processor = processor
-            self._installed[id(attn)] = (attn.to_k, attn.to_v, handles, original, processor)
+            to_k, to_v = getattr(attn, "to_k", None), getattr(attn, "to_v", None)
+            self._installed[id(attn)] = (to_k, to_v, handles, original, processor)
 
     def remove(self) -> None:
         for attn, _, _ in self.entries:
@@ -181,6 +185,18 @@ def splice(
     out = cache.clone(memory_format=torch.contiguous_format).view(b * n, *cache.shape[2:])
     out.index_copy_(0, flat, rows.reshape(-1, *cache.shape[2:]).to(cache.dtype))
     return out.view(cache.shape)
+
+
+def rows_with_tail(index: torch.Tensor, n_cached: int, tail: int) -> torch.Tensor:
+    """Per sample, the positions ``index`` (B, k) followed by the last ``tail`` of ``n_cached``
+    positions: the rows a refresh computes when ``tail`` condition tokens follow the image tokens.
+
+    Example:
+        >>> rows_with_tail(torch.tensor([[0, 2]]), 6, 2)
+        tensor([[0, 2, 4, 5]])
+    """
+    tail_rows = torch.arange(n_cached - tail, n_cached, device=index.device, dtype=index.dtype)
+    return torch.cat([index, tail_rows.expand(index.shape[0], tail)], 1)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,7 +237,10 @@ class _TokenProcessor:
         self.ctx = ctx
         self.text_position = text_position
 
-    def _cached_kv(self, attn: nn.Module, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple:
+    def _cached_kv(self, attn: nn.Module, k_new: torch.Tensor, v_new: torch.Tensor, tail: int = 0) -> tuple:
+        """The cached image K/V with the new rows spliced in: the selected tokens' rows, then (with
+        ``tail``) the last ``tail`` rows of the cache, which every refresh computes (reference-image
+        tokens that follow the image tokens, a condition)."""
         pair = self.ctx.kv.get((self.ctx.branch, id(attn)))
         if pair is None or pair[0] is None or pair[1] is None:
             raise RuntimeError("token refresh before any full step recorded the K/V cache")
@@ -233,8 +252,11 @@ class _TokenProcessor:
             )
         idx = self.ctx.index
         assert idx is not None
-        k = splice(pair[0], idx, k_new, self.ctx.flat)
-        v = splice(pair[1], idx, v_new, self.ctx.flat)
+        flat = self.ctx.flat
+        if tail:
+            idx, flat = rows_with_tail(idx, pair[0].shape[1], tail), None
+        k = splice(pair[0], idx, k_new, flat)
+        v = splice(pair[1], idx, v_new, flat)
         pair[0], pair[1] = k, v  # the refreshed rows stay fresh for later refreshes
         return k, v
 
