@@ -62,6 +62,29 @@ class DepthLayout:
         return cls(((0, num_blocks),), managed_from)
 
 
+def depth_mask(config: XSlimConfig, layout: DepthLayout, sums: torch.Tensor) -> list[bool]:
+    """The whole-depth block mask (``True``: compute) from the reduced per-block partial sums
+    ``sums`` (blocks, 2): each stack walks its managed blocks' mean residual magnitudes.
+
+    Example:
+        >>> cfg = XSlimConfig(block_thresh=2.0, block_first_n=1)
+        >>> depth_mask(cfg, DepthLayout.flat(4), torch.tensor([[1.0, 1.0]] * 4))
+        [True, False, True, False]
+    """
+    mags = (sums[:, 0] / sums[:, 1].clamp_min(1)).tolist()
+    compute: list[bool] = []
+    for si, (start, end) in enumerate(layout.stacks):
+        managed = [g for g in range(start, end) if g >= layout.managed_from]
+        compute += [True] * (end - start - len(managed))
+        compute += select_blocks(
+            [mags[g] for g in managed],
+            config.block_threshold(si),
+            config.block_first_n,
+            config.block_thresh_scale,
+        )
+    return compute
+
+
 @dataclass
 class CallPlan:
     """What the current call does, fixed before its first block runs."""
@@ -236,15 +259,7 @@ class DecisionRoom:
             raise RuntimeError(
                 f"block statistics cover {sums.shape[0]} blocks, the model has {self.layout.total_blocks}"
             )
-        mags = (sums[:, 0] / sums[:, 1].clamp_min(1)).tolist()
-        cfg = self.config
-        compute: list[bool] = []
-        for si, (start, end) in enumerate(self.layout.stacks):
-            managed = [g for g in range(start, end) if g >= self.layout.managed_from]
-            compute += [True] * (end - start - len(managed))
-            compute += select_blocks(
-                [mags[g] for g in managed], cfg.block_threshold(si), cfg.block_first_n, cfg.block_thresh_scale
-            )
+        compute = depth_mask(self.config, self.layout, sums)
         agreed = self.sync.agree([int(c) for c in compute], device=sums.device)
         return [bool(c) for c in agreed]
 
