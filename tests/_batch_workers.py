@@ -7,12 +7,10 @@ import torch
 import torch.distributed as dist
 
 from xslim_xdit import XSlimConfig, disable_xslim, enable_xslim
-from xslim_xdit.adapters import adapter_named
-from xslim_xdit.testing import make_inputs, tiny_model
+from xslim_xdit.testing import denoise, make_batch_inputs, tiny_model
 
 STEPS = 10
 HW = 8  # FLUX: 8x8 image tokens (128x128 pixels for xfuser)
-SHARED = ("img_ids", "txt_ids")  # FLUX's position ids: one table for the whole batch
 #: thresholds under which the three samples (seeds 0, 1, 2) of each family decide differently
 ONLINE = {
     "dit": dict(warmup_steps=2, warn=0.1, crit=0.3, polish="block"),
@@ -22,28 +20,11 @@ ONLINE = {
 
 
 def batch_inputs(family: str, seeds: list[int], **shape: int) -> tuple[torch.Tensor, dict]:
-    """The latents and conditioning of each seed alone, stacked into one batch (DiT's class label
-    is the seed's, so the samples differ in conditioning too)."""
-    xs, conds = zip(*(make_inputs(family, batch=1, seed=s, **shape) for s in seeds), strict=True)
-    cond = {}
-    for k, v in conds[0].items():
-        if k == "class_labels":
-            cond[k] = torch.tensor([s % 10 for s in seeds])
-        elif isinstance(v, torch.Tensor) and k not in SHARED:
-            cond[k] = torch.cat([c[k] for c in conds])
-        else:
-            cond[k] = v
-    return torch.cat(xs), cond
+    return make_batch_inputs(family, seeds, **shape)
 
 
-@torch.no_grad()
 def run(model: torch.nn.Module, family: str, x: torch.Tensor, cond: dict, steps: int = STEPS) -> torch.Tensor:
-    """The Euler-like loop of ``xslim_xdit.testing.sample`` on given inputs."""
-    ad = adapter_named(family)
-    for t in ad.timesteps(steps):
-        out = ad.tiny_forward(model, x, ad.timestep_input(t, x.shape[0]), cond)
-        x = x - (1.0 / steps) * out
-    return x
+    return denoise(model, family, x, cond, steps)
 
 
 def flux_config() -> XSlimConfig:
