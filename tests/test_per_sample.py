@@ -192,3 +192,26 @@ def test_batch_change_within_a_run_is_refused():
 def test_config_refuses(fields, name):
     with pytest.raises(ConfigError, match=f"^{name} must be"):
         XSlimConfig(**fields)
+
+
+def test_flux_pipeline_true_cfg_by_separate_calls_equals_single_runs():
+    """FLUX with true CFG calls the transformer once per branch (``cache_context``): the uncond
+    call follows each sample's decision of the cond call, with caches of its own."""
+    from xslim_xdit.testing.pipelines import TINY_CALL_KWARGS, tiny_pipeline
+
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(TINY_CALL_KWARGS["flux"], num_inference_steps=8, output_type="latent", true_cfg_scale=2.0)
+    prompts, negatives, seeds = ["a red cat", "two blue dogs"], ["blurry", "ugly"], [3, 4]
+    eng = enable_xslim(pipe, XSlimConfig(per_sample=True, **ONLINE["flux"]))
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    both = pipe(prompts, negative_prompt=negatives, generator=gens, **kw).images
+    kinds = eng.statistics.sample_kinds()
+    assert kinds[0] != kinds[1]
+    assert len(eng.statistics.run_records()) == 2 * len(kinds[0])  # two branches per step
+    for i in range(2):
+        gen = torch.Generator().manual_seed(seeds[i])
+        alone = pipe(prompts[i], negative_prompt=negatives[i], generator=gen, **kw).images
+        assert eng.statistics.sample_kinds() == [kinds[i]]
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=0, atol=ATOL)
+    disable_xslim(pipe)
