@@ -215,3 +215,24 @@ def test_flux_pipeline_true_cfg_by_separate_calls_equals_single_runs():
         assert eng.statistics.sample_kinds() == [kinds[i]]
         torch.testing.assert_close(both[i : i + 1], alone, rtol=0, atol=ATOL)
     disable_xslim(pipe)
+
+
+@pytest.mark.parametrize(
+    "indicator, thresholds",
+    [("modulated_input", {}), ("first_block_residual", dict(warn=0.4, crit=1.0))],
+)
+def test_one_sample_is_the_whole_batch_path_bit_for_bit(indicator, thresholds):
+    """A batch of one decides and computes exactly as the default path does."""
+    model = tiny_model("flux")
+    x, cond = batch_inputs("flux", [1])
+    outs, logs = [], []
+    for per_sample in (False, True):
+        fields = {**ONLINE["flux"], **thresholds}
+        cfg = XSlimConfig(per_sample=per_sample, step_indicator=indicator, **fields)
+        eng = enable_xslim(model, cfg, num_inference_steps=STEPS)
+        outs.append(run(model, "flux", x, cond))
+        logs.append([(r.kind, r.indicator, r.blocks_computed, r.flops) for r in eng.statistics.run_records()])
+    disable_xslim(model)
+    assert {k for k, *_ in logs[0]} >= {"skip", "block", "full"}, logs[0]
+    assert logs[0] == logs[1]
+    assert torch.equal(outs[0], outs[1])

@@ -103,12 +103,15 @@ class SamplePlan:
         ]
 
     def summary(self) -> CallPlan:
-        """One :class:`CallPlan` for the call's record: the heaviest kind any row runs."""
+        """One :class:`CallPlan` for the call's record: the heaviest kind any row runs, the
+        largest error, and the indicator where every sample read the same (one sample)."""
         heaviest = max(self.decisions, key=lambda d: int(d.kind))
         step = self.decisions[0].step
         error = max(d.error for d in self.decisions)
+        shared = {d.indicator for d in self.decisions}
+        indicator = self.decisions[0].indicator if len(shared) == 1 else None
         kinds = ",".join(k.name.lower() for k in self.kinds)
-        return CallPlan(StepDecision(step, heaviest.kind, None, error, f"per sample: {kinds}"))
+        return CallPlan(StepDecision(step, heaviest.kind, indicator, error, f"per sample: {kinds}"))
 
 
 class SampleRoom:
