@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -89,6 +89,17 @@ class SamplePlan:
     masks: list[list[bool] | None]  # per row: the whole-depth block mask of block-refresh rows
     caches: list[BranchCaches]  # per row, of the call's guidance branch
     indicators: list[float | None]  # per row: its sample's indicator
+    #: the row indices of each sub-batch, as tensors on the model's device (built once per call:
+    #: the blocks of a call mostly share their sub-batch, and a host-to-device copy per block
+    #: would stall an accelerator)
+    _index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def index(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        key = tuple(rows)
+        t = self._index.get(key)
+        if t is None:
+            t = self._index[key] = torch.tensor(rows, device=device)
+        return t
 
     @property
     def kinds(self) -> list[StepKind]:
@@ -351,7 +362,7 @@ class SampleExecutor:
             c_img, c_txt = e.adapter.split_output(stack, out)
             c_in, t_in = img, txt
         elif rows:
-            sub = e.adapter.select_samples(call, torch.tensor(rows, device=img.device))
+            sub = e.adapter.select_samples(call, sp.index(rows, img.device))
             c_img, c_txt = e.adapter.split_output(
                 stack, self.run_original(g, original, sub, sub.img, sub.txt)
             )
