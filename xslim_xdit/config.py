@@ -26,6 +26,7 @@ __all__ = ["PRESETS", "RESCALE_POLYNOMIALS", "ConfigError", "Schedule", "XSlimCo
 
 StepIndicator = Literal["modulated_input", "first_block_residual"]
 Polish = Literal["token", "block", "auto", "none"]
+GuidancePairs = Literal["auto", "halves", "none"]
 
 
 class _FamilyTable(Mapping[str, Any]):
@@ -104,6 +105,17 @@ class XSlimConfig:
         preset: name of a published schedule (see :data:`PRESETS`). Passing it builds that
             preset: mode schedule and the preset's fields, the fields passed beside it
             overriding them (as :meth:`from_preset`).
+        per_sample: decide per sample of a batch (:mod:`xslim_xdit.batch`): each sample has its
+            own indicator, controller state, caches and block set, the samples that compute a
+            block run it as a sub-batch, and each sample's output is the one it gets alone.
+            Off (default): one decision per call for the whole batch, the indicator reduced over
+            it. Supports the step and block levels (``polish`` ``"none"`` or ``"block"``, or a
+            schedule without token steps).
+        guidance_pairs: with ``per_sample``, which rows of a batch are one sample: ``"halves"``
+            (batched classifier-free guidance: rows ``i`` and ``i + B/2`` are one prompt's two
+            branches and share every decision), ``"none"`` (each row is a sample), ``"auto"``
+            (``"halves"`` for the pairs whose image inputs are bit-identical in the call, as
+            diffusers' ``torch.cat([latents] * 2)`` makes them; each row alone otherwise).
 
     Example:
         >>> XSlimConfig.from_preset("flux-fast").schedule.token_steps
@@ -130,6 +142,8 @@ class XSlimConfig:
     block_first_n: int = 1
     schedule: Schedule | None = None
     preset: str | None = None
+    per_sample: bool = False
+    guidance_pairs: GuidancePairs = "auto"
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -207,6 +221,20 @@ class XSlimConfig:
                 _fail("schedule", "a Schedule, a dict, or None", self.schedule)
         if self.mode == "schedule" and self.schedule is None:
             _fail("schedule", "set when mode='schedule' (or pass preset=...)", None)
+        if not isinstance(self.per_sample, bool):
+            _fail("per_sample", "True or False", self.per_sample)
+        if self.guidance_pairs not in ("auto", "halves", "none"):
+            _fail("guidance_pairs", "'auto', 'halves' or 'none'", self.guidance_pairs)
+        if self.per_sample and "token" in self.levels:
+            # Token refresh keeps one K/V cache per branch for the whole batch; a sub-batch of
+            # samples cannot splice into it. In the whole-batch path each sample already picks its
+            # own tokens.
+            _fail(
+                "per_sample",
+                "False with token refresh (per_sample supports polish 'none' or 'block', or a "
+                "schedule without token steps)",
+                self.per_sample,
+            )
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -60,6 +61,29 @@ class DepthLayout:
     def flat(cls, num_blocks: int, managed_from: int = 0) -> DepthLayout:
         """One stack of ``num_blocks`` blocks."""
         return cls(((0, num_blocks),), managed_from)
+
+
+def depth_mask(config: XSlimConfig, layout: DepthLayout, sums: torch.Tensor) -> list[bool]:
+    """The whole-depth block mask (``True``: compute) from the reduced per-block partial sums
+    ``sums`` (blocks, 2): each stack walks its managed blocks' mean residual magnitudes.
+
+    Example:
+        >>> cfg = XSlimConfig(block_thresh=2.0, block_first_n=1)
+        >>> depth_mask(cfg, DepthLayout.flat(4), torch.tensor([[1.0, 1.0]] * 4))
+        [True, False, True, False]
+    """
+    mags = (sums[:, 0] / sums[:, 1].clamp_min(1)).tolist()
+    compute: list[bool] = []
+    for si, (start, end) in enumerate(layout.stacks):
+        managed = [g for g in range(start, end) if g >= layout.managed_from]
+        compute += [True] * (end - start - len(managed))
+        compute += select_blocks(
+            [mags[g] for g in managed],
+            config.block_threshold(si),
+            config.block_first_n,
+            config.block_thresh_scale,
+        )
+    return compute
 
 
 @dataclass
@@ -105,6 +129,9 @@ class DecisionRoom:
         self.sequence_shards = sequence_shards
         self.controller: Controller | None = None
         self.num_steps = 0
+        #: the current call's reference-image tokens (bool over the image tokens), or None
+        #: (:meth:`~xslim_xdit.adapters.ModelAdapter.reference_tokens`)
+        self.reference: torch.Tensor | None = None
         self._step_plans: dict[int, CallPlan] = {}  # the first branch's plan, per step
 
     def start_run(self, controller: Controller) -> None:
@@ -236,15 +263,7 @@ class DecisionRoom:
             raise RuntimeError(
                 f"block statistics cover {sums.shape[0]} blocks, the model has {self.layout.total_blocks}"
             )
-        mags = (sums[:, 0] / sums[:, 1].clamp_min(1)).tolist()
-        cfg = self.config
-        compute: list[bool] = []
-        for si, (start, end) in enumerate(self.layout.stacks):
-            managed = [g for g in range(start, end) if g >= self.layout.managed_from]
-            compute += [True] * (end - start - len(managed))
-            compute += select_blocks(
-                [mags[g] for g in managed], cfg.block_threshold(si), cfg.block_first_n, cfg.block_thresh_scale
-            )
+        compute = depth_mask(self.config, self.layout, sums)
         agreed = self.sync.agree([int(c) for c in compute], device=sums.device)
         return [bool(c) for c in agreed]
 
@@ -259,10 +278,35 @@ class DecisionRoom:
         else:  # only one computed step so far: refresh where the residual is largest
             score = current.abs().mean(-1)
         n = score.shape[1]
+        ref = self.reference
+        if ref is not None and ref.shape[0] == n and not bool(ref.all()):
+            return self._select_output_tokens(score, ref.to(score.device))
         counts = tokens_per_group(n, self.config.token_ratio, self.config.token_groups)
         parts, start = [], 0
         for g, k in enumerate(counts):
             size = n // len(counts) + (1 if g < n % len(counts) else 0)
             parts.append(score[:, start : start + size].float().topk(k, dim=1).indices + start)
+            start += size
+        return torch.cat(parts, 1).sort(dim=1).values
+
+    def _select_output_tokens(self, score: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """:meth:`_select_tokens` with reference-image tokens (``ref``): within each chunk the top
+        ``token_ratio`` of the output tokens only. The reference tokens keep the K/V of the last
+        full step (the model's output for them is discarded); measured on the tiny FLUX Kontext
+        pipeline at equal tokens refreshed, this is closer to the full run than selecting among
+        all image tokens (mean error 0.0033 against 0.0059 at 11 tokens) or refreshing every
+        reference token beside the output ones (0.0060 at 21 tokens)."""
+        n, groups = score.shape[1], self.config.token_groups
+        if n < groups:
+            raise ValueError(f"token_groups={groups} needs at least that many tokens; got {n}")
+        parts, start = [], 0
+        for g in range(groups):
+            size = n // groups + (1 if g < n % groups else 0)
+            chunk_ref = ref[start : start + size]
+            n_out = size - int(chunk_ref.sum())
+            if n_out:
+                k = min(n_out, max(1, math.ceil(self.config.token_ratio * n_out)))
+                chunk = score[:, start : start + size].float().masked_fill(chunk_ref, float("-inf"))
+                parts.append(chunk.topk(k, dim=1).indices + start)
             start += size
         return torch.cat(parts, 1).sort(dim=1).values

@@ -39,6 +39,7 @@ from torch import nn
 
 from .adapters.attention import TokenAttentionHooks, TokenContext
 from .adapters.base import BlockCall, BlockStack, ModelAdapter, adapter_for
+from .batch import SampleExecutor, SamplePlan, SampleRoom
 from .caches import BranchCaches
 from .clock import AmbiguousRunError, StepClock
 from .config import XSlimConfig
@@ -131,6 +132,11 @@ class XSlimEngine:
         self.token_ctx = TokenContext() if self.use_token else None
         self.clock = StepClock()
         self.executor = PlanExecutor(self)
+        #: per-sample decisions (``config.per_sample``; a recording runs every step full anyway)
+        self.per_sample = config.per_sample and not record
+        self.samples = SampleRoom(config, self.room, self.use_block) if self.per_sample else None
+        self.sample_plan: SamplePlan | None = None
+        self._sample_executor = SampleExecutor(self, self.executor.run_original)
         self._sigs: dict[int, inspect.Signature] = {}
         self._hooks: BlockHooks | None = None
         self._handles: list[Any] = []
@@ -177,6 +183,11 @@ class XSlimEngine:
         """
         from .parallel.pipeline import PipelineSync
 
+        if self.per_sample:
+            raise NotImplementedError(
+                "per_sample decisions under PipeFusion are not supported: the stages forward one "
+                "decision per call; use per_sample=False"
+            )
         if self.use_token:
             raise NotImplementedError(
                 "token refresh under PipeFusion is not supported: xfuser's patch K/V buffers would be "
@@ -248,6 +259,8 @@ class XSlimEngine:
         self.run_index += 1
         self.num_steps = num_steps
         self.room.start_run(make_controller(self.config, num_steps, record=self.record))
+        if self.samples is not None:
+            self.samples.start_run(lambda: make_controller(self.config, num_steps))
         self.clock.start_run(explicit)
         for obs in self.observers:
             obs.on_run_start(self, num_steps)
@@ -262,6 +275,9 @@ class XSlimEngine:
         self.plan = None
         self.tally = None
         self._in_call = False
+        self.sample_plan = None
+        if self.samples is not None:
+            self.samples.reset()
         if self.token_ctx is not None:
             self.token_ctx.reset()
 
@@ -303,9 +319,12 @@ class XSlimEngine:
             new_run, step, branch = self.clock.tick(t, context)
         self.step, self.branch = step, branch
         self.plan = None
+        self.sample_plan = None
         self.tally = None
         self._in_call = True
         self._call_key = ("forward", shape_key(args, kwargs))
+        if self.use_token:
+            self.room.reference = self.adapter.reference_tokens(model, args, kwargs)
         for obs in self.observers:
             obs.on_call_start(self, self._call_key)
 
@@ -335,6 +354,11 @@ class XSlimEngine:
             blocks_mask=[int(c) for c in plan.compute] if plan.compute is not None else None,
             token_count=plan.token_count,
         )
+        sp = self.sample_plan
+        if sp is not None:
+            record.sample_kinds = [k.name.lower() for k in sp.kinds]
+            record.sample_indicators = list(sp.indicators)
+            record.sample_masks = [None if m is None else [int(c) for c in m] for m in sp.masks]
         for obs in self.observers:
             obs.on_call_end(self, record)
 
@@ -352,8 +376,9 @@ class XSlimEngine:
         plan, tally = self.plan, self.tally
         if plan is None or tally is None:
             return original(*args, **kwargs)
+        executor = self._sample_executor if self.sample_plan is not None else self.executor
         try:
-            return self.executor.run_block(g, original, call, plan, tally)
+            return executor.run_block(g, original, call, plan, tally)
         except BaseException as e:
             if not isinstance(e, Exception):  # KeyboardInterrupt: torch calls no post-hook then
                 self._abandon_call()
@@ -374,6 +399,11 @@ class XSlimEngine:
         else:
             probe = self._probe(blk0, call) if self.room.wants_probe else None
         tick = time.perf_counter()
+        if self.samples is not None:
+            self.sample_plan = self.samples.decide(self.step, self.branch, img, probe)
+            self.plan = self.sample_plan.summary()
+            self.statistics.bookkeeping_seconds += time.perf_counter() - tick
+            return
         kv_ready = self.token_ctx is not None and self.token_ctx.has_kv(self.branch)
         self.plan = self.room.decide(self.step, self.branch, caches, img, probe, token_kv_ready=kv_ready)
         self.statistics.bookkeeping_seconds += time.perf_counter() - tick
@@ -403,6 +433,9 @@ class XSlimEngine:
         out = {"stack_residual": 0, "token_history": 0, "block_residuals": 0, "probe": 0, "kv": 0}
         for caches in self.branches.values():
             for name, n in caches.nbytes().items():
+                out[name] += n
+        if self.samples is not None:
+            for name, n in self.samples.nbytes().items():
                 out[name] += n
         if self.token_ctx is not None:
             out["kv"] = self.token_ctx.cache_bytes()

@@ -250,6 +250,7 @@ def shape_key(args: tuple, kwargs: dict) -> tuple:
 EAGER_MODULES = (
     "xslim_xdit.adapters.base",
     "xslim_xdit.api",
+    "xslim_xdit.batch",
     "xslim_xdit.caches",
     "xslim_xdit.clock",
     "xslim_xdit.controller",

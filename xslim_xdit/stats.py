@@ -38,6 +38,11 @@ class StepRecord:
     reason: str = ""
     blocks_mask: list[int] | None = None
     token_count: int = 0  # image tokens refreshed per sample (token steps)
+    #: per-sample decisions (``per_sample=True``), per batch row: the kind each row ran (``kind``
+    #: is then the heaviest of them), its sample's indicator, its whole-depth block mask
+    sample_kinds: list[str] | None = None
+    sample_indicators: list[float | None] | None = None
+    sample_masks: list[list[int] | None] | None = None
 
 
 @dataclass
@@ -72,12 +77,36 @@ class CacheStatistics(EngineObserver):
         return [r for r in self.records if r.run == run]
 
     def decision_log(self, run: int | None = None) -> list[tuple]:
-        """Per step of branch 0: ``(kind, blocks mask, tokens per sample)``: what ranks must agree on."""
+        """Per step of branch 0: ``(kind, blocks mask, tokens per sample)``: what ranks must agree
+        on; with per-sample decisions, followed by each row's ``(kind, blocks mask)``."""
         return [
             (r.kind, tuple(r.blocks_mask or ()), r.token_count)
+            + (() if r.sample_kinds is None else (self._sample_log(r),))
             for r in self.run_records(run)
             if r.branch == 0
         ]
+
+    @staticmethod
+    def _sample_log(r: StepRecord) -> tuple:
+        masks = r.sample_masks or [None] * len(r.sample_kinds or ())
+        return tuple((k, tuple(m or ())) for k, m in zip(r.sample_kinds or (), masks, strict=True))
+
+    def sample_kinds(self, run: int | None = None) -> list[list[str]]:
+        """Per batch row, the kinds it ran at each step of branch 0 (per-sample decisions; empty
+        otherwise).
+
+        Example:
+            >>> s = CacheStatistics()
+            >>> s.add(StepRecord(run=0, step=0, branch=0, kind="full", indicator=None, error=0.0,
+            ...     blocks_computed=4, blocks_total=4, tokens_computed=64, tokens_total=64,
+            ...     flops=100, flops_full=100, sample_kinds=["full", "skip"]))
+            >>> s.sample_kinds()
+            [['full'], ['skip']]
+        """
+        steps = [r.sample_kinds for r in self.run_records(run) if r.branch == 0 and r.sample_kinds]
+        if not steps:
+            return []
+        return [[kinds[row] for kinds in steps] for row in range(len(steps[0]))]
 
     def summary(self, run: int | None = None) -> dict[str, Any]:
         recs = self.run_records(run)

@@ -169,6 +169,54 @@ class ModelAdapter(FamilyDescription):
             call.txt = call.bound.arguments.get(stack.txt_arg) if stack.txt_arg else None
         return call
 
+    def reference_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Which image-stream tokens of this call are a conditioning image rather than the output
+        (a bool mask over the image tokens, e.g. FLUX Kontext's reference image), or ``None``
+        when every image token is output. Token refresh selects among the output tokens only:
+        the reference tokens keep the K/V of the last full step, and the model's output for them
+        is discarded (:meth:`~xslim_xdit.decision.DecisionRoom._select_output_tokens`)."""
+        return None
+
+    def select_samples(self, call: BlockCall, index: torch.Tensor) -> BlockCall:
+        """The block call restricted to the batch rows ``index`` (per-sample decisions run the
+        samples that compute a block as a sub-batch, :mod:`xslim_xdit.batch`).
+
+        Every tensor argument whose first dimension is the batch (the image stream's) is
+        indexed, at the top level and inside dicts; anything else (RoPE tables passed as a tuple,
+        scalars, broadcast tensors of size 1) is shared. A family whose blocks take a shared
+        tensor whose first dimension can equal the batch, or a per-sample tensor laid out
+        otherwise, overrides this.
+
+        Example:
+            >>> import torch
+            >>> from xslim_xdit.adapters import adapter_named
+            >>> ad = adapter_named("flux")
+            >>> stack = BlockStack("double", None, txt_arg="encoder_hidden_states")  # type: ignore[arg-type]
+            >>> sig = inspect.signature(lambda hidden_states, encoder_hidden_states, temb, image_rotary_emb: 0)
+            >>> rope = (torch.ones(70, 4), torch.ones(70, 4))
+            >>> call = ad.parse_call(stack, sig, (), dict(hidden_states=torch.zeros(3, 64, 8),
+            ...     encoder_hidden_states=torch.zeros(3, 6, 8), temb=torch.arange(3.0), image_rotary_emb=rope))
+            >>> sub = ad.select_samples(call, torch.tensor([0, 2]))
+            >>> tuple(sub.img.shape), sub.kwargs["temb"].tolist(), sub.kwargs["image_rotary_emb"] is rope
+            ((2, 64, 8), [0.0, 2.0], True)
+        """
+        batch = call.img.shape[0]
+
+        def rows(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.index_select(0, index) if value.dim() >= 1 and value.shape[0] == batch else value
+            if isinstance(value, dict):
+                return {k: rows(v) for k, v in value.items()}
+            return value
+
+        args = tuple(rows(a) for a in call.args)
+        kwargs = {k: rows(v) for k, v in call.kwargs.items()}
+        img = call.img.index_select(0, index)
+        txt = call.txt.index_select(0, index) if call.txt is not None else None
+        return BlockCall(
+            img=img, txt=txt, args=args, kwargs=kwargs, signature=call.signature, stack=call.stack
+        )
+
     @staticmethod
     def split_output(stack: BlockStack, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if stack.output == "img":

@@ -55,6 +55,25 @@ class FluxAdapter(TwoStreamAdapter):
     )
     timestep_max = 1.0
 
+    def reference_tokens(self, model: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """FLUX Kontext appends the reference image's tokens to the latent tokens and marks them
+        with a first position id of 1 (the output latents have 0); the pipeline keeps the output
+        rows only.
+
+        Example:
+            >>> ids = torch.zeros(6, 3)
+            >>> ids[4:, 0] = 1
+            >>> FluxAdapter().reference_tokens(None, (), {"img_ids": ids}).tolist()
+            [False, False, False, False, True, True]
+        """
+        ids = kwargs.get("img_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3) or ids.shape[-1] < 1:
+            return None
+        if ids.dim() == 3:  # the deprecated batched form: the same ids for every sample
+            ids = ids[0]
+        ref = ids[:, 0] != 0
+        return ref if bool(ref.any()) else None
+
     def tiny_inputs(
         self, batch: int = 1, seed: int = 0, height: int = 8, width: int = 8, text_len: int = 6
     ) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -24,7 +24,16 @@ from torch import nn
 
 from ..adapters import adapter_named, registered_adapters
 
-__all__ = ["FAMILIES", "families", "make_inputs", "sample", "tiny_model", "timesteps_for"]
+__all__ = [
+    "FAMILIES",
+    "denoise",
+    "families",
+    "make_batch_inputs",
+    "make_inputs",
+    "sample",
+    "tiny_model",
+    "timesteps_for",
+]
 
 
 def families() -> tuple[str, ...]:
@@ -65,6 +74,31 @@ def make_inputs(family: str, batch: int = 1, seed: int = 0, **shape: int) -> tup
     return adapter_named(family).tiny_inputs(batch, seed, **shape)
 
 
+def make_batch_inputs(family: str, seeds: list[int], **shape: int) -> tuple[torch.Tensor, dict]:
+    """The inputs of each seed alone (:func:`make_inputs` with ``batch=1``), stacked into one
+    batch: row ``i`` of the batch is what seed ``seeds[i]`` gives a single run. Tensors shared by
+    the batch (FLUX's position ids) are kept once; a class label is the seed's (mod 10), so the
+    samples differ in conditioning too.
+
+    Example:
+        >>> x, cond = make_batch_inputs("flux", [0, 1], height=4, width=4)
+        >>> torch.equal(x[1:], make_inputs("flux", seed=1, height=4, width=4)[0]), tuple(cond["img_ids"].shape)
+        (True, (16, 3))
+        >>> make_batch_inputs("dit", [3, 12])[1]["class_labels"].tolist()
+        [3, 2]
+    """
+    xs, conds = zip(*(make_inputs(family, batch=1, seed=s, **shape) for s in seeds), strict=True)
+    cond: dict[str, Any] = {}
+    for k, v in conds[0].items():
+        if k == "class_labels":
+            cond[k] = torch.tensor([s % 10 for s in seeds])
+        elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == 1:
+            cond[k] = torch.cat([c[k] for c in conds])
+        else:  # shared by the batch
+            cond[k] = v
+    return torch.cat(xs), cond
+
+
 def timesteps_for(family: str, steps: int) -> list[float]:
     """Decreasing timesteps in the unit each family's transformer expects.
 
@@ -91,10 +125,30 @@ def sample(
         >>> tuple(sample(tiny_model("pixart"), "pixart", steps=2, batch=2).shape)
         (2, 4, 8, 8)
     """
+    x, cond = adapter_named(family).tiny_inputs(batch, seed, **shape)
+    return denoise(model, family, x, cond, steps, callback)
+
+
+@torch.no_grad()
+def denoise(
+    model: nn.Module,
+    family: str,
+    x: torch.Tensor,
+    cond: dict[str, Any],
+    steps: int = 8,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """:func:`sample`'s loop from given latents ``x`` and conditioning ``cond`` (e.g. from
+    :func:`make_batch_inputs`).
+
+    Example:
+        >>> x, cond = make_batch_inputs("dit", [0, 1])
+        >>> tuple(denoise(tiny_model("dit"), "dit", x, cond, steps=2).shape)
+        (2, 4, 8, 8)
+    """
     adapter = adapter_named(family)
-    x, cond = adapter.tiny_inputs(batch, seed, **shape)
     for i, t in enumerate(adapter.timesteps(steps)):
-        out = adapter.tiny_forward(model, x, adapter.timestep_input(t, batch), cond)
+        out = adapter.tiny_forward(model, x, adapter.timestep_input(t, x.shape[0]), cond)
         x = x - (1.0 / steps) * out
         if callback is not None:
             callback(i, x)
