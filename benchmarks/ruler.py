@@ -222,10 +222,13 @@ RULER_HEADER = [
 ]
 
 
-def table_rows(tb: dict[str, Any]) -> list[list[str]]:
-    """Rows of :data:`RULER_HEADER` as strings (``-`` where the testbed has no counterpart)."""
+def table_rows(tb: dict[str, Any], matched_only: bool = False) -> list[list[str]]:
+    """Rows of :data:`RULER_HEADER` as strings (``-`` where the testbed has no counterpart);
+    ``matched_only`` keeps the rows with a testbed value (see :func:`unmatched` for the rest)."""
     out = []
     for r in ruler_rows(tb):
+        if matched_only and r.gap is None:
+            continue
         f = r.figure
         method = f"{r.method} ({r.how})" if r.method else r.how
         out.append(
@@ -242,6 +245,16 @@ def table_rows(tb: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def unmatched(tb: dict[str, Any]) -> str:
+    """The published settings with no counterpart on this testbed, as one comma-separated line
+    (``""`` if every one has one)."""
+    return ", ".join(
+        f"{r.figure.setting} ({r.figure.speedup:g}x, {r.figure.psnr:g} dB)"
+        for r in ruler_rows(tb)
+        if r.gap is None
+    )
+
+
 def markdown(name: str, tb: dict[str, Any]) -> str:
     """The ruler of one testbed as a markdown section (printed by every benchmark run)."""
     steps = reference_steps(tb)
@@ -249,8 +262,11 @@ def markdown(name: str, tb: dict[str, Any]) -> str:
     lines = [f"#### {name}: realism ruler (published {model} PSNR vs. this testbed)", ""]
     lines.append("| " + " | ".join(RULER_HEADER) + " |")
     lines.append("| " + " | ".join("---" for _ in RULER_HEADER) + " |")
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(tb)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(tb, matched_only=True)]
     lines.append("")
+    missing = unmatched(tb)
+    if missing:
+        lines.append(f"Published, not run on this testbed in this run: {missing}.")
     lines.append(f"**Verdict: {verdict(tb)}.**")
     note = f"Source: {SOURCE}. Gap = testbed PSNR minus published PSNR."
     if steps is not None and steps != 50:
