@@ -249,7 +249,7 @@ def unmatched(tb: dict[str, Any]) -> str:
     """The published settings with no counterpart on this testbed, as one comma-separated line
     (``""`` if every one has one)."""
     return ", ".join(
-        f"{r.figure.setting} ({r.figure.speedup:g}x, {r.figure.psnr:g} dB)"
+        f"{r.figure.setting} ({r.figure.speedup:.2f}x, {r.figure.psnr:.2f} dB)"
         for r in ruler_rows(tb)
         if r.gap is None
     )
@@ -266,7 +266,7 @@ def markdown(name: str, tb: dict[str, Any]) -> str:
     lines.append("")
     missing = unmatched(tb)
     if missing:
-        lines.append(f"Published, not run on this testbed in this run: {missing}.")
+        lines += [f"Published, not run on this testbed in this run: {missing}.", ""]
     lines.append(f"**Verdict: {verdict(tb)}.**")
     note = f"Source: {SOURCE}. Gap = testbed PSNR minus published PSNR."
     if steps is not None and steps != 50:
