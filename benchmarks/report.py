@@ -58,7 +58,7 @@ def plot_frontier(tb: dict[str, Any], path: Path, title: str) -> None:
 
     The legend sits to the right of both panels (with 20 families it would hide the points),
     and the left panel also shows the published real-model points of the realism ruler (grey
-    crosses), so that the testbed's curves are seen against what the real model scores.
+    numbers, named in the legend), so that the testbed's curves are seen against what the real model scores.
     """
     from benchmarks.ruler import FIGURES, analog_model
 
@@ -91,22 +91,31 @@ def plot_frontier(tb: dict[str, Any], path: Path, title: str) -> None:
         ax.set_ylabel("PSNR vs. full computation (dB)")
         ax.grid(alpha=0.3)
     model = analog_model(tb)
-    pub = [f for f in FIGURES if f.model == model]
-    axes[0].plot(
-        [f.speedup for f in pub],
-        [f.psnr for f in pub],
-        "x",
-        color="0.35",
-        ms=7,
-        mew=1.6,
-        label=f"published {model} (realism ruler)",
-    )
-    axes[0].set_title("along wall clock (grey x: the real model, published)", fontsize=10)
+    pub = sorted((f for f in FIGURES if f.model == model), key=lambda f: f.speedup)
+    # each published point drawn as its number (a legend entry says which setting it is): text
+    # labels beside the points collide where published points sit close together
+    for i, f in enumerate(pub, 1):
+        axes[0].plot(
+            [f.speedup],
+            [f.psnr],
+            marker=f"${i}$",
+            ms=8 if i < 10 else 11,
+            color="0.3",
+            ls="none",
+            label=f"{i}: {f.setting} ({f.speedup:.2f}x, {f.psnr:.1f} dB)",
+        )
+    axes[0].set_title(f"along wall clock (grey numbers: {model}, published)", fontsize=10)
     axes[1].set_title("along FLOPs", fontsize=10)
+    # a heading entry above the numbered points: the numbers are the real model's, not the testbed's
+    axes[0].plot([], [], ls="none", label=f"published {model} (X-Slim paper):")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.79, 0.5), fontsize=8, frameon=False)
+    k = labels.index(f"published {model} (X-Slim paper):")
+    first = len(families)
+    handles.insert(first, handles.pop(k))
+    labels.insert(first, labels.pop(k))
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.74, 0.5), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.79, 1))
+    fig.tight_layout(rect=(0, 0, 0.74, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -458,7 +467,9 @@ def write_html(results: dict[str, Any], images: dict[str, dict[str, torch.Tensor
         if tb.get("refused"):
             parts.append("<h3>Methods that could not run</h3><ul>")
             for m, r in tb["refused"].items():
-                parts.append(f"<li><b>{esc(m)}</b>: {esc(str(r.get('reason', r)))}</li>")
+                parts.append(
+                    f"<li><b>{esc(m)}</b>: {esc(str(r.get('reason', 'no reason recorded')) if isinstance(r, dict) else str(r))}</li>"
+                )
             parts.append("</ul>")
         notes = [(m, e["note"]) for m, e in tb["methods"].items() if e.get("note")]
         if notes:
