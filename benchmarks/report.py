@@ -177,10 +177,12 @@ def plot_indicator(tb: dict[str, Any], path: Path, title: str) -> None:
     ax.set_ylabel("relative L1 change from the previous step (log)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        # below the axes: the curve is U-shaped on some models, so no corner inside is free
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
