@@ -420,7 +420,7 @@ CSS = (
     "table.results tr:nth-child(even),table.ruler tr:nth-child(even){background:#fafafa}"
     ".grid td{text-align:left;vertical-align:middle} .grid td.label{min-width:260px}"
     "img.samples{image-rendering:pixelated;display:block}"
-    ".note{color:#555;font-size:12px}"
+    ".note{color:#555;font-size:12px} ul{font-size:13px}"
     ".verdict{font-weight:bold;padding:6px 10px;background:#eef6ee;border-left:5px solid #3a3;display:inline-block}"
     ".verdict.bad{background:#fff2e6;border-left-color:#e67e00}"
     "img.plot{max-width:100%;border:1px solid #eee}"
