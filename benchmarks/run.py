@@ -16,7 +16,8 @@ Per testbed it
    accounting from its statistics);
 3. times one batch per method, methods interleaved (the order rotates every repeat), several
    repeats, and reports the ratio of medians against the full computation;
-4. writes ``results.json``, PNG plots and ``report.html`` into ``--out`` and prints a table.
+4. writes ``results.json``, PNG plots, ``report.html`` and ``report.md`` into ``--out`` and prints a
+   table and the realism ruler (:mod:`benchmarks.ruler`).
 
 With ``--pipeline FAMILY --model PATH`` it runs a real checkpoint instead of the testbeds, with
 prompts from ``--prompts`` (:mod:`benchmarks.real`).
@@ -318,6 +319,13 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _code_version() -> str:
+    """The git version of this code (:func:`benchmarks.report.code_version`), for the report."""
+    from benchmarks.report import code_version
+
+    return code_version()
+
+
 def _machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
@@ -443,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "quick": args.quick,
             "machine": _machine(),
+            "code_version": _code_version(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         "testbeds": {},
@@ -473,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["seconds"] = time.perf_counter() - t_start
 
     from benchmarks.report import write_outputs
+    from benchmarks.ruler import markdown as ruler_markdown
 
     write_outputs(results, all_images, out_dir)
     for name, tb in results["testbeds"].items():
@@ -490,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         for m, r in tb["refused"].items():
             print(f"refused: {m}: {r['reason']}")
         print(f"plain pipeline restored bit-identically after all methods: {tb['restored_bit_identical']}")
+        print("\n" + ruler_markdown(name, tb))  # every run's text report carries the realism ruler
     print(
-        f"\nwrote {out_dir / 'results.json'}, {out_dir / 'report.html'} and plots ({results['meta']['seconds']:.0f} s)"
+        f"\nwrote {out_dir / 'results.json'}, {out_dir / 'report.html'}, {out_dir / 'report.md'} and plots ({results['meta']['seconds']:.0f} s)"
     )
     return 0
 

@@ -37,12 +37,18 @@ def test_files_exist(quick_run: Path) -> None:
         "digits_frontier.png",
         "digits_decisions.png",
         "digits_indicator.png",
+        "report.md",
     ):
         assert (quick_run / name).stat().st_size > 0, name
     html = (quick_run / "report.html").read_text()
     assert "data:image/png;base64," in html
     for m in EXPECTED_METHODS:
-        assert m in html
+        assert f"data-method='{m}'" in html  # a labelled sample row per method
+    assert "{'" not in html  # metadata as tables, not dict reprs
+    # the realism ruler: 6 of the 12 steps stands in for FLUX.1-dev's 25 of 50 (17.92 dB)
+    assert "<tr class='ruler-row'><td>25 steps</td>" in html and "17.92 dB" in html
+    md = (quick_run / "report.md").read_text()
+    assert "realism ruler" in md and "| 25 steps | 1.98x | 17.92 dB | steps/2 (6 of 12 steps) |" in md
 
 
 def test_json_has_methods_with_finite_numbers(quick_run: Path) -> None:
