@@ -70,9 +70,10 @@ TESTED: dict[str, Evidence] = {
     ),
     "wan": Evidence(
         xdit_layouts=(),
-        pipelines=(),
-        tests=("tests/test_families.py", "tests/test_family_variants.py"),
-        note="transformer level (Wan 2.1 T2V/I2V, Wan 2.2 TI2V); pipeline and xDiT not tested",
+        pipelines=("WanPipeline",),
+        tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_wan_pipelines.py"),
+        note="Wan 2.1 T2V and Wan 2.2 A14B (two experts, an engine each; calibration refused) through "
+        "WanPipeline; I2V and TI2V at transformer level; xDiT not tested",
     ),
     "sd3": Evidence(
         xdit_layouts=(),
