@@ -8,6 +8,7 @@ step is step 4. Blocks that really ran are counted with independent forward hook
 
 from __future__ import annotations
 
+import PIL.Image
 import pytest
 import torch
 from torch import nn
@@ -32,6 +33,18 @@ FORCED_FULL = XSlimConfig(warn=1e-12, crit=2e-12, polish="auto")
 
 
 def run(pipe) -> torch.Tensor:
+    if type(pipe).__name__ == "WanImageToVideoPipeline":
+        # prompt embeddings given: the I2V pipeline's prompt cleaning needs ftfy
+        g = torch.Generator().manual_seed(1)
+        return pipe(
+            image=PIL.Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()),
+            prompt_embeds=torch.randn(1, 8, 16, generator=g),
+            negative_prompt_embeds=torch.randn(1, 8, 16, generator=g),
+            num_inference_steps=STEPS,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **TINY_WAN_CALL_KWARGS,
+        ).frames
     return pipe(
         "a cat",
         negative_prompt="a dog",
@@ -151,6 +164,29 @@ def test_two_experts_have_their_own_caches_and_the_switch_step_runs_in_full(conf
     assert s["steps"] == STEPS and s["calls"] == 2 * STEPS
     assert s["kinds"] == [r.kind for r in sorted(high + low, key=lambda r: r.step) if r.branch == 0]
     assert s["flops_full"] == sum(r.flops_full for r in high + low)
+
+
+def test_two_experts_image_to_video():
+    """Wan 2.2 A14B I2V (``WanImageToVideoPipeline``): its ``cache_context`` names no step, so
+    each expert counts the shared scheduler's steps; forced full is the plain pipeline, and with
+    a schedule the second expert's first step runs in full."""
+    pipe = tiny_wan_pipeline(experts=2, image_to_video=True)
+    ref = run(pipe)
+    enable_xslim(pipe, FORCED_FULL)
+    out = run(pipe)
+    steps = [
+        [r.step for r in e.statistics.run_records() if r.branch == 0] for e in get_engines(pipe).values()
+    ]
+    assert torch.equal(out, ref) and steps == [list(range(SWITCH)), list(range(SWITCH, STEPS))]
+    schedule = Schedule(STEPS, full_steps=(0, 7), block_steps=(3, 6), token_steps=(2, 5))
+    enable_xslim(pipe, XSlimConfig(mode="schedule", schedule=schedule, token_ratio=0.5, block_thresh=2.0))
+    cached = run(pipe)
+    kinds = [
+        [r.kind for r in e.statistics.run_records() if r.branch == 0] for e in get_engines(pipe).values()
+    ]
+    disable_xslim(pipe)
+    assert kinds == [["full", "skip", "token", "block"], ["full", "token", "block", "full"]]
+    assert not torch.equal(cached, ref) and torch.equal(run(pipe), ref)
 
 
 def test_calibration_refuses_two_experts_before_running_anything():

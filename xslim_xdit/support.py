@@ -70,10 +70,10 @@ TESTED: dict[str, Evidence] = {
     ),
     "wan": Evidence(
         xdit_layouts=(),
-        pipelines=("WanPipeline",),
+        pipelines=("WanPipeline", "WanImageToVideoPipeline"),
         tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_wan_pipelines.py"),
-        note="Wan 2.1 T2V and Wan 2.2 A14B (two experts, an engine each; calibration refused) through "
-        "WanPipeline; I2V and TI2V at transformer level; xDiT not tested",
+        note="pipelines: Wan 2.1 T2V, Wan 2.2 A14B T2V and I2V (two experts, an engine each; "
+        "calibration refused); Wan 2.1 I2V and Wan 2.2 TI2V at transformer level; xDiT not tested",
     ),
     "sd3": Evidence(
         xdit_layouts=(),

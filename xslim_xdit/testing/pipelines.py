@@ -206,12 +206,18 @@ TINY_WAN_CALL_KWARGS: dict[str, Any] = {
 }
 
 
-def tiny_wan_pipeline(experts: int = 1, boundary_ratio: float = 0.7, seed: int = 0) -> Any:
+def tiny_wan_pipeline(
+    experts: int = 1, boundary_ratio: float = 0.7, seed: int = 0, image_to_video: bool = False
+) -> Any:
     """A ``WanPipeline`` from tiny random components: the tiny Wan transformer of
     :mod:`xslim_xdit.testing` (``text_dim`` 16), a UMT5 encoder, ``AutoencoderKLWan`` and
     ``FlowMatchEulerDiscreteScheduler(shift=3.0)``. ``experts=2`` builds Wan 2.2 A14B's layout: a
     second transformer (other weights) as ``transformer_2``, taking over below the timestep
     ``boundary_ratio * 1000``. Call it with :data:`TINY_WAN_CALL_KWARGS`.
+
+    ``image_to_video``: a ``WanImageToVideoPipeline`` as Wan 2.2 A14B I2V has it (no CLIP image
+    encoder; the transformers take the noisy latents, the frame mask and the encoded image:
+    ``2 * 4 + 4`` input channels); call it with an ``image=`` too.
 
     Example:
         >>> pipe = tiny_wan_pipeline(experts=2)
@@ -219,20 +225,24 @@ def tiny_wan_pipeline(experts: int = 1, boundary_ratio: float = 0.7, seed: int =
         >>> tuple(out.frames.shape), pipe.config.boundary_ratio
         ((1, 4, 2, 4, 4), 0.7)
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
 
     if experts not in (1, 2):
         raise ValueError(f"experts must be 1 or 2; got {experts!r}")
-    transformer = tiny_model("wan", seed=seed)
+    z_dim = tiny_model("wan").config.out_channels
+    # I2V: the frame mask (one channel per frame of a latent frame's 4) and the image's latents
+    overrides = {"in_channels": 2 * z_dim + 4} if image_to_video else {}
+    transformer = tiny_model("wan", seed=seed, **overrides)
     encoder, tok = tiny_umt5_encoder(transformer.config.text_dim, seed=seed + 1)
-    vae = tiny_wan_vae(transformer.config.in_channels, seed=seed + 2)
-    return WanPipeline(
+    vae = tiny_wan_vae(z_dim, seed=seed + 2)
+    pipeline_class = WanImageToVideoPipeline if image_to_video else WanPipeline
+    return pipeline_class(
         tokenizer=tok,
         text_encoder=encoder,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
-        transformer_2=tiny_model("wan", seed=seed + 3) if experts == 2 else None,
+        transformer_2=tiny_model("wan", seed=seed + 3, **overrides) if experts == 2 else None,
         boundary_ratio=boundary_ratio if experts == 2 else None,
     )
 
