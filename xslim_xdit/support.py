@@ -81,6 +81,12 @@ TESTED: dict[str, Evidence] = {
         tests=("tests/test_families.py", "tests/test_family_variants.py"),
         note="transformer level (SD3, SD3.5); token refresh refused on SD3.5 dual-attention blocks; pipeline and xDiT not tested",
     ),
+    "cogvideox": Evidence(
+        xdit_layouts=(),
+        pipelines=("CogVideoXPipeline",),
+        tests=("tests/test_families.py", "tests/test_cogvideox.py"),
+        note="CogVideoX 1.0 with RoPE (5B) and without (2B); CogVideoX 1.5 (patch_size_t) not tested; xDiT not tested",
+    ),
     "hunyuan_video": Evidence(
         xdit_layouts=("Ulysses 2",),
         pipelines=(),
@@ -128,7 +134,7 @@ def support_table() -> list[FamilySupport]:
     reuse levels its adapter supports, and the xDiT layouts and diffusers pipelines tested with it.
 
     Example:
-        >>> [r.family for r in support_table()][:4] == ["dit", "flux", "hunyuan_video", "pixart"]
+        >>> [r.family for r in support_table()][:3] == ["cogvideox", "dit", "flux"]  # module order
         True
     """
     rows = []
