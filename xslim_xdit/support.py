@@ -93,6 +93,12 @@ TESTED: dict[str, Evidence] = {
         tests=("tests/test_xdit_pipelines.py",),
         note="xDiT has no HunyuanVideo pipeline class: its transformer wrapper, bare, with an Euler loop",
     ),
+    "hunyuan_video15": Evidence(
+        xdit_layouts=(),
+        pipelines=(),
+        tests=("tests/test_families.py", "tests/test_hunyuan_video15.py"),
+        note="transformer level (T2V, I2V); HunyuanVideo15Pipeline (Qwen2.5-VL and ByT5 encoders) and xDiT not tested",
+    ),
     "dit": Evidence(
         xdit_layouts=(),
         pipelines=(),
