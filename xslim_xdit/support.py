@@ -63,6 +63,14 @@ TESTED: dict[str, Evidence] = {
         ),
         note="token refresh is refused under PipeFusion",
     ),
+    "ltx2": Evidence(
+        xdit_layouts=(),
+        pipelines=(),
+        tests=("tests/test_families.py", "tests/test_ltx2.py"),
+        note="transformer level; audio is the blocks' second stream (own stack residual on skip "
+        "steps); token refresh refused (video-to-audio attention reads every video token); "
+        "LTX2Pipeline and xDiT not tested",
+    ),
     "pixart": Evidence(
         xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
         pipelines=("PixArtSigmaPipeline",),
