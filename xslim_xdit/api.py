@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -106,7 +107,8 @@ def enable_xslim(
         pipe_or_transformer: a diffusers or xDiT pipeline, or a supported transformer.
         config: an :class:`XSlimConfig` (default: the online controller with its defaults).
         num_inference_steps: steps per run for a bare transformer.
-        sync: where ranks agree; default single-device (see :mod:`xslim_xdit.parallel`).
+        sync: where ranks agree; default single-device (see :mod:`xslim_xdit.parallel`). A
+            second expert gets a copy (same group, its own counters).
         count_flops: record FLOPs in the statistics (measured once per call shape).
         observers: more :class:`~xslim_xdit.observers.EngineObserver` s to notify (on a
             two-expert pipeline, by both engines; each callback is passed its engine).
@@ -153,13 +155,13 @@ def enable_xslim(
         XSlimEngine(
             model,
             config,
-            sync=sync,
+            sync=sync if i == 0 or sync is None else _own_copy(sync),
             num_inference_steps=num_inference_steps,
             count_flops=count_flops,
             observers=observers,
             record=record,
         )
-        for model in models.values()
+        for i, model in enumerate(models.values())
     ]
     for model, engine in zip(models.values(), engines, strict=True):
         engine.owner = _weak(owner)
@@ -172,6 +174,14 @@ def enable_xslim(
             _hook_scheduler(engine, pipe.scheduler)
             engine.before_call = _scheduler_check(engine, _weak(pipe))
     return engines[0]
+
+
+def _own_copy(sync: DecisionSync) -> DecisionSync:
+    """``sync`` for a second expert: the same group of ranks, counters of its own (each engine's
+    statistics report the collectives it made)."""
+    clone = copy.copy(sync)
+    clone.reset_counters()
+    return clone
 
 
 def _weak(obj: Any) -> Callable[[], Any]:
