@@ -1,5 +1,5 @@
 """CogVideoX beyond its tiny config (which ``test_families.py`` runs through the whole family
-suite): the 2B layout without RoPE, and ``CogVideoXPipeline`` (guidance batched into one call,
+suite): the 2B layout without RoPE, CogVideoX 1.5's temporal patches, and ``CogVideoXPipeline`` (guidance batched into one call,
 ``CogVideoXDPMScheduler``)."""
 
 from __future__ import annotations
@@ -23,6 +23,21 @@ class TestCogVideoX2BFamily(FamilyTesterMixin):
 
     def sample(self, model, steps=None):
         return sample(model, self.family, steps=steps or self.steps, batch=self.batch, rope=False)
+
+
+class TestCogVideoX15Family(FamilyTesterMixin):
+    """CogVideoX 1.5: two latent frames per temporal patch (``patch_size_t=2``), RoPE tables
+    sliced from the base grid, no patch bias."""
+
+    family = "cogvideox"
+
+    def model(self):
+        return tiny_model("cogvideox", patch_size_t=2, patch_bias=False)
+
+    def sample(self, model, steps=None):
+        return sample(
+            model, self.family, steps=steps or self.steps, batch=self.batch, frames=4, patch_size_t=2
+        )
 
 
 def _run(pipe, steps: int = 8) -> torch.Tensor:

@@ -93,7 +93,7 @@ TESTED: dict[str, Evidence] = {
         xdit_layouts=(),
         pipelines=("CogVideoXPipeline",),
         tests=("tests/test_families.py", "tests/test_cogvideox.py"),
-        note="CogVideoX 1.0 with RoPE (5B) and without (2B); CogVideoX 1.5 (patch_size_t) not tested; xDiT not tested",
+        note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT not tested",
     ),
     "hunyuan_video": Evidence(
         xdit_layouts=("Ulysses 2",),

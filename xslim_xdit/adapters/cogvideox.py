@@ -123,21 +123,32 @@ class CogVideoXAdapter(ModelAdapter):
         height: int = 8,
         width: int = 8,
         rope: bool = True,
+        patch_size_t: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """``frames x height x width`` latents laid out as CogVideoX takes them (batch, frames,
         channels, height, width; 2x2 patches), 6 text tokens, and the RoPE tables the pipeline
         would compute for that grid (omitted when the tiny model is built without RoPE, as the 2B
         model is: ``tiny_model("cogvideox", use_rotary_positional_embeddings=False)`` and
-        ``tiny_inputs(rope=False)``)."""
+        ``tiny_inputs(rope=False)``). ``patch_size_t``: the tables of CogVideoX 1.5's layout
+        (frames in patches of ``patch_size_t``, as ``tiny_model("cogvideox", patch_size_t=2)``)."""
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, frames, 4, height, width, generator=g)
         cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(batch, 6, 16, generator=g)}
-        if rope:
-            grid = (height // 2, width // 2)
+        grid = (height // 2, width // 2)
+        if rope and patch_size_t is None:  # CogVideoX 1.0, as its pipeline computes the tables
             cond["image_rotary_emb"] = get_3d_rotary_pos_embed(
                 embed_dim=16, crops_coords=((0, 0), grid), grid_size=grid, temporal_size=frames
+            )
+        elif rope:  # CogVideoX 1.5: frames in patches of patch_size_t, tables sliced from the base grid
+            cond["image_rotary_emb"] = get_3d_rotary_pos_embed(
+                embed_dim=16,
+                crops_coords=None,
+                grid_size=grid,
+                temporal_size=(frames + patch_size_t - 1) // patch_size_t,
+                grid_type="slice",
+                max_size=(4, 4),  # sample_height // patch_size, sample_width // patch_size
             )
         return x, cond
 
