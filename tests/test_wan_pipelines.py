@@ -189,6 +189,25 @@ def test_two_experts_image_to_video():
     assert not torch.equal(cached, ref) and torch.equal(run(pipe), ref)
 
 
+def test_a_replaced_scheduler_is_followed_by_both_experts():
+    """The I2V pipeline names no step in its cache_context: steps are the scheduler's step()
+    calls. A scheduler replaced between runs is noticed at the first expert's first call and
+    re-hooked for both, so the second expert still sees steps 4..7 (not 0..3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_wan_pipeline(experts=2, image_to_video=True)
+    config = XSlimConfig(mode="schedule", schedule=Schedule(STEPS, full_steps=(0,)))  # all else skips
+    enable_xslim(pipe, config)
+    run(pipe)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    run(pipe)
+    engines = get_engines(pipe)
+    low = [(r.step, r.kind) for r in engines["transformer_2"].statistics.run_records() if r.branch == 0]
+    disable_xslim(pipe)
+    assert low == [(4, "full"), (5, "skip"), (6, "skip"), (7, "skip")]  # as the schedule says
+    assert not {"set_timesteps", "set_begin_index", "step"} & set(vars(pipe.scheduler))
+
+
 def test_calibration_refuses_two_experts_before_running_anything():
     pipe = tiny_wan_pipeline(experts=2)
     ran = []

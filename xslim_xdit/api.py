@@ -253,7 +253,11 @@ def _start_scheduled_run(engine: XSlimEngine, scheduler: Any) -> None:
 
 def _scheduler_check(engine: XSlimEngine, pipe_ref: Callable[[], Any]) -> Callable[[], None]:
     """Before each transformer call: if ``pipe.scheduler`` was replaced since it was hooked, the
-    engine is no longer told the steps: hook the new one and start a clean run of its steps."""
+    engine is no longer told the steps: hook the new one and start a clean run of its steps.
+
+    On a two-expert pipeline the first expert's call notices it for both: the second expert,
+    called only from the switch step on, would otherwise count the new scheduler's steps from
+    there (its step indices, and its forced last step, off by the first expert's steps)."""
 
     def check() -> None:
         pipe = pipe_ref()
@@ -263,15 +267,19 @@ def _scheduler_check(engine: XSlimEngine, pipe_ref: Callable[[], Any]) -> Callab
             return
         if inner_scheduler(scheduler) is hooks.scheduler:
             return
-        hooks.remove()
-        _hook_scheduler(engine, scheduler)
+        stale = [e for e in get_engines(pipe).values() if e.scheduler_hooks is not None] or [engine]
+        for eng in reversed(stale):  # unwrapped in the reverse order of wrapping
+            eng.scheduler_hooks.remove()
+        for eng in stale:
+            _hook_scheduler(eng, scheduler)
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is None:
             raise XSlimRuntimeError(
                 f"pipe.scheduler was replaced by a {type(scheduler).__name__} whose timesteps are not "
                 "set: X-Slim cannot tell the run's steps; call scheduler.set_timesteps first"
             )
-        _start_scheduled_run(engine, inner_scheduler(scheduler))
+        for eng in stale:
+            _start_scheduled_run(eng, inner_scheduler(scheduler))
 
     return check
 
