@@ -18,8 +18,8 @@ Timesteps: the pipelines' ``CogVideoXDDIMScheduler`` / ``CogVideoXDPMScheduler``
 ``CogVideoXImageToVideoPipeline``, ``CogVideoXVideoToVideoPipeline``), guidance 6.
 
 No preset and no rescale polynomial: X-Slim publishes schedules for FLUX and HunyuanVideo only,
-and TeaCache's CogVideoX coefficients are fitted for its own indicator (the timestep-modulated
-input it reads), not for the one X-Slim probes here.
+and no polynomial is published for the indicator X-Slim probes here (block 0's modulated input,
+``norm1``'s video output); coefficients fitted for another indicator or checkpoint would not apply.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ Timesteps are the flow-matching scheduler's, in [0, 1000]. Defaults of the diffu
 50 steps (``HunyuanVideo15Pipeline`` and ``HunyuanVideo15ImageToVideoPipeline``).
 
 No preset and no rescale polynomial: X-Slim publishes schedules for HunyuanVideo 1.0 only (its
-thresholds are absolute, tuned on 1.0's activations and 20 + 40 blocks), and no TeaCache
-polynomial is published for 1.5.
+thresholds are absolute, tuned on 1.0's activations and 20 + 40 blocks), and 1.0's TeaCache
+polynomial was fitted on 1.0's activations; none is published for 1.5's.
 """
 
 from __future__ import annotations
