@@ -23,8 +23,8 @@ import torch
 from _helpers import AttentionCounter
 from torch import nn
 
-from xslim_xdit import PRESETS, Schedule, XSlimConfig, disable_xslim, enable_xslim
-from xslim_xdit.adapters import adapter_for, adapter_named
+from xslim_xdit import PRESETS, ConfigError, Schedule, XSlimConfig, disable_xslim, enable_xslim
+from xslim_xdit.adapters import ModelAdapter, adapter_for, adapter_named
 from xslim_xdit.config import RESCALE_POLYNOMIALS
 from xslim_xdit.testing import make_inputs, sample, tiny_model
 
@@ -52,6 +52,16 @@ class FamilyTesterMixin:
     batch = 2
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def has_token_level(self) -> bool:
+        """The family's adapter has a token processor (LTX-2's refuses the level)."""
+        return type(adapter_named(self.family)).token_processor is not ModelAdapter.token_processor
+
+    @property
+    def polish(self) -> str:
+        """Every polish level the family has."""
+        return "auto" if self.has_token_level else "block"
+
     def model(self) -> nn.Module:
         return tiny_model(self.family)
 
@@ -137,7 +147,9 @@ class FamilyTesterMixin:
         model = self.model()
         before = _restorable_state(model)
         ref = self.sample(model)
-        enable_xslim(model, XSlimConfig(warn=0.5, crit=1.0, polish="auto"), num_inference_steps=self.steps)
+        enable_xslim(
+            model, XSlimConfig(warn=0.5, crit=1.0, polish=self.polish), num_inference_steps=self.steps
+        )
         cached = self.sample(model)
         disable_xslim(model)
         again = self.sample(model)
@@ -148,7 +160,7 @@ class FamilyTesterMixin:
     def test_forced_full_is_bit_identical(self):
         model = self.model()
         ref = self.sample(model)
-        cfg = XSlimConfig(warn=1e-12, crit=2e-12, polish="auto")
+        cfg = XSlimConfig(warn=1e-12, crit=2e-12, polish=self.polish)
         eng = enable_xslim(model, cfg, num_inference_steps=self.steps)
         out = self.sample(model)
         disable_xslim(model)
@@ -158,7 +170,7 @@ class FamilyTesterMixin:
 
     def test_online_decisions_match_the_statistics(self):
         model = self.model()
-        cfg = XSlimConfig(warn=0.05, crit=0.5, polish="auto", warmup_steps=2)
+        cfg = XSlimConfig(warn=0.05, crit=0.5, polish=self.polish, warmup_steps=2)
         eng = enable_xslim(model, cfg, num_inference_steps=self.steps)
         self.sample(model)
         disable_xslim(model)
@@ -173,7 +185,8 @@ class FamilyTesterMixin:
         model = self.model()
         n_img = self.image_tokens(model)
         ratio = 0.5
-        schedule = Schedule(self.steps, full_steps=(0, 1, 4, 7), block_steps=(2,), token_steps=(3, 5))
+        token_steps = (3, 5) if self.has_token_level else ()  # else skipped
+        schedule = Schedule(self.steps, full_steps=(0, 1, 4, 7), block_steps=(2,), token_steps=token_steps)
         cfg = XSlimConfig(mode="schedule", schedule=schedule, token_ratio=ratio, block_thresh=2.0)
         counter = AttentionCounter(model)
         eng = enable_xslim(model, cfg, num_inference_steps=self.steps)
@@ -182,7 +195,8 @@ class FamilyTesterMixin:
         counter.remove()
         recs = eng.statistics.run_records()
         nb = counter.num_blocks
-        assert [r.kind for r in recs] == ["full", "full", "block", "token", "full", "token", "skip", "full"]
+        t = "token" if self.has_token_level else "skip"
+        assert [r.kind for r in recs] == ["full", "full", "block", t, "full", t, "skip", "full"]
         assert counter.blocks_per_call() == [r.blocks_computed for r in recs]
         k = math.ceil(ratio * n_img)
         for i, r in enumerate(recs):
@@ -200,12 +214,31 @@ class FamilyTesterMixin:
                 assert [g for g, _ in counter.calls[i]] == [g for g, c in enumerate(r.blocks_mask) if c]
                 assert r.flops < r.flops_full
         summary = eng.statistics.summary()
-        assert (summary["skip"], summary["token"], summary["block"], summary["full"]) == (1, 2, 1, 4)
+        tokens = 2 if self.has_token_level else 0
+        assert (summary["skip"], summary["token"], summary["block"], summary["full"]) == (
+            3 - tokens,
+            tokens,
+            1,
+            4,
+        )
         assert 0 < summary["flops_fraction"] < 1
+
+    def test_a_missing_token_level_is_refused_before_anything_is_attached(self):
+        if self.has_token_level:
+            pytest.skip(f"family {self.family!r} has the token level")
+        model = self.model()
+        before = _restorable_state(model)
+        with pytest.raises(
+            ConfigError, match=f"family '{self.family}': token refresh .level 'token'. is not"
+        ):
+            enable_xslim(model, XSlimConfig(polish="token"), num_inference_steps=self.steps)
+        assert _restorable_state(model) == before
 
     def test_token_refresh_at_ratio_one_equals_full(self):
         """All tokens refreshed against a fully replaced K/V cache is the full computation: checks
         the splice, RoPE at true positions, text ordering and masks of the family's processor."""
+        if not self.has_token_level:
+            pytest.skip(f"family {self.family!r} has no token level")
         model = self.model()
         ref = self.sample(model, steps=6)
         schedule = Schedule(6, full_steps=(0, 1, 5), block_steps=(2,), token_steps=(3, 4))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,7 +43,7 @@ def _commands() -> dict[str, list[str]]:
     run2 = py + ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
     cmds = {
         f"{name}-1": py + [str(EXAMPLES / f"{name}_example.py"), "--tiny", *XSLIM]
-        for name in ("flux", "pixart", "hunyuan_video")
+        for name in ("flux", "pixart", "hunyuan_video", "wan")
     }
     cmds["flux-ulysses2"] = run2 + [
         str(EXAMPLES / "flux_example.py"),
@@ -51,7 +52,7 @@ def _commands() -> dict[str, list[str]]:
         "2",
         *XSLIM,
     ]
-    for name in ("flux", "pixart", "hunyuan_video"):
+    for name in ("flux", "pixart", "hunyuan_video", "wan"):
         cmds[f"{name}-help"] = py + [str(EXAMPLES / f"{name}_example.py"), "--help"]
     return cmds
 
@@ -95,7 +96,7 @@ def _result(runs, key) -> dict:
     return json.loads(lines[0][len("RESULT ") :])
 
 
-@pytest.mark.parametrize("name", ["flux", "pixart", "hunyuan_video"])
+@pytest.mark.parametrize("name", ["flux", "pixart", "hunyuan_video", "wan"])
 def test_example_runs_tiny_on_one_process(runs, name):
     res = _result(runs, f"{name}-1")
     assert res["example"] == name
@@ -108,6 +109,16 @@ def test_example_runs_tiny_on_one_process(runs, name):
     assert "step kind" in runs[f"{name}-1"][1]  # the statistics table
 
 
+def test_wan_example_runs_two_experts_and_the_switch_step_in_full(runs):
+    res = _result(runs, "wan-1")
+    assert "2experts" in res["parallel"]
+    # 10 steps of the tiny pipeline's scheduler: transformer_2 takes over at step 6 with nothing
+    # cached (no previous probe of its own: indicator "-"), so it runs in full
+    table = runs["wan-1"][1].splitlines()
+    assert res["kinds"][6] == "full" and any(re.match(r"^\s+6 full\s+- ", ln) for ln in table)
+    assert {"skip", "block"} & set(res["kinds"][7:9])  # and caches of its own afterwards
+
+
 def test_flux_example_ulysses2_decides_like_one_process(runs):
     one, two = _result(runs, "flux-1"), _result(runs, "flux-ulysses2")
     assert "ulysses2" in two["parallel"]
@@ -118,7 +129,7 @@ def test_flux_example_ulysses2_decides_like_one_process(runs):
     assert two["max_abs_diff_vs_baseline"] == pytest.approx(one["max_abs_diff_vs_baseline"], abs=1e-2)
 
 
-@pytest.mark.parametrize("name", ["flux", "pixart", "hunyuan_video"])
+@pytest.mark.parametrize("name", ["flux", "pixart", "hunyuan_video", "wan"])
 def test_example_help(runs, name):
     code, text = runs[f"{name}-help"]
     assert code == 0, text[-3000:]

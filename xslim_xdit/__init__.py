@@ -8,7 +8,7 @@ Example:
 Importing this package never imports xfuser; :mod:`xslim_xdit.integrations.xfuser` does.
 """
 
-from .api import XSlimPipelineWrapper, disable_xslim, enable_xslim, get_engine
+from .api import XSlimPipelineWrapper, disable_xslim, enable_xslim, get_engine, get_engines
 from .config import PRESETS, ConfigError, Schedule, XSlimConfig
 from .controller import StepKind
 from .engine import XSlimEngine
@@ -28,4 +28,5 @@ __all__ = [
     "disable_xslim",
     "enable_xslim",
     "get_engine",
+    "get_engines",
 ]

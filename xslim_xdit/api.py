@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,12 @@ from .parallel.sync import DecisionSync
 from .stats import CacheStatistics
 
 _ENGINE_ATTR = "_xslim_engine"
+#: Pipeline attributes of transformers run after ``transformer`` in the same denoising loop, each
+#: given an engine of its own: Wan 2.2 A14B's low-noise expert (``WanPipeline`` calls
+#: ``transformer`` while the timestep is at or above ``boundary_ratio * num_train_timesteps``,
+#: then ``transformer_2``). Two models have different activations, so nothing cached by one may
+#: stand in for the other.
+EXPERT_ATTRS = ("transformer_2",)
 
 
 def _split(pipe_or_transformer: Any) -> tuple[Any, nn.Module]:
@@ -36,6 +43,25 @@ def _split(pipe_or_transformer: Any) -> tuple[Any, nn.Module]:
             f"transformer module; got {type(pipe_or_transformer).__name__}"
         )
     return pipe_or_transformer, _uncompiled(transformer)
+
+
+def expert_transformers(pipe_or_transformer: Any) -> dict[str, nn.Module]:
+    """The transformers X-Slim attaches to, by pipeline attribute, in the order the pipeline runs
+    them: ``{"transformer": ...}``, plus ``"transformer_2"`` on a two-expert pipeline (Wan 2.2
+    A14B); a bare transformer is ``{"transformer": model}``.
+
+    Example:
+        >>> from xslim_xdit.testing import tiny_model
+        >>> list(expert_transformers(tiny_model("dit")))
+        ['transformer']
+    """
+    pipe, transformer = _split(pipe_or_transformer)
+    found = {"transformer": transformer}
+    for attr in EXPERT_ATTRS if pipe is not None else ():
+        module = getattr(pipe, attr, None)
+        if isinstance(module, nn.Module) and _uncompiled(module) is not transformer:
+            found[attr] = _uncompiled(module)
+    return found
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
@@ -72,13 +98,20 @@ def enable_xslim(
     ``pipe.scheduler`` later is noticed at the next transformer call: the new scheduler is hooked
     and a clean run of ``len(scheduler.timesteps)`` steps starts there.
 
+    A pipeline with a second expert (Wan 2.2 A14B's ``transformer_2``, see
+    :data:`EXPERT_ATTRS`) gets one engine per transformer, each with its own caches, controller
+    and statistics, all under ``config``; the engine of ``transformer`` is returned,
+    :func:`get_engines` gives both and :meth:`CacheStatistics.combined` one view of the run.
+
     Args:
         pipe_or_transformer: a diffusers or xDiT pipeline, or a supported transformer.
         config: an :class:`XSlimConfig` (default: the online controller with its defaults).
         num_inference_steps: steps per run for a bare transformer.
-        sync: where ranks agree; default single-device (see :mod:`xslim_xdit.parallel`).
+        sync: where ranks agree; default single-device (see :mod:`xslim_xdit.parallel`). A
+            second expert gets a copy (same group, its own counters).
         count_flops: record FLOPs in the statistics (measured once per call shape).
-        observers: more :class:`~xslim_xdit.observers.EngineObserver` s to notify.
+        observers: more :class:`~xslim_xdit.observers.EngineObserver` s to notify (on a
+            two-expert pipeline, by both engines; each callback is passed its engine).
         record: every step full, indicators and block statistics still measured (calibration).
 
     Example:
@@ -109,26 +142,46 @@ def enable_xslim(
         )
     pipe, transformer = _split(pipe_or_transformer)
     owner = pipe if pipe is not None else transformer
-    existing = getattr(transformer, _ENGINE_ATTR, None)
-    if existing is not None:
-        _check_same_owner(existing, owner)
+    models = expert_transformers(pipe_or_transformer)
+    existing = [getattr(m, _ENGINE_ATTR, None) for m in models.values()]
+    for eng in existing:
+        if eng is not None:
+            _check_same_owner(eng, owner)
+    if any(eng is not None for eng in existing):
         disable_xslim(pipe_or_transformer)
-    engine = XSlimEngine(
-        transformer,
-        config,
-        sync=sync,
-        num_inference_steps=num_inference_steps,
-        count_flops=count_flops,
-        observers=observers,
-        record=record,
-    )
-    engine.owner = _weak(owner)
-    engine.attach()
-    setattr(transformer, _ENGINE_ATTR, engine)
-    if pipe is not None and getattr(pipe, "scheduler", None) is not None:
-        _hook_scheduler(engine, pipe.scheduler)
-        engine.before_call = _scheduler_check(engine, _weak(pipe))
-    return engine
+    # Every engine is built (adapter found, config checked) before any is attached: a second
+    # expert that cannot be served leaves the pipeline untouched.
+    engines = [
+        XSlimEngine(
+            model,
+            config,
+            sync=sync if i == 0 or sync is None else _own_copy(sync),
+            num_inference_steps=num_inference_steps,
+            count_flops=count_flops,
+            observers=observers,
+            record=record,
+        )
+        for i, model in enumerate(models.values())
+    ]
+    for model, engine in zip(models.values(), engines, strict=True):
+        engine.owner = _weak(owner)
+        engine.attach()
+        setattr(model, _ENGINE_ATTR, engine)
+        if pipe is not None and getattr(pipe, "scheduler", None) is not None:
+            # Each expert follows the shared scheduler itself: a run starts for both at
+            # set_timesteps and the step index is the pipeline's, so the second expert's first
+            # call (the switch step) finds its caches empty and runs in full.
+            _hook_scheduler(engine, pipe.scheduler)
+            engine.before_call = _scheduler_check(engine, _weak(pipe))
+    return engines[0]
+
+
+def _own_copy(sync: DecisionSync) -> DecisionSync:
+    """``sync`` for a second expert: the same group of ranks, counters of its own (each engine's
+    statistics report the collectives it made)."""
+    clone = copy.copy(sync)
+    clone.reset_counters()
+    return clone
 
 
 def _weak(obj: Any) -> Callable[[], Any]:
@@ -200,7 +253,11 @@ def _start_scheduled_run(engine: XSlimEngine, scheduler: Any) -> None:
 
 def _scheduler_check(engine: XSlimEngine, pipe_ref: Callable[[], Any]) -> Callable[[], None]:
     """Before each transformer call: if ``pipe.scheduler`` was replaced since it was hooked, the
-    engine is no longer told the steps: hook the new one and start a clean run of its steps."""
+    engine is no longer told the steps: hook the new one and start a clean run of its steps.
+
+    On a two-expert pipeline the first expert's call notices it for both: the second expert,
+    called only from the switch step on, would otherwise count the new scheduler's steps from
+    there (its step indices, and its forced last step, off by the first expert's steps)."""
 
     def check() -> None:
         pipe = pipe_ref()
@@ -210,15 +267,19 @@ def _scheduler_check(engine: XSlimEngine, pipe_ref: Callable[[], Any]) -> Callab
             return
         if inner_scheduler(scheduler) is hooks.scheduler:
             return
-        hooks.remove()
-        _hook_scheduler(engine, scheduler)
+        stale = [e for e in get_engines(pipe).values() if e.scheduler_hooks is not None] or [engine]
+        for eng in reversed(stale):  # unwrapped in the reverse order of wrapping
+            eng.scheduler_hooks.remove()
+        for eng in stale:
+            _hook_scheduler(eng, scheduler)
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is None:
             raise XSlimRuntimeError(
                 f"pipe.scheduler was replaced by a {type(scheduler).__name__} whose timesteps are not "
                 "set: X-Slim cannot tell the run's steps; call scheduler.set_timesteps first"
             )
-        _start_scheduled_run(engine, inner_scheduler(scheduler))
+        for eng in stale:
+            _start_scheduled_run(eng, inner_scheduler(scheduler))
 
     return check
 
@@ -229,23 +290,45 @@ def disable_xslim(pipe_or_transformer: Any) -> None:
     Example:
         >>> disable_xslim(pipe)  # doctest: +SKIP
     """
-    _, transformer = _split(pipe_or_transformer)
-    engine = getattr(transformer, _ENGINE_ATTR, None)
-    if engine is None:
-        return
-    engine.detach()
-    engine.before_call = None
-    delattr(transformer, _ENGINE_ATTR)
-    hooks = getattr(engine, "scheduler_hooks", None)
-    if hooks is not None:
-        hooks.remove()
-        engine.scheduler_hooks = None
+    # The last expert first: each wrapped the scheduler's methods over the previous one's
+    # wrapper, so the wrappers come off in reverse order and the scheduler ends as it was.
+    for transformer in reversed(list(expert_transformers(pipe_or_transformer).values())):
+        engine = getattr(transformer, _ENGINE_ATTR, None)
+        if engine is None:
+            continue
+        engine.detach()
+        engine.before_call = None
+        delattr(transformer, _ENGINE_ATTR)
+        hooks = getattr(engine, "scheduler_hooks", None)
+        if hooks is not None:
+            hooks.remove()
+            engine.scheduler_hooks = None
 
 
 def get_engine(pipe_or_transformer: Any) -> XSlimEngine | None:
     """The engine attached to a pipeline or transformer, if any."""
     _, transformer = _split(pipe_or_transformer)
     return getattr(transformer, _ENGINE_ATTR, None)
+
+
+def get_engines(pipe_or_transformer: Any) -> dict[str, XSlimEngine]:
+    """Every engine attached to a pipeline's transformers, by pipeline attribute
+    (``{"transformer": ..., "transformer_2": ...}`` on Wan 2.2 A14B).
+
+    Example:
+        >>> from xslim_xdit.testing import tiny_model
+        >>> m = tiny_model("dit")
+        >>> _ = enable_xslim(m, num_inference_steps=4)
+        >>> list(get_engines(m))
+        ['transformer']
+        >>> disable_xslim(m)
+    """
+    engines = {}
+    for attr, model in expert_transformers(pipe_or_transformer).items():
+        engine = getattr(model, _ENGINE_ATTR, None)
+        if engine is not None:
+            engines[attr] = engine
+    return engines
 
 
 class XSlimPipelineWrapper:
@@ -280,6 +363,9 @@ class XSlimPipelineWrapper:
     def get_cache_statistics(self) -> CacheStatistics:
         if self.engine is None:
             raise RuntimeError("X-Slim is not enabled on this pipeline: call enable_xslim(config) first")
+        engines = get_engines(self.pipe)
+        if len(engines) > 1:  # two experts: their last runs as one run, in step order
+            return CacheStatistics.combined({k: e.statistics for k, e in engines.items()})
         return self.engine.statistics
 
     def __getattr__(self, name: str) -> Any:

@@ -120,10 +120,20 @@ class BranchCaches:
         slope between the last two full steps (``extrapolate="linear"``), or the latest one."""
         return self.exact.estimate(step, base=self.stack.values, base_step=self.stack.step)[0]  # type: ignore[return-value]
 
-    def record_stack(self, res: torch.Tensor, step: int, exact: bool) -> None:
+    def text_stack_estimate(self, step: int) -> torch.Tensor | None:
+        """The second stream's stack residual, estimated as :meth:`stack_estimate` is; recorded only
+        for a family whose output reads that stream (``text_output_used``: LTX-2's audio), else
+        ``None``."""
+        values = self.exact.estimate(step, base=self.stack.values, base_step=self.stack.step)
+        return values[1] if len(values) > 1 else None
+
+    def record_stack(
+        self, res: torch.Tensor, step: int, exact: bool, text_res: torch.Tensor | None = None
+    ) -> None:
+        values = (res,) if text_res is None else (res, text_res)
         if exact:
-            self.exact.update((res,), step)
-        self.stack.update((res,), step)
+            self.exact.update(values, step)
+        self.stack.update(values, step)
 
     def shift_token_history(
         self, index: torch.Tensor | None = None, flat: torch.Tensor | None = None

@@ -42,7 +42,7 @@ from .adapters.base import BlockCall, BlockStack, ModelAdapter, adapter_for
 from .batch import SampleExecutor, SamplePlan, SampleRoom
 from .caches import BranchCaches
 from .clock import AmbiguousRunError, StepClock
-from .config import XSlimConfig
+from .config import ConfigError, XSlimConfig
 from .controller import make_controller
 from .decision import CallPlan, DecisionRoom, DepthLayout
 from .executor import CallTally, PlanExecutor
@@ -106,6 +106,13 @@ class XSlimEngine:
         self.record = record
         self.use_block = "block" in config.levels or record  # a recording measures block statistics
         self.use_token = "token" in config.levels
+        if self.use_token and type(self.adapter).token_processor is ModelAdapter.token_processor:
+            # refused before anything is attached (the processors are installed by attach)
+            raise ConfigError(
+                f"family {self.adapter.name!r}: token refresh (level 'token') is not supported"
+                f"{': ' + self.adapter.token_refusal if self.adapter.token_refusal else ''}; use "
+                "polish='block' or 'none', or a schedule without token steps"
+            )
         self.seg_start = 1 if config.step_indicator == "first_block_residual" else 0
         self.default_steps = num_inference_steps
         self.block_offset = 0  # first global index of the local blocks (a PipeFusion stage holds a slice)

@@ -3,7 +3,8 @@
 Per plan kind, each block hook call:
 
 * SKIP: the first managed block applies the cached stack residual (moved along its slope) to
-  the stack input; the other blocks pass their inputs through;
+  the stack input (and, for a family whose output reads the text stream, LTX-2's audio, that
+  stream's own stack residual to it); the other blocks pass their inputs through;
 * BLOCK: the selected blocks run, the others add their own cached residual (moved along their
   slopes);
 * TOKEN: every block runs on the selected image tokens (and all text tokens), with attention
@@ -48,6 +49,7 @@ class CallTally:
     blocks_computed: int = 0
     tokens_computed: int = 0
     seg_in: torch.Tensor | None = None  # input of the managed blocks (the stack residual's base)
+    seg_in_txt: torch.Tensor | None = None  # the same for the text stream
     last_out: torch.Tensor | None = None  # the image stream the previous managed block returned
     # What the model added to the image stream between blocks during this call (ControlNet
     # residuals, VACE-style hints): it is not the blocks' work, so it stays out of the cached
@@ -93,11 +95,20 @@ class PlanExecutor:
         if g < e.seg_start:
             return tally.probe_out
         if g == e.seg_start:
-            tally.seg_in = call.img
+            tally.seg_in, tally.seg_in_txt = call.img, call.txt
         kind = plan.kind
         if kind == StepKind.SKIP:  # no residual is recorded: what the model adds needs no bookkeeping
-            img = call.img + e.current_caches().stack_estimate(e.step) if g == e.seg_start else call.img
-            return e.adapter.make_output(stack, img, call.txt)
+            if g != e.seg_start:
+                return e.adapter.make_output(stack, call.img, call.txt)
+            caches = e.current_caches()
+            txt = call.txt
+            if e.adapter.text_output_used and txt is not None:
+                # the model's output reads this stream too (LTX-2's audio): it gets its own stack residual
+                d_txt = caches.text_stack_estimate(e.step)
+                if d_txt is None or d_txt.shape != txt.shape:
+                    raise RuntimeError("skip step without a cached text-stream residual of this shape")
+                txt = txt + d_txt
+            return e.adapter.make_output(stack, call.img + caches.stack_estimate(e.step), txt)
         if g > e.seg_start:
             _note_between(tally, call.img)
         last = g == len(e.blocks) - 1
@@ -109,7 +120,7 @@ class PlanExecutor:
             txt = call.txt + d_txt if (call.txt is not None and d_txt is not None) else call.txt
             out_img = tally.last_out = call.img + d_img
             if last:
-                self._finish_stack(caches, out_img, kind)
+                self._finish_stack(caches, out_img, kind, txt)
             return e.adapter.make_output(stack, out_img, txt)
         # FULL, or a block that a BLOCK step computes
         recording_kv = e.token_ctx is not None and kind == StepKind.FULL
@@ -130,7 +141,7 @@ class PlanExecutor:
             if kind == StepKind.FULL:
                 caches.record_block_magnitude(g, len(e.blocks), out_img, call.img)
         if last:
-            self._finish_stack(caches, out_img, kind)
+            self._finish_stack(caches, out_img, kind, out_txt)
             if (
                 e.use_block
                 and kind == StepKind.FULL
@@ -163,13 +174,15 @@ class PlanExecutor:
             # step, and the blocks' cached residual
             base = tally.seg_in if tally.between is None else tally.seg_in + tally.between
             img = splice(base + caches.stack_estimate(e.step), idx, out_sel, flat)
-            self._finish_stack(caches, img, StepKind.TOKEN)
+            self._finish_stack(caches, img, StepKind.TOKEN, out_txt)
         else:
             img = splice(call.img, idx, out_sel, flat)
         tally.last_out = img
         return e.adapter.make_output(call.stack, img, out_txt)
 
-    def _finish_stack(self, caches: BranchCaches, out_img: torch.Tensor, kind: StepKind) -> None:
+    def _finish_stack(
+        self, caches: BranchCaches, out_img: torch.Tensor, kind: StepKind, out_txt: torch.Tensor | None = None
+    ) -> None:
         e = self.engine
         tally, plan = e.tally, e.plan
         assert tally is not None and tally.seg_in is not None and plan is not None
@@ -185,7 +198,10 @@ class PlanExecutor:
             else:
                 caches.shift_token_history()
         exact = kind == StepKind.FULL and e.config.extrapolate == "linear"
-        caches.record_stack(res, e.step, exact=exact)
+        text_res = None
+        if e.adapter.text_output_used and out_txt is not None and tally.seg_in_txt is not None:
+            text_res = (out_txt - tally.seg_in_txt).detach()
+        caches.record_stack(res, e.step, exact=exact, text_res=text_res)
 
 
 def _note_between(tally: CallTally, img: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,41 @@ class CacheStatistics(EngineObserver):
         if path is not None:
             Path(path).write_text(text)
         return text
+
+    @classmethod
+    def combined(cls, parts: dict[str, CacheStatistics]) -> CacheStatistics:
+        """One view of a run served by several transformers (Wan 2.2 A14B's two experts, from
+        :func:`~xslim_xdit.api.get_engines`): the last run of each part, its records in step and
+        branch order (numbered as one run, that of the first part), cache bytes, collectives and
+        bookkeeping time added up. Each step was served by one part, so :meth:`summary` counts
+        every step once.
+
+        Example:
+            >>> def rec(step, kind):
+            ...     return StepRecord(run=0, step=step, branch=0, kind=kind, indicator=None, error=0.0,
+            ...         blocks_computed=4, blocks_total=4, tokens_computed=64, tokens_total=64,
+            ...         flops=100 if kind == "full" else 0, flops_full=100)
+            >>> high, low = CacheStatistics([rec(0, "full"), rec(1, "skip")]), CacheStatistics([rec(2, "full")])
+            >>> CacheStatistics.combined({"transformer": high, "transformer_2": low}).summary()["kinds"]
+            ['full', 'skip', 'full']
+        """
+        parts_list = list(parts.values())
+        if not parts_list:
+            raise ValueError("parts: at least one CacheStatistics")
+        run = parts_list[0].last_run
+        records = [replace(r, run=run) for p in parts_list for r in p.run_records()]
+        records.sort(key=lambda r: (r.step, r.branch))
+        cache_bytes: dict[str, int] = {}
+        for p in parts_list:
+            for k, n in p.cache_bytes.items():
+                cache_bytes[k] = cache_bytes.get(k, 0) + n
+        return cls(
+            records=records,
+            cache_bytes=cache_bytes,
+            collectives=sum(p.collectives for p in parts_list),
+            collective_bytes=sum(p.collective_bytes for p in parts_list),
+            bookkeeping_seconds=sum(p.bookkeeping_seconds for p in parts_list),
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheStatistics:

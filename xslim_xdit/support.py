@@ -70,6 +70,14 @@ TESTED: dict[str, Evidence] = {
         ),
         note="token refresh is refused under PipeFusion",
     ),
+    "ltx2": Evidence(
+        xdit_layouts=(),
+        pipelines=(),
+        tests=("tests/test_families.py", "tests/test_ltx2.py"),
+        note="transformer level; audio is the blocks' second stream (own stack residual on skip "
+        "steps); token refresh refused (video-to-audio attention reads every video token); "
+        "LTX2Pipeline and xDiT not tested",
+    ),
     "pixart": Evidence(
         xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
         pipelines=("PixArtSigmaPipeline",),
@@ -77,15 +85,22 @@ TESTED: dict[str, Evidence] = {
     ),
     "wan": Evidence(
         xdit_layouts=(),
-        pipelines=(),
-        tests=("tests/test_families.py", "tests/test_family_variants.py"),
-        note="transformer level (Wan 2.1 T2V/I2V, Wan 2.2 TI2V); pipeline and xDiT not tested",
+        pipelines=("WanPipeline", "WanImageToVideoPipeline"),
+        tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_wan_pipelines.py"),
+        note="pipelines: Wan 2.1 T2V, Wan 2.2 A14B T2V and I2V (two experts, an engine each; "
+        "calibration refused); Wan 2.1 I2V and Wan 2.2 TI2V at transformer level; xDiT not tested",
     ),
     "sd3": Evidence(
         xdit_layouts=(),
         pipelines=(),
         tests=("tests/test_families.py", "tests/test_family_variants.py"),
         note="transformer level (SD3, SD3.5); token refresh refused on SD3.5 dual-attention blocks; pipeline and xDiT not tested",
+    ),
+    "cogvideox": Evidence(
+        xdit_layouts=(),
+        pipelines=("CogVideoXPipeline",),
+        tests=("tests/test_families.py", "tests/test_cogvideox.py"),
+        note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT not tested",
     ),
     "hunyuan_video": Evidence(
         xdit_layouts=("Ulysses 2",),
@@ -118,6 +133,12 @@ TESTED: dict[str, Evidence] = {
         tests=("tests/test_families.py", "tests/test_image_pipelines.py"),
         note="omni mode refused; pipelines run with prompt embeddings; xDiT not tested (token refresh "
         "refused under sequence parallelism)",
+    ),
+    "hunyuan_video15": Evidence(
+        xdit_layouts=(),
+        pipelines=(),
+        tests=("tests/test_families.py", "tests/test_hunyuan_video15.py"),
+        note="transformer level (T2V, I2V); HunyuanVideo15Pipeline (Qwen2.5-VL and ByT5 encoders) and xDiT not tested",
     ),
     "dit": Evidence(
         xdit_layouts=(),
@@ -160,8 +181,8 @@ def support_table() -> list[FamilySupport]:
     reuse levels its adapter supports, and the xDiT layouts and diffusers pipelines tested with it.
 
     Example:
-        >>> first = ["dit", "flux", "hunyuan_video", "pixart"]
-        >>> [r.family for r in support_table() if r.family in first] == first
+        >>> families = [r.family for r in support_table()]  # the adapter modules' order
+        >>> families.index("cogvideox") < families.index("dit") < families.index("flux")
         True
     """
     rows = []

@@ -125,8 +125,11 @@ class ModelAdapter(FamilyDescription):
 
     name: str = "base"
     model_class_names: tuple[str, ...] = ()
-    #: the model's final output reads only the image stream (the text stream is discarded)
+    #: the model's final output reads the second stream too (LTX-2's audio), not only the image
+    #: stream: skip steps then move that stream along its own cached stack residual
     text_output_used: bool = False
+    #: why the family has no token level (no :meth:`token_processor`), for the error that refuses it
+    token_refusal: str = ""
 
     def stacks(self, model: nn.Module) -> list[BlockStack]:
         raise NotImplementedError

@@ -10,6 +10,16 @@ Wan 2.2 TI2V (same class) passes a timestep per token, so ``temb`` is ``(batch, 
 the step's timestep is the largest of the first sample's (the conditioning frame's tokens are at
 0), and a token-refresh step gives the selected tokens their rows of ``temb``.
 
+Wan 2.2 A14B (T2V and I2V) runs two of these transformers in one loop: ``WanPipeline`` /
+``WanImageToVideoPipeline`` call ``transformer`` while the timestep is at or above
+``boundary_ratio * 1000`` (the checkpoint's ``boundary_ratio``; diffusers' modular Wan 2.2
+blocks default to 0.875) and
+``transformer_2`` below. ``enable_xslim(pipe)`` gives each its own engine (caches, K/V,
+controller, statistics; :func:`xslim_xdit.get_engines`), both following the shared scheduler's
+steps, so one schedule indexes the whole run; the second expert's first step finds nothing cached
+and runs in full. Calibration refuses such a pipeline. Defaults of the diffusers pipelines: 50
+steps (``WanPipeline``, ``WanImageToVideoPipeline``), guidance 5.
+
 No preset and no rescale polynomial: TeaCache4Wan2.1 publishes polynomials per checkpoint, but for
 the timestep embedding as its indicator, not block 0's modulated input that X-Slim probes.
 """

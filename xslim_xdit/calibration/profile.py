@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..api import disable_xslim, enable_xslim
+from ..api import disable_xslim, enable_xslim, expert_transformers
 from ..config import ConfigError, XSlimConfig
 from ..observers import ProfileRecorder
 
@@ -58,8 +58,10 @@ def profile_runs(
     profiles and final outputs (see the module example).
 
     Raises ``RuntimeError`` when a run never calls the transformer, and
-    :class:`~xslim_xdit.config.ConfigError` when the runs made different numbers of calls.
+    :class:`~xslim_xdit.config.ConfigError` when the runs made different numbers of calls, or
+    before anything runs on a pipeline with two experts (see :func:`refuse_two_experts`).
     """
+    refuse_two_experts(pipe_or_transformer)
     profiles: list[list[ProfileRow]] = []
     references: list[torch.Tensor | None] = []
     for r in runs:
@@ -74,6 +76,25 @@ def profile_runs(
             f"the calibration runs made {[len(p) for p in profiles]} transformer calls: they must agree"
         )
     return Profiles(profiles, references)
+
+
+def refuse_two_experts(pipe_or_transformer: Any) -> None:
+    """Calibration profiles one transformer: a pipeline that switches experts within the run
+    (Wan 2.2 A14B's ``transformer_2``) is refused with a :class:`~xslim_xdit.config.ConfigError`.
+
+    Why not profile both: a profile is one sequence of stack residuals and the planner scores a
+    skip against the previous step's residual; across the switch that is the other model's
+    residual, and the engines run the switch step in full whatever a schedule says there, so a
+    plan would be scored, and its compute counted, on steps that do not run as planned.
+    """
+    experts = expert_transformers(pipe_or_transformer)
+    if len(experts) > 1:
+        raise ConfigError(
+            f"calibration of a pipeline with {len(experts)} transformers ({', '.join(experts)}, Wan 2.2's "
+            "two experts) is not supported: a profile holds one model's residuals. Enable X-Slim with "
+            "the online controller or an explicit Schedule (one schedule indexes the whole run; each "
+            "expert's first step runs in full), or calibrate a pipeline holding one expert"
+        )
 
 
 def replay_schedule(

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..api import XSlimPipelineWrapper, enable_xslim
+from ..api import XSlimPipelineWrapper, enable_xslim, get_engines
 from ..config import XSlimConfig
 from ..engine import XSlimEngine
 from ..parallel.groups import SequenceParallelGather
@@ -153,18 +153,21 @@ def enable_xslim_xdit(pipe_or_transformer: Any, config: XSlimConfig, timeout_s: 
         )
     group, ranks = generation_group()
     sync = GroupSync(group, timeout_s=timeout_s) if len(ranks) > 1 else LocalSync()
-    engine = enable_xslim(pipe_or_transformer, config, sync=sync)
-    engine.sequence_shards = layout["sp"]
-    if layout["pp"] > 1:
-        transformer = engine.model
-        engine.set_pipeline(pipeline_channel(transformer, engine), _global_stacks(transformer, engine))
-    if engine.token_ctx is not None and layout["sp"] > 1:
-        from xfuser.core.distributed import get_runtime_state, get_sp_group
+    first = enable_xslim(pipe_or_transformer, config, sync=sync)
+    # every expert of a two-expert pipeline (Wan 2.2 A14B) runs sharded alike
+    for engine in get_engines(pipe_or_transformer).values():
+        engine.sequence_shards = layout["sp"]
+        if layout["pp"] > 1:
+            transformer = engine.model
+            engine.set_pipeline(pipeline_channel(transformer, engine), _global_stacks(transformer, engine))
+        if engine.token_ctx is not None and layout["sp"] > 1:
+            from xfuser.core.distributed import get_runtime_state, get_sp_group
 
-        engine.token_ctx.gather = SequenceParallelGather(
-            get_sp_group().device_group, text_split=lambda: bool(get_runtime_state().split_text_embed_in_sp)
-        )
-    return engine
+            engine.token_ctx.gather = SequenceParallelGather(
+                get_sp_group().device_group,
+                text_split=lambda: bool(get_runtime_state().split_text_embed_in_sp),
+            )
+    return first
 
 
 class XSlimXFuserWrapper(XSlimPipelineWrapper):
