@@ -48,6 +48,7 @@ from .decision import CallPlan, DecisionRoom, DepthLayout
 from .executor import CallTally, PlanExecutor
 from .hooks import BlockHooks, call_with_weights_placed, shape_key
 from .observers import EngineObserver, FlopMeter
+from .parallel.fingerprint import run_fingerprint
 from .parallel.sync import DecisionSync, LocalSync
 from .stats import CacheStatistics, StepRecord
 
@@ -262,10 +263,26 @@ class XSlimEngine:
         :mod:`xslim_xdit.clock`). ``explicit=False``: the engine started the run itself."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1; got {num_steps!r}")
+        from . import __version__  # the package's, read here: it is set after its imports
+
         self.reset_state()
+        controller = make_controller(self.config, num_steps, record=self.record)
+        # Ranks that decide together must agree on everything a decision depends on before the
+        # first one: one all-gather of integer hashes; a difference raises RankMismatchError on
+        # every rank here, instead of a hang or a wrong plan later (nothing on one device).
+        self.sync.check_run(
+            run_fingerprint(
+                self.config,
+                num_steps,
+                controller=type(controller).__name__,
+                record=self.record,
+                total_blocks=self.room.layout.total_blocks,
+                version=__version__,
+            )
+        )
         self.run_index += 1
         self.num_steps = num_steps
-        self.room.start_run(make_controller(self.config, num_steps, record=self.record))
+        self.room.start_run(controller)
         if self.samples is not None:
             self.samples.start_run(lambda: make_controller(self.config, num_steps))
         self.clock.start_run(explicit)

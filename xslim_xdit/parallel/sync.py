@@ -8,9 +8,18 @@ on. On one device both are identities.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+
+from .failure import EXIT_GRACE_S, arm_exit_guard
+from .fingerprint import RankMismatchError, differing_fields, fingerprint_vector, mismatch
+
+
+class XSlimCollectiveError(RuntimeError):
+    """An X-Slim collective failed or timed out: another rank stopped answering. The process
+    groups it used are no longer usable; the exit guard ends the process soon after (see
+    :mod:`xslim_xdit.parallel.failure`)."""
 
 
 class DecisionSync:
@@ -56,6 +65,13 @@ class DecisionSync:
 
     def start_run(self) -> None:
         """A new denoising run starts: forget any protocol state of the last one."""
+
+    def check_run(self, fingerprint: Mapping[str, str]) -> None:
+        """At the start of a run, before any decision: raise
+        :class:`~xslim_xdit.parallel.fingerprint.RankMismatchError` on every rank when the ranks
+        that decide together hold different ``fingerprint`` values (one collective; nothing on
+        one device). ``fingerprint`` maps each decision-relevant field to its ``repr``
+        (:func:`~xslim_xdit.parallel.fingerprint.run_fingerprint`)."""
 
     # -------------------------------------------- where the decision is taken and how it travels
     #: this rank decides (with its group); False on the later stages of a PipeFusion pipeline,
@@ -105,15 +121,21 @@ class GroupSync(DecisionSync):
     decide independently and never wait for each other. Partial sums travel as float64 in one
     all-reduce; decisions as int64 in one broadcast from the group's first rank.
 
-    ``timeout`` bounds every X-Slim collective: a rank that stops answering makes the others
-    raise instead of hanging.
+    ``timeout_s`` bounds every X-Slim collective: a rank that stops answering makes the others
+    raise :class:`XSlimCollectiveError` instead of hanging, and the exit guard then ends the
+    process within ``exit_grace_s`` if it cannot exit by itself (a pending collective blocks
+    a process group's destructor; :mod:`xslim_xdit.parallel.failure`). Create ``group`` with
+    ``timeout=timedelta(seconds=timeout_s)`` so that the backend, too, drops the pending
+    operation by then (the xDiT integration does).
 
     Example:
         >>> import torch.distributed as dist  # doctest: +SKIP
         >>> sync = GroupSync(dist.group.WORLD)  # doctest: +SKIP
     """
 
-    def __init__(self, group: object = None, timeout_s: float | None = 300.0) -> None:
+    def __init__(
+        self, group: object = None, timeout_s: float | None = 300.0, exit_grace_s: float | None = EXIT_GRACE_S
+    ) -> None:
         super().__init__()
         import torch.distributed as dist
 
@@ -126,6 +148,10 @@ class GroupSync(DecisionSync):
         self.ranks = list(ranks)
         self.src = min(self.ranks)
         self.timeout_s = timeout_s
+        self.exit_grace_s = exit_grace_s
+        #: run fingerprints compared (one all-gather each); not counted in ``collectives``,
+        #: which are the per-step decision traffic
+        self.run_checks = 0
 
     @property
     def is_distributed(self) -> bool:
@@ -140,12 +166,63 @@ class GroupSync(DecisionSync):
         try:
             ok = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))  # type: ignore[attr-defined]
         except RuntimeError as e:
-            raise RuntimeError(
+            self._fail(
                 f"X-Slim {what} over ranks {self.ranks} failed or timed out after {self.timeout_s}s: "
-                f"another rank stopped ({e})"
-            ) from e
+                f"another rank stopped ({e})",
+                e,
+            )
         if ok is False:
-            raise RuntimeError(f"X-Slim {what} over ranks {self.ranks} timed out after {self.timeout_s}s")
+            self._fail(f"X-Slim {what} over ranks {self.ranks} timed out after {self.timeout_s}s", None)
+
+    def _fail(self, message: str, cause: BaseException | None) -> None:
+        """Raise the failure, with the exit guard armed: the operation is still pending in the
+        group, so the interpreter may not be able to exit on its own."""
+        if self.exit_grace_s is not None:
+            arm_exit_guard(message, self.exit_grace_s)
+        raise XSlimCollectiveError(message) from cause
+
+    def check_run(self, fingerprint: Mapping[str, str]) -> None:
+        if not self.is_distributed:
+            return
+        import torch.distributed as dist
+
+        mine = torch.tensor(fingerprint_vector(fingerprint), dtype=torch.int64, device=self._device())
+        parts = [torch.empty_like(mine) for _ in self.ranks]
+        self.run_checks += 1
+        self._wait(
+            dist.all_gather(parts, mine, group=self.group, async_op=True), "run fingerprint all-gather"
+        )
+        gathered = [p.tolist() for p in parts]
+        problem = mismatch(fingerprint, gathered, self.ranks)
+        if problem is None:
+            return
+        # Every rank saw the same gathered vectors, so every rank is here: the readable values
+        # of the differing fields can be exchanged (only on this failure path) for the message.
+        detail = ""
+        differing = differing_fields(fingerprint, gathered)
+        if differing:
+            try:
+                seen: list[object] = [None] * len(self.ranks)
+                dist.all_gather_object(seen, {n: fingerprint[n] for n in differing}, group=self.group)
+                detail = "; values: " + ", ".join(
+                    f"rank {r} " + " ".join(f"{n}={v}" for n, v in d.items())  # type: ignore[union-attr]
+                    for r, d in zip(self.ranks, seen, strict=True)
+                )
+            except Exception:  # noqa: BLE001 - the hashes already name the fields
+                detail = ""
+        raise RankMismatchError(
+            f"X-Slim ranks {self.ranks} are configured differently for this run (found on rank "
+            f"{dist.get_rank()}): {problem}{detail}. Pass the same XSlimConfig and num_inference_steps "
+            "on every rank"
+        )
+
+    def _device(self) -> torch.device:
+        """Where this group's tensors travel: CPU for gloo, the current accelerator otherwise."""
+        import torch.distributed as dist
+
+        if dist.get_backend(self.group) == "gloo" or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
 
     def sum_partials(self, partials: torch.Tensor) -> torch.Tensor:
         if not self.is_distributed:
