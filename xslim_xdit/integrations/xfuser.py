@@ -25,6 +25,8 @@ Example (every rank of a ``torchrun`` job, after the xFuser pipeline is built)::
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -32,8 +34,11 @@ import torch
 from ..api import XSlimPipelineWrapper, enable_xslim, get_engines
 from ..config import XSlimConfig
 from ..engine import XSlimEngine
+from ..observers import EngineObserver
+from ..parallel.failure import watchdog_arm, watchdog_disarm
 from ..parallel.groups import SequenceParallelGather
 from ..parallel.sync import GroupSync, LocalSync
+from ..stats import StepRecord
 from .cli import add_xslim_args as add_xslim_args  # the command line lives in cli.py
 from .cli import config_from_args as config_from_args
 
@@ -52,7 +57,8 @@ __test__ = {
     """
 }
 
-_GENERATION_GROUPS: dict[tuple[int, ...], Any] = {}
+#: X-Slim's own process groups, by (ranks, timeout): created once, collectively
+_GENERATION_GROUPS: dict[tuple[tuple[int, ...], float | None], Any] = {}
 
 
 def xdit_layout() -> dict[str, int]:
@@ -72,22 +78,28 @@ def xdit_layout() -> dict[str, int]:
     }
 
 
-def _groups_by(key_of_rank: list[Any], my_key: Any) -> tuple[Any, list[int]]:
+def _groups_by(key_of_rank: list[Any], my_key: Any, timeout_s: float | None = None) -> tuple[Any, list[int]]:
     """Create (once, collectively, in the same order on every rank) a group per distinct key;
-    return this rank's group and its ranks."""
+    return this rank's group and its ranks.
+
+    The groups carry X-Slim's timeout: the backend then drops an operation pending with a rank
+    that stopped answering by the time X-Slim gives up on it. Without it (torch's default is 30
+    minutes) the group's destructor waits for that operation and the process cannot exit.
+    """
     mine = None
     for key in sorted(set(key_of_rank)):
         ranks = tuple(r for r, k in enumerate(key_of_rank) if k == key)
-        if ranks not in _GENERATION_GROUPS:
-            _GENERATION_GROUPS[ranks] = torch.distributed.new_group(list(ranks))
+        if (ranks, timeout_s) not in _GENERATION_GROUPS:
+            kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+            _GENERATION_GROUPS[(ranks, timeout_s)] = torch.distributed.new_group(list(ranks), **kwargs)
         if key == my_key:
-            mine = (_GENERATION_GROUPS[ranks], list(ranks))
+            mine = (_GENERATION_GROUPS[(ranks, timeout_s)], list(ranks))
     if mine is None:  # every rank gathered its own key: only a broken all_gather gets here
         raise RuntimeError(f"this rank's group key {my_key!r} is not among the gathered keys {key_of_rank!r}")
     return mine
 
 
-def generation_group() -> tuple[Any, list[int]]:
+def generation_group(timeout_s: float | None = None) -> tuple[Any, list[int]]:
     """The process group of the ranks that decide together: the same data-parallel replica and
     the same pipeline stage (sequence shards and CFG branches). Created once; every rank must
     call it (groups are created collectively)."""
@@ -97,10 +109,47 @@ def generation_group() -> tuple[Any, list[int]]:
     my_key = (layout["dp_rank"], ps.get_pipeline_parallel_rank())
     keys: list[Any] = [None] * layout["world"]
     torch.distributed.all_gather_object(keys, my_key)
-    return _groups_by(keys, my_key)
+    return _groups_by(keys, my_key, timeout_s)
 
 
-def pipeline_channel(transformer: Any, engine: XSlimEngine) -> Any:
+def replica_group(timeout_s: float | None = None) -> tuple[Any, list[int]]:
+    """The process group of every rank of this rank's generation (its data-parallel replica):
+    all pipeline stages, sequence shards and CFG branches. PipeFusion compares the run
+    fingerprint over it. Collective, like :func:`generation_group`."""
+    layout = xdit_layout()
+    keys: list[Any] = [None] * layout["world"]
+    torch.distributed.all_gather_object(keys, layout["dp_rank"])
+    return _groups_by(keys, layout["dp_rank"], timeout_s)
+
+
+class RunWatchdog(EngineObserver):
+    """Feeds the communication watchdog (:mod:`xslim_xdit.parallel.failure`) from a run's start
+    to its last transformer call: a rank that waits on other ranks (in xfuser's collectives and
+    transfers as well as X-Slim's) for ``timeout_s`` without a call starting or ending is ended.
+
+    Example:
+        >>> engine.observers.insert(0, RunWatchdog(300.0))  # doctest: +SKIP
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+
+    def on_run_start(self, engine: XSlimEngine, num_steps: int) -> None:
+        watchdog_arm(engine, self.timeout_s, f"X-Slim run {engine.run_index} ({num_steps} steps)")
+
+    def on_call_start(self, engine: XSlimEngine, key: Hashable) -> None:
+        watchdog_arm(engine, self.timeout_s, f"step {engine.step} of X-Slim run {engine.run_index}")
+
+    def on_call_end(self, engine: XSlimEngine, record: StepRecord) -> None:
+        if engine.num_steps is not None and engine.step >= engine.num_steps - 1:
+            # The run's last step: what follows (decoding, saving) is not a denoising step, and
+            # may legitimately take long. A second guidance branch re-arms at its call start.
+            watchdog_disarm(engine)
+        else:
+            watchdog_arm(engine, self.timeout_s, f"after step {engine.step} of X-Slim run {engine.run_index}")
+
+
+def pipeline_channel(transformer: Any, engine: XSlimEngine, timeout_s: float | None = None) -> Any:
     """The stage-to-stage channel of this rank's PipeFusion pipeline (collective over the world)."""
     from xfuser.core.distributed import get_pp_group
     from xfuser.core.distributed import parallel_state as ps
@@ -111,7 +160,7 @@ def pipeline_channel(transformer: Any, engine: XSlimEngine) -> Any:
     info = (pp_ranks, ps.get_pipeline_parallel_rank(), len(engine.blocks))
     infos: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(infos, info)
-    group, _ = _groups_by([i[0] for i in infos], pp_ranks)
+    group, _ = _groups_by([i[0] for i in infos], pp_ranks, timeout_s)
     counts = {r: i[2] for r, i in enumerate(infos)}
     ranges, start = [], 0
     for r in pp_ranks:
@@ -120,7 +169,9 @@ def pipeline_channel(transformer: Any, engine: XSlimEngine) -> Any:
     device = next(transformer.parameters()).device
     if torch.distributed.get_backend(group) == "gloo":
         device = torch.device("cpu")
-    return PipelineChannel(group, list(pp_ranks), info[1], ranges, device)
+    agreement_group, agreement_ranks = replica_group(timeout_s)
+    agreement = GroupSync(agreement_group, timeout_s=timeout_s) if len(agreement_ranks) > 1 else None
+    return PipelineChannel(group, list(pp_ranks), info[1], ranges, device, timeout_s, agreement)
 
 
 def _global_stacks(transformer: Any, engine: XSlimEngine) -> list[tuple[int, int]]:
@@ -131,12 +182,21 @@ def _global_stacks(transformer: Any, engine: XSlimEngine) -> list[tuple[int, int
     return [tuple(blocks_idx[st.attr]) for st in engine.stacks]
 
 
-def enable_xslim_xdit(pipe_or_transformer: Any, config: XSlimConfig, timeout_s: float = 300.0) -> XSlimEngine:
+def enable_xslim_xdit(
+    pipe_or_transformer: Any, config: XSlimConfig, timeout_s: float = 300.0, watchdog: bool = True
+) -> XSlimEngine:
     """Enable X-Slim on an xFuser pipeline or an xfuser transformer wrapper, with decisions
     shared by every rank of the generation. Call it on every rank.
 
     Under PipeFusion the first stage decides and the decision travels to the later stages point
     to point (:mod:`xslim_xdit.parallel.pipeline`).
+
+    Each run starts with one all-gather of the run fingerprint over the generation's ranks
+    (a different config or step count raises
+    :class:`~xslim_xdit.parallel.RankMismatchError` on every rank). ``timeout_s`` bounds every
+    X-Slim collective and, with ``watchdog``, any wait on other ranks during a run (xfuser's
+    too): after a failure every process is gone within ``timeout_s + EXIT_MARGIN_S``
+    (``docs/parallel.md``, :mod:`xslim_xdit.parallel.failure`).
 
     Raises:
         NotImplementedError: token refresh under PipeFusion.
@@ -151,15 +211,21 @@ def enable_xslim_xdit(pipe_or_transformer: Any, config: XSlimConfig, timeout_s: 
             "token refresh under PipeFusion (pipefusion_parallel_degree > 1) is not supported: xfuser's "
             "patch K/V buffers would be bypassed; use polish='block' or 'none', or a schedule without token steps"
         )
-    group, ranks = generation_group()
+    if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or timeout_s <= 0:
+        raise ValueError(f"timeout_s must be a number of seconds > 0; got {timeout_s!r}")
+    group, ranks = generation_group(timeout_s)
     sync = GroupSync(group, timeout_s=timeout_s) if len(ranks) > 1 else LocalSync()
     first = enable_xslim(pipe_or_transformer, config, sync=sync)
     # every expert of a two-expert pipeline (Wan 2.2 A14B) runs sharded alike
     for engine in get_engines(pipe_or_transformer).values():
         engine.sequence_shards = layout["sp"]
+        if watchdog and layout["world"] > 1:
+            engine.observers.insert(0, RunWatchdog(timeout_s))
         if layout["pp"] > 1:
             transformer = engine.model
-            engine.set_pipeline(pipeline_channel(transformer, engine), _global_stacks(transformer, engine))
+            engine.set_pipeline(
+                pipeline_channel(transformer, engine, timeout_s), _global_stacks(transformer, engine)
+            )
         if engine.token_ctx is not None and layout["sp"] > 1:
             from xfuser.core.distributed import get_runtime_state, get_sp_group
 
@@ -181,3 +247,17 @@ class XSlimXFuserWrapper(XSlimPipelineWrapper):
     def enable_xslim(self, config: XSlimConfig | None = None, **kwargs: Any) -> XSlimEngine:
         self.engine = enable_xslim_xdit(self.pipe, config or XSlimConfig(), **kwargs)
         return self.engine
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().__call__(*args, **kwargs)
+        # A run that ended early (an interrupt, a callback) never reached its last step: its
+        # watchdog deadline must not outlive the pipeline call. After an exception it stays
+        # armed, so that the exit guard bounds the exit of a process the failure ends.
+        for engine in get_engines(self.pipe).values():
+            watchdog_disarm(engine)
+        return out
+
+    def disable_xslim(self) -> None:
+        for engine in get_engines(self.pipe).values():
+            watchdog_disarm(engine)
+        super().disable_xslim()

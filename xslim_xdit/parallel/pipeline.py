@@ -15,13 +15,14 @@ posted) and their handles kept until complete.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .sync import DecisionSync
+from .failure import EXIT_GRACE_S, arm_exit_guard
+from .sync import DecisionSync, XSlimCollectiveError
 
 
 @dataclass
@@ -34,6 +35,10 @@ class PipelineChannel:
         stage: this rank's stage index.
         block_ranges: ``(first global block, number of blocks)`` of every stage.
         device: where message tensors live (CPU for gloo, the model's device otherwise).
+        timeout_s: how long a receive waits for its message before raising
+            :class:`~xslim_xdit.parallel.XSlimCollectiveError` (None: forever).
+        agreement: the sync over every rank of this generation (all stages), which compares the
+            run fingerprint (:meth:`PipelineSync.check_run`); None: only within the stage.
     """
 
     group: Any
@@ -41,6 +46,8 @@ class PipelineChannel:
     stage: int
     block_ranges: list[tuple[int, int]]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    timeout_s: float | None = None
+    agreement: DecisionSync | None = None
     messages: int = 0
     _pending: list[tuple[Any, torch.Tensor]] = field(default_factory=list, repr=False)
 
@@ -74,9 +81,25 @@ class PipelineChannel:
         import torch.distributed as dist
 
         t = torch.empty_like(like, device=self.device)
-        dist.recv(t, src=self.ranks[src_stage], group=self.group)
+        work = dist.irecv(t, src=self.ranks[src_stage], group=self.group)
+        what = f"X-Slim pipeline receive from rank {self.ranks[src_stage]} (stage {src_stage})"
+        if self.timeout_s is None:
+            work.wait()
+        else:
+            import datetime
+
+            try:
+                ok = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            except RuntimeError as e:
+                self._fail(f"{what} failed or timed out after {self.timeout_s}s: the stage stopped ({e})", e)
+            if ok is False:
+                self._fail(f"{what} timed out after {self.timeout_s}s", None)
         self.messages += 1
         return t
+
+    def _fail(self, message: str, cause: BaseException | None) -> None:
+        arm_exit_guard(message, EXIT_GRACE_S)  # the receive is still pending in the group
+        raise XSlimCollectiveError(message) from cause
 
     def _reap(self) -> None:
         self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
@@ -174,6 +197,11 @@ class PipelineSync(DecisionSync):
     def publish_block_statistics(self, stats: torch.Tensor) -> None:
         if not self.channel.is_first:
             self.channel.send_block_stats(stats)
+
+    def check_run(self, fingerprint: Mapping[str, str]) -> None:
+        """Every stage of the generation compares the fingerprint, in one all-gather over all of
+        them (at the run's start every stage is outside xfuser's pipeline traffic)."""
+        (self.channel.agreement or self.inner).check_run(fingerprint)
 
     def start_run(self) -> None:
         """A new run: nothing is due from the last one."""
