@@ -1,0 +1,137 @@
+"""A failing rank ends every rank, in every layout the xDiT integration sets up.
+
+The matrix: one rank is killed, hangs, or is configured differently, under Ulysses 2, CFG
+parallel 2 and PipeFusion 2 (xfuser's own FLUX wrapper and pipeline, gloo, CPU). All nine
+2-process cells run at once under torch.multiprocessing (``start_processes`` and its ``join``,
+the launcher's policy: once a process fails, the others get a grace period to exit by
+themselves, then SIGTERM). Each cell must be completely gone within the stated bound,
+``timeout_s + EXIT_MARGIN_S`` after the failure, and the rank that did not fail must have
+exited by itself (not been terminated by the launcher) with X-Slim's message.
+
+X-Slim's timeout is 5 s here (300 s by default). The processes fork from a server that has
+imported torch, diffusers and xfuser once (``tests/_fail_workers.py``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as tmp
+from _dist import free_port
+
+from xslim_xdit.parallel.failure import EXIT_MARGIN_S, HANG_EXIT_CODE
+
+pytestmark = pytest.mark.multiproc
+
+TIMEOUT_S = 5.0
+BOUND_S = TIMEOUT_S + EXIT_MARGIN_S
+#: the whole matrix, start-up included, or the test fails (a hang must not hang CI)
+HARD_LIMIT_S = 240.0
+
+
+def _run_cell(layout: str, mode: str, out_dir: Path, result: dict) -> None:
+    """Start one cell's two ranks and join them as torch.multiprocessing.spawn does."""
+    from _fail_workers import failing_cell
+
+    out_dir.mkdir(parents=True)
+    ctx = tmp.start_processes(
+        failing_cell,
+        args=(2, free_port(), layout, mode, TIMEOUT_S, str(out_dir)),
+        nprocs=2,
+        join=False,
+        start_method="forkserver",
+    )
+    result["processes"] = ctx.processes
+    # The rank that did not fail must exit by itself within the bound; a hung rank never does
+    # (it waits on nobody), so the launcher ends it after a short grace.
+    grace = 1.0 if mode == "hang" else BOUND_S
+    try:
+        while not ctx.join(timeout=0.2, grace_period=grace):
+            pass
+        result["raised"] = None
+    except Exception as e:  # noqa: BLE001 - ProcessRaisedException / ProcessExitedException
+        result["raised"] = e
+    result["gone_at"] = time.time()
+    result["exitcodes"] = [p.exitcode for p in ctx.processes]
+
+
+def took_from(out: Path, started: float) -> float:
+    return float((out / "inject").read_text()) - started
+
+
+def test_every_failure_in_every_layout_ends_every_rank(tmp_path):
+    from _fail_workers import FAILING_RANK, LAYOUTS, MODES
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["_fail_workers"])
+    cells = [(layout, mode) for layout in LAYOUTS for mode in MODES]
+    if os.environ.get("XSLIM_FAILURE_CELLS"):  # debugging one cell: "usp-hang,cfg-kill"
+        cells = [tuple(c.split("-")) for c in os.environ["XSLIM_FAILURE_CELLS"].split(",")]  # type: ignore[misc]
+    results: dict[tuple[str, str], dict] = {c: {} for c in cells}
+    started = time.time()
+    threads = [
+        threading.Thread(target=_run_cell, args=(*c, tmp_path / f"{c[0]}-{c[1]}", results[c]), daemon=True)
+        for c in cells
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + HARD_LIMIT_S
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [c for c, t in zip(cells, threads, strict=True) if t.is_alive()]
+    for r in results.values():
+        for p in r.get("processes", []):
+            if p.is_alive():
+                p.kill()
+    assert not hung, f"cells still running after {HARD_LIMIT_S}s: {hung}"
+    print(f"\nmatrix of {len(cells)} cells done in {time.time() - started:.1f}s")
+
+    problems = []
+    report = []
+    for (layout, mode), r in results.items():
+        out = tmp_path / f"{layout}-{mode}"
+        other = 1 - FAILING_RANK
+        codes = r["exitcodes"]
+        if not (out / "inject").exists():
+            problems.append(f"{layout}/{mode}: the failure was never injected (exit codes {codes})")
+            continue
+        took = r["gone_at"] - float((out / "inject").read_text())
+        up = max(float((out / f"started{k}").read_text()) for k in (0, 1)) - started
+        report.append(
+            f"{layout}/{mode}: exit codes {codes}, ranks started after {up:.1f}s, failure at "
+            f"{took_from(out, started):.1f}s, gone {took:.1f}s after it"
+        )
+        if took > BOUND_S:
+            problems.append(
+                f"{layout}/{mode}: processes gone {took:.1f}s after the failure (bound {BOUND_S}s)"
+            )
+        error = (out / f"error{other}").read_text() if (out / f"error{other}").exists() else ""
+        if mode == "misconfig":
+            # both ranks raise the same error at the run's start, naming the field and the ranks
+            for rank in (0, 1):
+                text = (out / f"error{rank}").read_text() if (out / f"error{rank}").exists() else ""
+                if (
+                    "RankMismatchError" not in text
+                    or "'warmup_steps' differs" not in text
+                    or "[0]" not in text
+                ):
+                    problems.append(f"{layout}/{mode}: rank {rank} did not raise the mismatch: {text[-600:]}")
+            if codes != [1, 1]:
+                problems.append(f"{layout}/{mode}: exit codes {codes}, expected both 1")
+            continue
+        # The surviving rank exited by itself: 1 after an exception (X-Slim's timeout, or the
+        # peer's closed connection), or the watchdog's status; never the launcher's SIGTERM.
+        if codes[other] not in (1, HANG_EXIT_CODE):
+            problems.append(f"{layout}/{mode}: rank {other} exit code {codes[other]} (error: {error[-400:]})")
+        if codes[other] == 1 and mode == "hang" and "XSlimCollectiveError" not in error:
+            problems.append(f"{layout}/{mode}: rank {other} raised something else: {error[-600:]}")
+        expected_failing = -9 if mode == "kill" else -15  # killed; or hung, then ended by the launcher
+        if codes[FAILING_RANK] != expected_failing:
+            problems.append(f"{layout}/{mode}: failing rank exit code {codes[FAILING_RANK]}")
+    print("\n".join(report))  # shown with -s: the measured times, for docs/parallel.md
+    assert not problems, "\n".join(problems)
