@@ -94,7 +94,32 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
                 setattr(args, key, value)
     elif not args.model:
         parser.error("give --model PATH (a checkpoint directory) or --tiny")
+    pick_ring_backend(args)
     return args
+
+
+def pick_ring_backend(args: argparse.Namespace) -> None:
+    """Ring attention merges partial attention through the log-sum-exp, so xDiT refuses its
+    default backend (SDPA) for ``--ring_degree > 1``; the one that returns it, ``SDPA_FLASH``,
+    runs on CPU only through X-Slim's compatibility layer (``docs/xfuser_cpu.md``). Without an
+    accelerator and without ``--attention_backend``, pick it and say so.
+
+    Example:
+        >>> a = argparse.Namespace(ring_degree=2, attention_backend=None)
+        >>> pick_ring_backend(a)  # doctest: +SKIP
+        >>> a.attention_backend  # doctest: +SKIP
+        'SDPA_FLASH'
+    """
+    from xslim_xdit.integrations.xfuser_compat import has_accelerator
+
+    if getattr(args, "ring_degree", 1) > 1 and args.attention_backend is None and not has_accelerator():
+        args.attention_backend = "SDPA_FLASH"
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                "note: --ring_degree > 1 on CPU: using --attention_backend SDPA_FLASH (Ring needs the "
+                "log-sum-exp; xDiT's default SDPA backend refuses Ring)",
+                flush=True,
+            )
 
 
 def pick_dtype(args: argparse.Namespace) -> torch.dtype:

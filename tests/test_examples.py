@@ -1,6 +1,7 @@
 """The torchrun examples run end to end on CPU with ``--tiny``: each on one process, FLUX also on
-two Ulysses ranks, and ``--help`` on each. All subprocesses start together (most of their time is
-importing xfuser) and each has a hard timeout that kills its process group."""
+two Ulysses ranks and on two Ring ranks (default attention backend), and ``--help`` on each. All
+subprocesses start together (most of their time is importing xfuser) and each has a hard timeout
+that kills its process group."""
 
 from __future__ import annotations
 
@@ -49,6 +50,22 @@ def _commands() -> dict[str, list[str]]:
         str(EXAMPLES / "flux_example.py"),
         "--tiny",
         "--ulysses_degree",
+        "2",
+        *XSLIM,
+    ]
+    # Ring with the default attention backend: the example picks the one Ring needs on CPU
+    run2_ring = py + [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    cmds["flux-ring2"] = run2_ring + [
+        str(EXAMPLES / "flux_example.py"),
+        "--tiny",
+        "--ring_degree",
         "2",
         *XSLIM,
     ]
@@ -125,6 +142,18 @@ def test_flux_example_ulysses2_decides_like_one_process(runs):
     assert two["collectives"] > 0
     # this run has no token steps, so the per-shard token selection plays no part: same decisions
     assert "token" not in one["kinds"]
+    assert two["kinds"] == one["kinds"]
+    assert two["max_abs_diff_vs_baseline"] == pytest.approx(one["max_abs_diff_vs_baseline"], abs=1e-2)
+
+
+def test_flux_example_ring2_runs_on_cpu_with_the_default_backend(runs):
+    """``--ring_degree 2`` without ``--attention_backend``: xDiT's default (SDPA) refuses Ring, so
+    on CPU the example picks SDPA_FLASH, says so, and decides like one process."""
+    one, two = _result(runs, "flux-1"), _result(runs, "flux-ring2")
+    assert "ring2" in two["parallel"]
+    assert "using --attention_backend SDPA_FLASH" in runs["flux-ring2"][1]
+    assert "does not support ring parallelism" not in runs["flux-ring2"][1]
+    assert two["collectives"] > 0
     assert two["kinds"] == one["kinds"]
     assert two["max_abs_diff_vs_baseline"] == pytest.approx(one["max_abs_diff_vs_baseline"], abs=1e-2)
 
