@@ -35,7 +35,7 @@ from ..api import XSlimPipelineWrapper, enable_xslim, get_engines
 from ..config import XSlimConfig
 from ..engine import XSlimEngine
 from ..observers import EngineObserver
-from ..parallel.failure import watchdog_arm, watchdog_disarm
+from ..parallel.failure import WATCHDOG_SLACK_S, watchdog_arm, watchdog_disarm
 from ..parallel.groups import SequenceParallelGather
 from ..parallel.sync import GroupSync, LocalSync
 from ..stats import StepRecord
@@ -132,7 +132,9 @@ class RunWatchdog(EngineObserver):
     """
 
     def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
+        # a little later than X-Slim's own collectives time out, so that a wait inside one of
+        # them ends with its clear XSlimCollectiveError rather than the watchdog's exit
+        self.timeout_s = timeout_s + WATCHDOG_SLACK_S
 
     def on_run_start(self, engine: XSlimEngine, num_steps: int) -> None:
         watchdog_arm(engine, self.timeout_s, f"X-Slim run {engine.run_index} ({num_steps} steps)")

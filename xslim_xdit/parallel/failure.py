@@ -41,8 +41,11 @@ from types import FrameType
 EXIT_GRACE_S = 10.0
 #: how often the watchdog looks (seconds): a hang is seen at most this late
 WATCHDOG_POLL_S = 1.0
-#: the stated bound is ``timeout_s + EXIT_MARGIN_S``: the poll, the exit grace, and a few seconds
-#: for the launcher to end the ranks that are still alive once one has exited
+#: the watchdog waits this much longer than X-Slim's collective timeout (which then fires first)
+WATCHDOG_SLACK_S = 2.0
+#: the stated bound is ``timeout_s + EXIT_MARGIN_S``: the watchdog's slack and poll (3 s), or the
+#: exit grace (10 s), and a few seconds for the launcher to end the ranks still alive once one
+#: has exited
 EXIT_MARGIN_S = 15.0
 #: exit status of a process ended by the watchdog (as ``timeout(1)``)
 HANG_EXIT_CODE = 124
