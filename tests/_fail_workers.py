@@ -157,3 +157,17 @@ def failing_cell(
         sys.exit(1)
     finally:
         (out / f"cpu{rank}").write_text(repr(time.process_time()))
+
+
+if __name__ == "__main__":  # one cell under torchrun: python -m torch.distributed.run ... _fail_workers.py
+    layout, mode, timeout, out_dir = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    failing_cell(
+        int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+        int(os.environ["MASTER_PORT"]),
+        layout,
+        mode,
+        1,
+        timeout,
+        out_dir,
+    )

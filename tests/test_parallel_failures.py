@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -131,11 +134,7 @@ def test_every_failure_in_every_layout_ends_every_rank(tmp_path, monkeypatch):
             # both ranks raise the same error at the run's start, naming the field and the ranks
             for rank in (0, 1):
                 text = (out / f"error{rank}").read_text() if (out / f"error{rank}").exists() else ""
-                if (
-                    "RankMismatchError" not in text
-                    or "'polish' differs" not in text
-                    or "[0]" not in text
-                ):
+                if "RankMismatchError" not in text or "'polish' differs" not in text or "[0]" not in text:
                     problems.append(f"{layout}/{mode}: rank {rank} did not raise the mismatch: {text[-600:]}")
             if codes != [1, 1]:
                 problems.append(f"{layout}/{mode}: exit codes {codes}, expected both 1")
@@ -151,3 +150,41 @@ def test_every_failure_in_every_layout_ends_every_rank(tmp_path, monkeypatch):
             problems.append(f"{layout}/{mode}: failing rank exit code {codes[FAILING_RANK]}")
     print("\n".join(report))  # shown with -s: the measured times, for docs/parallel.md
     assert not problems, "\n".join(problems)
+
+
+def test_under_torchrun_a_hung_rank_ends_the_job(tmp_path):
+    """The case of the issue: the xDiT integration's own decision group, one Ulysses rank hangs.
+    The other rank exits by itself within the bound (X-Slim's timeout, or the watchdog), and
+    torchrun then ends the hung rank and exits with an error."""
+    out = tmp_path / "torchrun"
+    out.mkdir()
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(free_port()), str(Path(__file__).parent / "_fail_workers.py")]
+    cmd += ["usp", "hang", str(TIMEOUT_S), str(out)]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        text, _ = proc.communicate(timeout=HARD_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
+        raise AssertionError(f"torchrun still running after {HARD_LIMIT_S}s:\n{text[-3000:]}") from None
+    gone = time.time()
+    assert proc.returncode != 0, text[-3000:]
+    assert (out / "inject").exists(), text[-3000:]
+    took = gone - float((out / "inject").read_text())
+    print(f"\ntorchrun usp/hang: job gone {took:.1f}s after the failure")
+    assert took <= BOUND_S, text[-3000:]
+    assert "X-Slim" in text and ("timed out" in text or "no progress" in text), text[-3000:]
+    # no process of the job is left (torchrun's own group: the agent and both ranks)
+    try:
+        os.killpg(proc.pid, 0)
+        left = True
+    except ProcessLookupError:
+        left = False
+    assert not left, "processes of the torchrun job are still alive"
