@@ -7,11 +7,17 @@ GPUs, a real checkpoint (diffusers layout, e.g. a local copy of FLUX.1-dev)::
         --num_inference_steps 28 --prompt "a photo of a cat" \\
         --xslim --xslim-preset flux-fast --save_dir results
 
-CPU, tiny random components (no download), one process or two Ulysses ranks::
+CPU, tiny random components (no download), one process, two Ulysses ranks or two Ring ranks::
 
     python examples/flux_example.py --tiny --xslim --xslim-polish auto
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/flux_example.py --tiny \\
         --ulysses_degree 2 --xslim
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/flux_example.py --tiny \\
+        --ring_degree 2 --xslim
+
+Ring needs an attention backend that returns the log-sum-exp; xDiT's default (SDPA) refuses it.
+Without an accelerator and without ``--attention_backend`` the examples pick ``SDPA_FLASH``
+(which X-Slim's CPU compatibility layer makes run on CPU) and print a note saying so.
 
 The device comes from the environment (``cuda:<LOCAL_RANK>`` where CUDA exists, else CPU) and
 the distributed backend from the device (NCCL on GPUs, gloo on CPU), as xDiT decides them.
