@@ -155,8 +155,6 @@ def failing_cell(
     except Exception:
         (out / f"error{rank}").write_text(traceback.format_exc())
         sys.exit(1)
-    finally:
-        (out / f"cpu{rank}").write_text(repr(time.process_time()))
 
 
 if __name__ == "__main__":  # one cell under torchrun: python -m torch.distributed.run ... _fail_workers.py

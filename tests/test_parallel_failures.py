@@ -73,6 +73,7 @@ def _run_cell(layout: str, mode: str, out_dir: Path, result: dict) -> None:
 
 
 def took_from(out: Path, started: float) -> float:
+    """Seconds from the matrix's start to the cell's injected failure."""
     return float((out / "inject").read_text()) - started
 
 
