@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from xslim_xdit.integrations.xfuser import add_xslim_args, config_from_args
+from xslim_xdit.integrations.xfuser import add_xslim_args, config_from_args, timeout_from_args
 from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
 
 # xfuser 0.7 cannot be imported without an accelerator unless its CPU compatibility layer is in
@@ -245,7 +245,7 @@ def compare_and_report(
     out, engine, t_xslim = baseline, None, None
     config = xslim_config(args)
     if config is not None:
-        engine = pipe.enable_xslim(config)
+        engine = pipe.enable_xslim(config, timeout_s=timeout_from_args(args))
         if not args.no_warmup:
             generate()
         out, t_xslim = timed(generate, device)

@@ -32,7 +32,7 @@ import _xslim_example_utils as ex
 import numpy as np
 import torch
 
-from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper, enable_xslim_xdit
+from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper, enable_xslim_xdit, timeout_from_args
 
 TINY_FRAMES, TINY_HW, TINY_TEXT = 2, 4, 5  # latent frames and side; text tokens (one padded)
 TINY_DEFAULTS = {"num_inference_steps": 10, "prompt": ["a cat walks on the grass"]}
@@ -89,7 +89,7 @@ def run_tiny(args: object) -> None:
     out, engine, t_xslim = baseline, None, None
     config = ex.xslim_config(args)
     if config is not None:
-        engine = enable_xslim_xdit(xmodel, config)
+        engine = enable_xslim_xdit(xmodel, config, timeout_s=timeout_from_args(args))
         engine.default_steps = steps  # a bare transformer has no scheduler to announce the step count
         if not args.no_warmup:
             generate()
@@ -159,7 +159,7 @@ def run_checkpoint(args: object) -> None:
     out, engine, t_xslim = baseline, None, None
     config = ex.xslim_config(args)
     if config is not None:
-        engine = wrapped.enable_xslim(config)
+        engine = wrapped.enable_xslim(config, timeout_s=timeout_from_args(args))
         if not args.no_warmup:
             generate()
         out, t_xslim = ex.timed(generate, device)

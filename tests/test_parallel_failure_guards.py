@@ -36,3 +36,22 @@ def test_watchdog_sees_a_wait_on_other_ranks_and_not_a_computation():
     scope = {"_frame_in_comm": _frame_in_comm, "sys": sys}
     exec(compile("where = _frame_in_comm(sys._getframe())", c10d.__file__, "exec"), scope)
     assert scope["where"] is not None and "distributed_c10d" in scope["where"]
+
+
+def test_xslim_timeout_flag():
+    """``--xslim-timeout`` sets ``enable_xslim_xdit``'s timeout; it needs ``--xslim`` like every
+    X-Slim flag, and a bound that is not positive is refused naming the flag."""
+    import argparse
+
+    import pytest
+
+    from xslim_xdit import ConfigError
+    from xslim_xdit.integrations.cli import add_xslim_args, config_from_args, timeout_from_args
+
+    parser = add_xslim_args(argparse.ArgumentParser())
+    assert timeout_from_args(parser.parse_args([])) == 300.0
+    assert timeout_from_args(parser.parse_args(["--xslim", "--xslim_timeout", "5"])) == 5.0
+    with pytest.raises(ConfigError, match="^--xslim-timeout is given without --xslim"):
+        config_from_args(parser.parse_args(["--xslim-timeout", "5"]))
+    with pytest.raises(ConfigError, match="^--xslim-timeout must be a number of seconds > 0"):
+        timeout_from_args(parser.parse_args(["--xslim", "--xslim-timeout", "-1"]))

@@ -110,7 +110,33 @@ def add_xslim_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--xslim-schedule", "--xslim_schedule", default=None, help="a calibration JSON file to follow"
     )
+    g.add_argument(
+        "--xslim-timeout",
+        "--xslim_timeout",
+        type=float,
+        default=None,
+        help="seconds an X-Slim collective (or, during a run, any wait on other ranks) may take before "
+        "the rank gives up and the job ends; every process is gone within this + 15 s (default 300)",
+    )
     return parser
+
+
+def timeout_from_args(args: argparse.Namespace) -> float:
+    """``--xslim-timeout`` in seconds, for ``enable_xslim_xdit(..., timeout_s=...)``.
+
+    Example:
+        >>> timeout_from_args(add_xslim_args(argparse.ArgumentParser()).parse_args(["--xslim-timeout", "30"]))
+        30.0
+        >>> timeout_from_args(add_xslim_args(argparse.ArgumentParser()).parse_args(["--xslim-timeout", "0"]))
+        Traceback (most recent call last):
+        ...
+        xslim_xdit.schedule.ConfigError: --xslim-timeout must be a number of seconds > 0; got 0.0
+    """
+    given = getattr(args, "xslim_timeout", None)
+    value = 300.0 if given is None else float(given)
+    if not value > 0:
+        raise ConfigError(f"--xslim-timeout must be a number of seconds > 0; got {value!r}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> XSlimConfig | None:
@@ -141,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> XSlimConfig | None:
     if not getattr(args, "xslim", False):
         flags = (["--xslim-preset"] if preset else []) + (["--xslim-schedule"] if schedule else [])
         flags += [flag for flag, _, _ in given]
+        flags += ["--xslim-timeout"] if getattr(args, "xslim_timeout", None) is not None else []
         if flags:
             raise ConfigError(
                 f"{flags[0]} is given without --xslim: add --xslim to enable X-Slim caching, or drop {flags[0]}"

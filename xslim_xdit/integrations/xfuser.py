@@ -41,6 +41,7 @@ from ..parallel.sync import GroupSync, LocalSync
 from ..stats import StepRecord
 from .cli import add_xslim_args as add_xslim_args  # the command line lives in cli.py
 from .cli import config_from_args as config_from_args
+from .cli import timeout_from_args as timeout_from_args
 
 #: the command line, reached through this module as the README imports it (doctest.testmod runs
 #: these; functions defined in cli.py are not this module's)
