@@ -34,7 +34,7 @@ import _xslim_example_utils as ex
 import numpy as np
 import torch
 
-from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper
+from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper, timeout_from_args
 
 TINY_DEFAULTS = {"num_inference_steps": 10, "prompt": ["a cat walks on the grass"], "guidance_scale": 2.0}
 
@@ -138,7 +138,7 @@ def run(args: object) -> None:
     out, t_xslim = baseline, None
     config = ex.xslim_config(args)
     if config is not None:
-        wrapped.enable_xslim(config)
+        wrapped.enable_xslim(config, timeout_s=timeout_from_args(args))
         if not args.no_warmup:
             generate()
         out, t_xslim = ex.timed(generate, device)
