@@ -133,7 +133,11 @@ class FamilyTesterMixin:
     def test_presets_run_their_schedule(self):
         presets = adapter_named(self.family).presets
         if not presets:
-            pytest.skip(f"family {self.family!r} declares no presets")
+            # No published schedule: none may be reachable under the family's name either.
+            assert not [n for n in PRESETS if n.startswith(f"{self.family}-")]
+            with pytest.raises(ConfigError, match="preset"):
+                XSlimConfig.from_preset(f"{self.family}-fast")
+            return
         model = self.model()
         for name in presets:
             eng = enable_xslim(model, XSlimConfig.from_preset(name), num_inference_steps=self.steps)
@@ -223,11 +227,16 @@ class FamilyTesterMixin:
         )
         assert 0 < summary["flops_fraction"] < 1
 
-    def test_a_missing_token_level_is_refused_before_anything_is_attached(self):
-        if self.has_token_level:
-            pytest.skip(f"family {self.family!r} has the token level")
+    def test_the_token_level_is_served_or_refused_before_anything_is_attached(self):
         model = self.model()
         before = _restorable_state(model)
+        if self.has_token_level:
+            # Offered: enabling installs the token processors, disabling gives everything back.
+            enable_xslim(model, XSlimConfig(polish="token"), num_inference_steps=self.steps)
+            assert _restorable_state(model) != before
+            disable_xslim(model)
+            assert _restorable_state(model) == before
+            return
         with pytest.raises(
             ConfigError, match=f"family '{self.family}': token refresh .level 'token'. is not"
         ):
@@ -237,10 +246,16 @@ class FamilyTesterMixin:
     def test_token_refresh_at_ratio_one_equals_full(self):
         """All tokens refreshed against a fully replaced K/V cache is the full computation: checks
         the splice, RoPE at true positions, text ordering and masks of the family's processor."""
-        if not self.has_token_level:
-            pytest.skip(f"family {self.family!r} has no token level")
         model = self.model()
         ref = self.sample(model, steps=6)
+        if not self.has_token_level:
+            # No token level: "auto" (which may pick it) is refused too, and the model is untouched.
+            before = _restorable_state(model)
+            with pytest.raises(ConfigError, match="level 'token'"):
+                enable_xslim(model, XSlimConfig(polish="auto"), num_inference_steps=6)
+            assert _restorable_state(model) == before
+            torch.testing.assert_close(self.sample(model, steps=6), ref, rtol=0, atol=0)
+            return
         schedule = Schedule(6, full_steps=(0, 1, 5), block_steps=(2,), token_steps=(3, 4))
         cfg = XSlimConfig(mode="schedule", schedule=schedule, token_ratio=1.0, block_thresh=1e-9)
         eng = enable_xslim(model, cfg, num_inference_steps=6)
