@@ -260,6 +260,34 @@ class _TokenProcessor:
         pair[0], pair[1] = k, v  # the refreshed rows stay fresh for later refreshes
         return k, v
 
+    def _dual_stream_qkv(
+        self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, tail: int = 0
+    ) -> tuple[torch.Tensor, ...]:
+        """The dual-stream attention's six projections on a token-refresh call, each as
+        ``(batch, rows, heads, head_dim)`` and through the norms the attention has: the computed image
+        rows' queries, the image K/V cache with those rows spliced in (:meth:`_cached_kv`, ``tail``
+        as there), and the text's queries, keys and values (``add_*_proj``), all fresh."""
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (attn.heads, -1))
+
+        def normed(norm_name: str, x: torch.Tensor) -> torch.Tensor:
+            norm = getattr(attn, norm_name, None)
+            return norm(x) if norm is not None else x
+
+        q = heads(attn.to_q(hidden_states))
+        k, v = self._cached_kv(attn, attn.to_k(hidden_states), attn.to_v(hidden_states), tail=tail)
+        txt = encoder_hidden_states
+        q_t, k_t, v_t = heads(attn.add_q_proj(txt)), heads(attn.add_k_proj(txt)), heads(attn.add_v_proj(txt))
+        return (
+            normed("norm_q", q),
+            normed("norm_k", heads(k)),
+            heads(v),
+            normed("norm_added_q", q_t),
+            normed("norm_added_k", k_t),
+            v_t,
+        )
+
 
 class SelfAttnTokenProcessor(_TokenProcessor):
     """For diffusers' ``Attention`` used as plain self-attention (DiT, PixArt ``attn1``)."""
@@ -344,16 +372,7 @@ class JointAttnTokenProcessor(_TokenProcessor):
             return x.unflatten(-1, (attn.heads, -1))
 
         if double:
-            q_img = attn.to_q(img_in)
-            k_img, v_img = self._cached_kv(attn, attn.to_k(img_in), attn.to_v(img_in))
-            q_txt, k_txt, v_txt = attn.add_q_proj(txt_in), attn.add_k_proj(txt_in), attn.add_v_proj(txt_in)
-            q_img, k_img, v_img = heads(q_img), heads(k_img), heads(v_img)
-            q_txt, k_txt, v_txt = heads(q_txt), heads(k_txt), heads(v_txt)
-            q_img, k_img = attn.norm_q(q_img), attn.norm_k(k_img)
-            if attn.norm_added_q is not None:
-                q_txt = attn.norm_added_q(q_txt)
-            if attn.norm_added_k is not None:
-                k_txt = attn.norm_added_k(k_txt)
+            q_img, k_img, v_img, q_txt, k_txt, v_txt = self._dual_stream_qkv(attn, img_in, txt_in)
         else:
             q_all = heads(
                 attn.to_q(torch.cat([txt_in, img_in], 1) if txt_first else torch.cat([img_in, txt_in], 1))

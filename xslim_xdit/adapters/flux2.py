@@ -137,18 +137,9 @@ class Flux2DoubleTokenProcessor(_TokenProcessor):
         idx = ctx.index
         n_ref = hidden_states.shape[1] - idx.shape[1]
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.unflatten(-1, (-1, attn.head_dim))
-
-        q = attn.norm_q(heads(attn.to_q(hidden_states)))
-        k, v = self._cached_kv(attn, attn.to_k(hidden_states), attn.to_v(hidden_states), tail=n_ref)
+        q, k, v, q_t, k_t, v_t = self._dual_stream_qkv(attn, hidden_states, encoder_hidden_states, tail=n_ref)
         rows = rows_with_tail(idx, k.shape[1], n_ref)
-        k, v = attn.norm_k(heads(k)), heads(v)
-        txt = encoder_hidden_states
-        q_t = attn.norm_added_q(heads(attn.add_q_proj(txt)))
-        k_t = attn.norm_added_k(heads(attn.add_k_proj(txt)))
-        v_t = heads(attn.add_v_proj(txt))
-        n_txt = txt.shape[1]
+        n_txt = encoder_hidden_states.shape[1]
         k_all = torch.cat([k_t, k], 1)
         if image_rotary_emb is not None:
             cos, sin = image_rotary_emb  # over [text, image]

@@ -137,24 +137,9 @@ class QwenDoubleStreamTokenProcessor(_TokenProcessor):
         b, k_sel = idx.shape
         n_ref = hidden_states.shape[1] - k_sel  # reference tokens follow the selected ones
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.unflatten(-1, (attn.heads, -1))
-
-        q = heads(attn.to_q(hidden_states))
-        k, v = self._cached_kv(attn, attn.to_k(hidden_states), attn.to_v(hidden_states), tail=n_ref)
+        q, k, v, q_t, k_t, v_t = self._dual_stream_qkv(attn, hidden_states, encoder_hidden_states, tail=n_ref)
         # positions of the computed rows in the image sequence: the selected, then every reference row
         rows = rows_with_tail(idx, k.shape[1], n_ref)
-        k, v = heads(k), heads(v)
-        txt = encoder_hidden_states
-        q_t, k_t, v_t = heads(attn.add_q_proj(txt)), heads(attn.add_k_proj(txt)), heads(attn.add_v_proj(txt))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if attn.norm_added_q is not None:
-            q_t = attn.norm_added_q(q_t)
-        if attn.norm_added_k is not None:
-            k_t = attn.norm_added_k(k_t)
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             k = qwen_rope(k, img_freqs)  # every image key at its position
@@ -165,7 +150,7 @@ class QwenDoubleStreamTokenProcessor(_TokenProcessor):
             keys = torch.ones(b, k.shape[1], dtype=torch.bool, device=k.device)
             mask = torch.cat([encoder_hidden_states_mask.bool(), keys], 1)[:, None, None, :]
         ctx.query_rows += k_sel
-        n_txt = txt.shape[1]
+        n_txt = encoder_hidden_states.shape[1]
         out = ctx.attention(torch.cat([q_t, q], 1), torch.cat([k_t, k], 1), torch.cat([v_t, v], 1), mask)
         out = out.flatten(2, 3).to(q.dtype)
         out_txt, out_img = out[:, :n_txt], out[:, n_txt:]

@@ -70,23 +70,8 @@ class SD3JointAttnTokenProcessor(_TokenProcessor):
                 "family 'sd3': token refresh supports the joint attention without mask or IP-Adapter only"
             )
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.unflatten(-1, (attn.heads, -1))
-
         n_q = hidden_states.shape[1]
-        q = heads(attn.to_q(hidden_states))
-        k, v = self._cached_kv(attn, attn.to_k(hidden_states), attn.to_v(hidden_states))
-        k, v = heads(k), heads(v)
-        txt = encoder_hidden_states
-        q_t, k_t, v_t = heads(attn.add_q_proj(txt)), heads(attn.add_k_proj(txt)), heads(attn.add_v_proj(txt))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if attn.norm_added_q is not None:
-            q_t = attn.norm_added_q(q_t)
-        if attn.norm_added_k is not None:
-            k_t = attn.norm_added_k(k_t)
+        q, k, v, q_t, k_t, v_t = self._dual_stream_qkv(attn, hidden_states, encoder_hidden_states)
         k, v = ctx.gather(k, "img"), ctx.gather(v, "img")
         k_t, v_t = ctx.gather(k_t, "txt"), ctx.gather(v_t, "txt")
         ctx.query_rows += n_q
