@@ -117,6 +117,23 @@ def tiny_clip_text_encoder(hidden_size: int = 16, seed: int = 0) -> tuple[Any, A
     return CLIPTextModel(cfg).eval(), tok
 
 
+def _t5_config_kwargs(d_model: int, vocab_size: int) -> dict[str, Any]:
+    """One layer, two heads, the T5 tokenizer's special ids: what the tiny T5 and UMT5 share."""
+    return dict(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // 2,
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
 def tiny_t5_encoder(d_model: int = 24, seed: int = 0) -> tuple[Any, Any]:
     """A random one-layer ``T5EncoderModel`` and its in-memory tokenizer.
 
@@ -129,20 +146,7 @@ def tiny_t5_encoder(d_model: int = 24, seed: int = 0) -> tuple[Any, Any]:
 
     tok = _t5_tokenizer()
     torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=len(tok),
-        d_model=d_model,
-        d_kv=d_model // 2,
-        d_ff=2 * d_model,
-        num_layers=1,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return T5EncoderModel(cfg).eval(), tok
+    return T5EncoderModel(T5Config(**_t5_config_kwargs(d_model, len(tok)))).eval(), tok
 
 
 def tiny_umt5_encoder(d_model: int = 16, seed: int = 0) -> tuple[Any, Any]:
@@ -158,20 +162,7 @@ def tiny_umt5_encoder(d_model: int = 16, seed: int = 0) -> tuple[Any, Any]:
 
     tok = _t5_tokenizer()
     torch.manual_seed(seed)
-    cfg = UMT5Config(
-        vocab_size=len(tok),
-        d_model=d_model,
-        d_kv=d_model // 2,
-        d_ff=2 * d_model,
-        num_layers=1,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return UMT5EncoderModel(cfg).eval(), tok
+    return UMT5EncoderModel(UMT5Config(**_t5_config_kwargs(d_model, len(tok)))).eval(), tok
 
 
 def tiny_wan_vae(z_dim: int = 4, seed: int = 0) -> Any:
