@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,23 @@ def test_video_clips_translate() -> None:
         o = f - 1
         assert clips[0, 0, f, 8 - o, 8 + o] == 1.0
         assert (clips[0, 0, f] == 1.0).sum() == 1
+
+
+def test_flux_steep_testbed_is_the_flux_checkpoint_under_a_steeper_shift() -> None:
+    """Same weights, another sampler: the steep variant's sigmas sit higher at every step (more of
+    the steps at high noise), and its report names the shift it used."""
+    from benchmarks.suites import TESTBEDS
+
+    plain, steep = TESTBEDS["flux"](), TESTBEDS["flux_steep"]()
+    p_plain, p_steep = plain.load(None), steep.load(None)
+    for a, b in zip(
+        p_plain.transformer.state_dict().values(), p_steep.transformer.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert p_steep.scheduler.config.max_shift == steep.max_shift > p_plain.scheduler.config.max_shift
+    sigmas = {}
+    for name, pipe in (("plain", p_plain), ("steep", p_steep)):
+        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 20, 20), mu=pipe.scheduler.config.max_shift)
+        sigmas[name] = pipe.scheduler.sigmas[1:-1]
+    assert bool((sigmas["steep"] > sigmas["plain"]).all())
+    assert f"max_shift {steep.max_shift}" in steep.describe()["sampler"]
