@@ -245,7 +245,9 @@ class FluxSteepTestbed(FluxTestbed):
     ``max_shift`` 4.0 (shift factor ``e^4``, about 55, at 64 tokens) and guidance 7, 25 and 15 steps
     land at 19.3 and 15.1 dB (n = 30) with every sample still read as its digit
     (``python -m benchmarks.testbeds.eval_testbeds flux --shift 4.0``). Only the sampler differs;
-    the weights are the FLUX testbed's.
+    the weights are the FLUX testbed's. It is realistic for step counts and NOT for caching: about
+    half of the steps now sit at nearly pure noise, where features barely change, so reuse is
+    far cheaper than on FLUX.1-dev (``docs/testbeds.md``); do not headline a margin from it.
     """
 
     name = "flux_steep"
