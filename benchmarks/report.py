@@ -378,8 +378,8 @@ def _ruler_html(tb: dict[str, Any]) -> str:
     from benchmarks.ruler import (
         RULER_HEADER,
         SOURCE,
-        TRANSFER_GAP_DB,
         analog_model,
+        is_realistic,
         median_gap,
         table_rows,
         unmatched,
@@ -387,8 +387,8 @@ def _ruler_html(tb: dict[str, Any]) -> str:
     )
 
     esc = html.escape
-    gap = median_gap(tb)[0]
-    cls = "verdict bad" if gap is not None and abs(gap) > TRANSFER_GAP_DB else "verdict"
+    known = median_gap(tb)[0] is not None
+    cls = "verdict bad" if known and not is_realistic(tb) else "verdict"
     steps = _reference(tb).get("steps")
     parts = [
         f"<h3>Realism ruler: published {esc(analog_model(tb))} figures beside this testbed</h3>",

@@ -194,8 +194,22 @@ def median_gap(tb: dict[str, Any]) -> tuple[float | None, int, str]:
     return (statistics.median(gaps) if gaps else None), len(gaps), analog_model(tb)
 
 
+def rows_off(tb: dict[str, Any]) -> list[RulerRow]:
+    """The matched rows more than :data:`TRANSFER_GAP_DB` from their published value, worst first:
+    a testbed is realistic only when there are none (issue 13's rule: every ruler method within
+    3 dB), whatever the median."""
+    off = [r for r in ruler_rows(tb) if r.gap is not None and abs(r.gap) > TRANSFER_GAP_DB]
+    return sorted(off, key=lambda r: -abs(r.gap or 0.0))
+
+
+def is_realistic(tb: dict[str, Any]) -> bool:
+    """Some published figure is matched and every matched row is within :data:`TRANSFER_GAP_DB`."""
+    return median_gap(tb)[0] is not None and not rows_off(tb)
+
+
 def verdict(tb: dict[str, Any]) -> str:
-    """One line: how much easier (or harder) the testbed is than its real model."""
+    """One line: how much easier (or harder) the testbed is than its real model, and, when the
+    median hides them, the rows that break the 3 dB rule."""
     gap, n, model = median_gap(tb)
     if gap is None:
         return "no published figure has a counterpart on this testbed: realism unknown"
@@ -204,6 +218,14 @@ def verdict(tb: dict[str, Any]) -> str:
         return f"testbed is {gap:.1f} dB easier than the real model {over}: margins are not transferable"
     if gap < -TRANSFER_GAP_DB:
         return f"testbed is {-gap:.1f} dB harder than the real model {over}: margins are not transferable"
+    off = rows_off(tb)
+    if off:
+        worst = off[0]
+        return (
+            f"testbed is within {TRANSFER_GAP_DB:g} dB of the real model at the median {over} (gap "
+            f"{gap:+.1f} dB), but {len(off)} of {n} rows are further off (worst: {worst.figure.setting} "
+            f"{worst.gap:+.1f} dB): not realistic, margins are not transferable"
+        )
     return f"testbed is within {TRANSFER_GAP_DB:g} dB of the real model {over} (gap {gap:+.1f} dB)"
 
 

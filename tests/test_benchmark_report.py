@@ -248,6 +248,18 @@ def test_ruler_matching_and_verdicts() -> None:
     assert rows["TeaCache 0.6"].method is None
     assert ruler.verdict(short).startswith("testbed is within 3 dB of the real model")  # 19.0 - 17.92
     assert "not transferable" in ruler.verdict(tb)
+    assert ruler.is_realistic(short) and not ruler.is_realistic(tb)
+    # a median within 3 dB does not hide one row far off (issue 13: every row within 3 dB)
+    one_off = {
+        "testbed": {"name": "digits"},
+        "methods": {
+            **short["methods"],
+            "steps/3": _entry("fewer-steps", 7, 2.9, 16.0, 0.34),  # 15 of 50 steps: 15.49 published
+            "reuse-every-3": _entry("uniform-reuse", 20, 2.8, 35.0, 0.36),  # 15.82 published
+        },
+    }
+    assert [r.figure.setting for r in ruler.rows_off(one_off)] == ["uniform reuse every 3 steps"]
+    assert "1 of 3 rows are further off" in ruler.verdict(one_off) and not ruler.is_realistic(one_off)
     video = {"testbed": {"name": "video"}, "methods": {"full": _entry("reference", 50, 1, "inf", 1)}}
     assert {r.figure.model for r in ruler.ruler_rows(video)} == {"HunyuanVideo"}
     assert ruler.verdict(video).startswith("no published figure has a counterpart")
