@@ -1,26 +1,40 @@
-"""X-Slim on FLUX.2 under xDiT's real sequence parallelism (xfuser 0.7's FLUX.2 wrapper, Ulysses 2),
-on CPU with gloo: both ranks make the single device's decisions and produce its output."""
+"""X-Slim on FLUX.2 under xDiT's real sequence parallelism (xfuser 0.7's FLUX.2 wrapper), on CPU
+with gloo: Ulysses 2 and Ring 2, each with a schedule (every level) and with the online controller;
+both ranks make the single device's decisions (``token_groups=2`` there) and produce its output.
+
+One 2-rank launch runs every case (module-scoped fixture): starting two ranks that import xfuser
+is most of the cost."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from _dist import run_ranks
-from _xdit_image_workers import flux2_usp, single_device
+from _xdit_image_workers import LAYOUTS, flux2_cases, single_device
 
 pytestmark = pytest.mark.multiproc
 
 ATOL = 1e-4  # as tests/test_parallel_xdit.py: other reduction and key orders, ~1e-6 measured
 
 
-def test_flux2_ulysses_ranks_agree_with_single_device(tmp_path):
-    """A schedule with every level (one case: two spawned ranks importing xfuser take most of a
-    minute on a loaded CPU; the online controller's reductions are FLUX.1's, tested there)."""
-    ref = single_device(2, "schedule")
-    ranks = run_ranks(flux2_usp, 2, tmp_path, 2, "schedule", timeout=240)
-    assert ranks[0]["log"] == ranks[1]["log"] == ref["log"]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out: Path = tmp_path_factory.mktemp("flux2_xdit")
+    return run_ranks(flux2_cases, 2, out, timeout=400)
+
+
+@pytest.mark.parametrize("layout", ["ulysses2", "ring2"])
+@pytest.mark.parametrize("which", ["schedule", "online"])
+def test_flux2_usp_ranks_agree_with_single_device(ranks, layout, which):
+    ref = single_device(2, which)
+    got = [r[f"{layout}/{which}"] for r in ranks]
+    assert got[0]["degrees"] == got[1]["degrees"] == LAYOUTS[layout]  # (Ulysses, Ring) as xfuser ran it
+    assert got[0]["log"] == got[1]["log"] == ref["log"]
     assert {k for k, _, _ in ref["log"]} == {"skip", "block", "token", "full"}  # every level ran
-    torch.testing.assert_close(ranks[0]["plain"], ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
-    for r in ranks:
-        torch.testing.assert_close(r["x"], ref["x"], rtol=0, atol=ATOL)
-    assert ranks[0]["collectives"] > 0
+    torch.testing.assert_close(got[0]["plain"], ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
+    for g in got:
+        torch.testing.assert_close(g["x"], ref["x"], rtol=0, atol=ATOL)
+    assert got[0]["collectives"] > 0
