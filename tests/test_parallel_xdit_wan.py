@@ -1,6 +1,7 @@
 """X-Slim on Wan under xDiT's real sequence parallelism (xfuser 0.7's ``xFuserWanTransformer3DWrapper``),
 on CPU with gloo: Ulysses 2 and Ring 2 with the online controller and with a schedule (token
-refresh included), and Wan 2.2 A14B's two experts in a ``WanPipeline`` under Ulysses 2. Every
+refresh included), Wan 2.2 A14B's two experts in a ``WanPipeline`` under Ulysses 2, and Wan 2.2
+A14B I2V in xfuser's ``xFuserWanImageToVideoPipeline`` under CFG parallel 2. Every
 rank's decision log (kinds, block masks, token counts) equals the single device's with
 ``token_groups=2``, and the outputs agree within round-off.
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from _dist import run_ranks
-from _xdit_wan_workers import LAYOUTS, single_device, single_device_pipeline, wan_cases
+from _xdit_wan_workers import LAYOUTS, single_device, single_device_i2v, single_device_pipeline, wan_cases
 
 pytestmark = pytest.mark.multiproc
 
@@ -55,6 +56,27 @@ def test_wan22_two_experts_under_ulysses_agree_with_single_device(ranks):
     kinds = {k for log in ref["logs"].values() for k, _, _ in log}
     assert {"token", "block", "skip", "full"} <= kinds
     torch.testing.assert_close(got[0]["plain"], ref["plain"], rtol=0, atol=ATOL)
+    for g in got:
+        torch.testing.assert_close(g["x"], ref["x"], rtol=0, atol=ATOL)
+    assert got[0]["collectives"] > 0
+
+
+@pytest.mark.parametrize("which", ["pipeline", "i2v_online"])
+def test_wan22_i2v_cfg_parallel_ranks_agree_with_single_device(ranks, which):
+    """xfuser's ``xFuserWanImageToVideoPipeline`` with CFG parallel 2 (Wan 2.2 A14B I2V, two
+    experts): rank 0 runs the unconditional branch, rank 1 the conditional one, and the guidance
+    combines their all-gathered predictions. Each rank's log equals the single device's
+    (diffusers' ``WanImageToVideoPipeline``, both branches per step), and so do the latents: each
+    branch is the same batch-1 computation on either side."""
+    ref = single_device_i2v(which)
+    got = [r[f"cfg2/{which}"] for r in ranks]
+    assert got[0]["cfg_degree"] == got[1]["cfg_degree"] == 2
+    # one branch per rank: half the single device's transformer calls, per expert
+    assert got[0]["calls"] == got[1]["calls"] == {k: n // 2 for k, n in ref["calls"].items()}
+    assert got[0]["logs"] == got[1]["logs"] == ref["logs"]
+    kinds = {k for log in ref["logs"].values() for k, _, _ in log}
+    assert {"token", "block", "skip", "full"} <= kinds
+    torch.testing.assert_close(got[0]["plain"], ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
     for g in got:
         torch.testing.assert_close(g["x"], ref["x"], rtol=0, atol=ATOL)
     assert got[0]["collectives"] > 0
