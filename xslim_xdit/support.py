@@ -84,7 +84,7 @@ TESTED: dict[str, Evidence] = {
         tests=("tests/test_xdit_pipelines.py", "tests/test_xdit_four_ranks.py"),
     ),
     "wan": Evidence(
-        xdit_layouts=("Ulysses 2", "Ring 2"),
+        xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2"),
         pipelines=("WanPipeline", "WanImageToVideoPipeline"),
         tests=(
             "tests/test_families.py",
@@ -94,7 +94,8 @@ TESTED: dict[str, Evidence] = {
         ),
         note="pipelines: Wan 2.1 T2V, Wan 2.2 A14B T2V and I2V (two experts, an engine each; "
         "calibration refused); Wan 2.1 I2V and Wan 2.2 TI2V at transformer level; xDiT: xfuser's "
-        "Wan wrapper, bare, and Wan 2.2's two experts in WanPipeline under Ulysses 2",
+        "Wan wrapper, bare, Wan 2.2's two experts in WanPipeline under Ulysses 2, and in xfuser's "
+        "Wan I2V pipeline under CFG parallel 2",
     ),
     "sd3": Evidence(
         xdit_layouts=(),
