@@ -5,7 +5,8 @@ they are compared with.
 
 One launch runs every case (two spawned ranks importing xfuser take most of a minute on a loaded
 CPU): Ulysses 2, then Ring 2 (xfuser's groups torn down and rebuilt in between), each family with
-a schedule and with the online controller. Qwen-Image runs the step and block levels only: its
+a schedule and with the online controller; then FLUX.2 under PipeFusion 2 through xfuser's
+``xFuserFlux2Pipeline`` (synchronous, step and block levels). Qwen-Image runs the step and block levels only: its
 token refresh is refused under sequence parallelism (its processor does not gather the other
 ranks' keys)."""
 
@@ -29,6 +30,13 @@ ONLINE = dict(warn=0.12, crit=0.26, polish="auto", warmup_steps=2, partial_reset
 QWEN_SCHEDULE = dict(mode="schedule", schedule=Schedule(STEPS, (0, 1, 5, 9), (2, 3, 6, 7)))
 #: online, block polish: skip, block (two different masks) and full steps on the tiny Qwen-Image
 QWEN_ONLINE = dict(warn=0.12, crit=0.26, polish="block", warmup_steps=2, partial_reset=0.3)
+#: FLUX.2 under PipeFusion 2 (xFuserFlux2Pipeline, synchronous: warm-up steps = steps, one patch);
+#: no token level (refused under PipeFusion)
+PP_STEPS = 6
+PP_CONFIGS = {
+    "schedule": dict(mode="schedule", schedule=Schedule(PP_STEPS, (0, 1, 5), (2, 4))),
+    "online": dict(warn=0.12, crit=0.26, polish="block", warmup_steps=2, partial_reset=0.3),
+}
 #: (Ulysses, Ring) degrees, in the order one launch runs them
 LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2)}
 
@@ -74,6 +82,67 @@ def single_device(sp: int, which: str) -> dict:
     log = eng.statistics.decision_log()
     disable_xslim(m)
     return {"log": log, "x": x, "plain": sample(m, "flux2", steps=STEPS)}
+
+
+def _pp_call(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The tiny ``Flux2Pipeline``'s call (prompt embeddings, latent output), seeded afresh."""
+    return dict(kwargs, num_inference_steps=PP_STEPS, generator=torch.Generator().manual_seed(3))
+
+
+def single_device_pipefusion(which: str) -> dict[str, Any]:
+    """The tiny ``Flux2Pipeline`` on one device, with X-Slim (``which``) and without."""
+    from xslim_xdit.testing.image_pipelines import tiny_image_pipeline
+
+    pipe, kwargs = tiny_image_pipeline("flux2")
+    with torch.no_grad():
+        plain = pipe(**_pp_call(kwargs)).images
+    eng = enable_xslim(pipe, XSlimConfig(**PP_CONFIGS[which]))
+    with torch.no_grad():
+        x = pipe(**_pp_call(kwargs)).images
+    log = eng.statistics.decision_log()
+    disable_xslim(pipe)
+    return {"log": log, "x": x, "plain": plain}
+
+
+def _flux2_pipefusion() -> dict[str, Any]:
+    """xfuser's ``xFuserFlux2Pipeline`` with PipeFusion 2 (its own transformer wrapper splits the
+    blocks into two stages): a plain run, then each X-Slim config. The last stage returns the
+    latents; the first returns None."""
+    from xfuser.model_executor.pipelines.pipeline_flux2 import xFuserFlux2Pipeline
+
+    from xslim_xdit.integrations.xfuser import enable_xslim_xdit
+    from xslim_xdit.testing.image_pipelines import tiny_image_pipeline
+    from xslim_xdit.testing.xfuser import xfuser_engine_config
+
+    pipe, kwargs = tiny_image_pipeline("flux2")
+    engine_config, _ = xfuser_engine_config(
+        torch.float32,
+        height=64,
+        width=64,
+        num_inference_steps=PP_STEPS,
+        max_sequence_length=kwargs["prompt_embeds"].shape[1],
+        pipefusion_parallel_degree=2,
+        num_pipeline_patch=1,
+        warmup_steps=PP_STEPS,  # synchronous: PipeFusion's asynchronous patches are stale by design
+    )
+    xpipe = xFuserFlux2Pipeline(pipe, engine_config)
+    with torch.no_grad():
+        plain = xpipe(**_pp_call(kwargs))
+    out: dict[str, Any] = {}
+    for which, cfg in PP_CONFIGS.items():
+        eng = enable_xslim_xdit(xpipe, XSlimConfig(**cfg))
+        with torch.no_grad():
+            x = xpipe(**_pp_call(kwargs))
+        out[which] = {
+            "log": eng.statistics.decision_log(),
+            "x": None if x is None else x.images,
+            "plain": None if plain is None else plain.images,
+            "stage": eng.pipeline.stage,
+            "messages": eng.pipeline.messages,
+        }
+        eng.pipeline.close()
+        disable_xslim(xpipe)
+    return out
 
 
 def _xfuser_run(model: torch.nn.Module, family: str, which: str) -> dict[str, Any]:
@@ -140,6 +209,8 @@ def image_cases(rank: int, world: int) -> dict[str, Any]:
                 for which in ("schedule", "online"):
                     out[f"{family}/{layout}/{which}"] = _xfuser_run(model, family, which)
             reset_xfuser_parallel_state()
+        for which, res in _flux2_pipefusion().items():
+            out[f"flux2/pipefusion2/{which}"] = res
         return out
     finally:
         dist.destroy_process_group()

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 import torch
 from _dist import run_ranks
-from _xdit_image_workers import LAYOUTS, image_cases, single_device, single_device_qwen
+from _xdit_image_workers import (
+    LAYOUTS,
+    image_cases,
+    single_device,
+    single_device_pipefusion,
+    single_device_qwen,
+)
 
 pytestmark = pytest.mark.multiproc
 
@@ -54,3 +60,19 @@ def test_qwen_image_usp_ranks_agree_with_single_device(ranks, layout, which):
     for g in got:
         torch.testing.assert_close(g["x"], ref["x"], rtol=0, atol=ATOL)
     assert got[0]["collectives"] > 0
+
+
+@pytest.mark.parametrize("which", ["schedule", "online"])
+def test_flux2_pipefusion_stages_agree_with_single_device(ranks, which):
+    """FLUX.2 under PipeFusion 2 (xfuser's ``xFuserFlux2Pipeline``, synchronous): the first stage
+    decides and forwards, both stages' logs (block masks over the whole depth) equal the single
+    device's ``Flux2Pipeline``, and the last stage's latents agree with it."""
+    ref = single_device_pipefusion(which)
+    got = [r[f"flux2/pipefusion2/{which}"] for r in ranks]
+    assert [g["stage"] for g in got] == [0, 1]
+    assert got[0]["log"] == got[1]["log"] == ref["log"]
+    assert "block" in {k for k, _, _ in ref["log"]}
+    assert got[0]["messages"] > 0  # the decisions really travelled from stage to stage
+    assert got[0]["x"] is None  # the first stage returns no latents
+    torch.testing.assert_close(got[1]["plain"], ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
+    torch.testing.assert_close(got[1]["x"], ref["x"], rtol=0, atol=ATOL)
