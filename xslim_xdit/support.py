@@ -129,7 +129,7 @@ TESTED: dict[str, Evidence] = {
         "refresh refused under sequence parallelism)",
     ),
     "flux2": Evidence(
-        xdit_layouts=("Ulysses 2", "Ring 2"),
+        xdit_layouts=("Ulysses 2", "Ring 2", "PipeFusion 2"),
         pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
         tests=(
             "tests/test_families.py",
@@ -138,7 +138,8 @@ TESTED: dict[str, Evidence] = {
             "tests/test_parallel_xdit_image.py",
         ),
         note="reference-image tokens always fresh (refused with a sharded sequence); kv_cache_mode "
-        "refused; pipelines run with prompt embeddings; xDiT: the transformer wrapper, bare",
+        "refused; pipelines run with prompt embeddings; xDiT: the transformer wrapper, bare (Ulysses, "
+        "Ring), xFuserFlux2Pipeline (PipeFusion, synchronous; token refresh refused there)",
     ),
     "z_image": Evidence(
         xdit_layouts=(),
