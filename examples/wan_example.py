@@ -21,8 +21,10 @@ experts in xDiT's wrapper, :func:`xslim_xdit.testing.pipelines.tiny_wan_pipeline
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/wan_example.py --tiny --ulysses_degree 2 --xslim
 
 The pipeline calls the transformer once per guidance branch (``cache_context("cond")`` /
-``("uncond")``); X-Slim keeps caches per branch. Only Ulysses/Ring (and data) parallelism: xDiT's
-Wan wrapper has no PipeFusion and no CFG parallelism. Default steps of ``WanPipeline``: 50.
+``("uncond")``); X-Slim keeps caches per branch. Only Ulysses/Ring (and data) parallelism: xDiT
+has no PipeFusion for Wan, and CFG parallelism only in its image-to-video pipeline
+(``xFuserWanImageToVideoPipeline``, tested in ``tests/test_parallel_xdit_wan.py``), not in the
+``WanPipeline`` this script runs. Default steps of ``WanPipeline``: 50.
 """
 
 from __future__ import annotations

@@ -84,11 +84,18 @@ TESTED: dict[str, Evidence] = {
         tests=("tests/test_xdit_pipelines.py", "tests/test_xdit_four_ranks.py"),
     ),
     "wan": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2"),
         pipelines=("WanPipeline", "WanImageToVideoPipeline"),
-        tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_wan_pipelines.py"),
+        tests=(
+            "tests/test_families.py",
+            "tests/test_family_variants.py",
+            "tests/test_wan_pipelines.py",
+            "tests/test_parallel_xdit_wan.py",
+        ),
         note="pipelines: Wan 2.1 T2V, Wan 2.2 A14B T2V and I2V (two experts, an engine each; "
-        "calibration refused); Wan 2.1 I2V and Wan 2.2 TI2V at transformer level; xDiT not tested",
+        "calibration refused); Wan 2.1 I2V and Wan 2.2 TI2V at transformer level; xDiT: xfuser's "
+        "Wan wrapper, bare, Wan 2.2's two experts in WanPipeline under Ulysses 2, and in xfuser's "
+        "Wan I2V pipeline under CFG parallel 2",
     ),
     "sd3": Evidence(
         xdit_layouts=(),
@@ -109,14 +116,20 @@ TESTED: dict[str, Evidence] = {
         note="xDiT has no HunyuanVideo pipeline class: its transformer wrapper, bare, with an Euler loop",
     ),
     "qwen_image": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2", "Ring 2"),
         pipelines=("QwenImagePipeline",),
-        tests=("tests/test_families.py", "tests/test_image_families.py", "tests/test_image_pipelines.py"),
+        tests=(
+            "tests/test_families.py",
+            "tests/test_image_families.py",
+            "tests/test_image_pipelines.py",
+            "tests/test_parallel_xdit_image.py",
+        ),
         note="Qwen-Image-Edit's reference tokens always fresh (transformer level); pipelines run with "
-        "prompt embeddings; xDiT not tested (token refresh refused under sequence parallelism)",
+        "prompt embeddings; xDiT: the transformer wrapper, bare, step and block levels (token "
+        "refresh refused under sequence parallelism)",
     ),
     "flux2": Evidence(
-        xdit_layouts=("Ulysses 2",),
+        xdit_layouts=("Ulysses 2", "Ring 2", "PipeFusion 2"),
         pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
         tests=(
             "tests/test_families.py",
@@ -125,7 +138,8 @@ TESTED: dict[str, Evidence] = {
             "tests/test_parallel_xdit_image.py",
         ),
         note="reference-image tokens always fresh (refused with a sharded sequence); kv_cache_mode "
-        "refused; pipelines run with prompt embeddings; xDiT: the transformer wrapper, bare",
+        "refused; pipelines run with prompt embeddings; xDiT: the transformer wrapper, bare (Ulysses, "
+        "Ring), xFuserFlux2Pipeline (PipeFusion, synchronous; token refresh refused there)",
     ),
     "z_image": Evidence(
         xdit_layouts=(),
