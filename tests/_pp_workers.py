@@ -26,16 +26,23 @@ def _call() -> dict[str, Any]:
     return tiny_flux_embeds_call(STEPS, HEIGHT, WIDTH, TXT)
 
 
-def single_device(which: str) -> dict:
+def _calls(eng: Any) -> list[tuple]:
+    """Per transformer call: ``(step, branch, kind, indicator)`` (what a failing test prints)."""
+    return [(r.step, r.branch, r.kind, r.indicator) for r in eng.statistics.run_records()]
+
+
+def single_device(which: str, **overrides: Any) -> dict:
+    """The single device's run of config ``which`` (``overrides``: more config fields)."""
     pipe = tiny_flux_embeds_pipeline()
     with torch.no_grad():
         plain = pipe(generator=torch.Generator().manual_seed(3), **_call()).images
-    eng = enable_xslim(pipe, XSlimConfig(**CONFIGS[which]))
+    eng = enable_xslim(pipe, XSlimConfig(**{**CONFIGS[which], **overrides}))
     with torch.no_grad():
         out = pipe(generator=torch.Generator().manual_seed(3), **_call()).images
     log = eng.statistics.decision_log()
+    calls = _calls(eng)
     disable_xslim(pipe)
-    return {"log": log, "x": out, "plain": plain}
+    return {"log": log, "x": out, "plain": plain, "calls": calls}
 
 
 def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: int, ulysses: int = 1) -> dict:
@@ -67,6 +74,7 @@ def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: in
             out = xpipe(generator=torch.Generator().manual_seed(3), **_call())
         res = {
             "log": eng.statistics.decision_log(),
+            "calls": _calls(eng),
             "x": None if out is None else out.images,
             "plain": None if plain is None else plain.images,
             "messages": eng.pipeline.messages,

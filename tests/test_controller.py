@@ -2,7 +2,7 @@
 
 import pytest
 
-from xslim_xdit.config import XSlimConfig
+from xslim_xdit.config import ConfigError, XSlimConfig
 from xslim_xdit.controller import (
     OnlineController,
     ScheduleController,
@@ -112,3 +112,30 @@ def test_default_polish_cannot_starve_full_steps():
         fulls = [i for i, k in enumerate(kinds) if k == F]
         gaps = [b - a for a, b in zip(fulls[:-1], fulls[1:], strict=True)]
         assert max(gaps) <= 7, kinds
+
+
+def test_lagged_indicator_is_the_previous_steps_indicator():
+    """``lagged_indicator=True`` decides step s on the indicator the standard rule computes at
+    step s - 1 (every step full, so both rules see the same latents and keep their raw values)."""
+    from xslim_xdit import disable_xslim, enable_xslim
+    from xslim_xdit.testing import sample, tiny_model
+
+    indicators = {}
+    for lagged in (False, True):
+        m = tiny_model("dit")
+        eng = enable_xslim(m, XSlimConfig(warmup_steps=6, lagged_indicator=lagged), num_inference_steps=6)
+        sample(m, "dit", steps=6)
+        indicators[lagged] = [r.indicator for r in eng.statistics.run_records()]
+        disable_xslim(m)
+    standard, lagged = indicators[False], indicators[True]
+    assert standard[0] is None and all(v is not None and v > 0 for v in standard[1:])
+    assert lagged[:2] == [None, None]
+    assert lagged[2:] == standard[1:-1]
+
+
+@pytest.mark.parametrize("bad", [1, "yes", 0.0])
+def test_lagged_indicator_is_validated(bad):
+    with pytest.raises(ConfigError, match="lagged_indicator"):
+        XSlimConfig(lagged_indicator=bad)
+    with pytest.raises(ConfigError, match="lagged_indicator.*per_sample"):
+        XSlimConfig(lagged_indicator=True, per_sample=True)

@@ -14,6 +14,7 @@ Checks (issue 9, items 1 and 4 and the preset defect; issue 10's aborted run):
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xslim_xdit import ConfigError, Schedule, XSlimConfig, disable_xslim, enable_xslim
@@ -250,3 +251,20 @@ def test_run_stopped_after_four_calls_does_not_leak_into_the_next():
     assert engine.statistics.decision_log() == expected_log
     assert [r.step for r in engine.statistics.run_records()] == list(range(ABORT_STEPS))
     assert torch.equal(out, expected)
+
+
+def test_a_pipefusion_patch_miscounted_as_another_branch_is_refused():
+    """Under PipeFusion's patch phase the clock's branch must be xfuser's patch index (each patch
+    has the branch's caches); a miscount raises instead of mixing two patches' caches."""
+    from xslim_xdit.engine import XSlimRuntimeError
+    from xslim_xdit.testing import sample, tiny_model
+
+    m = tiny_model("dit")
+    eng = enable_xslim(m, XSlimConfig(warmup_steps=1), num_inference_steps=2)
+    eng.patch_info = lambda: (1, 2)  # xfuser says patch 1 of 2; the step's first call is branch 0
+    with pytest.raises(XSlimRuntimeError, match="branch 0, but xfuser runs patch 1 of 2"):
+        sample(m, "dit", steps=2)
+    eng.patch_info = lambda: (0, 1)  # outside the patch phase nothing is checked
+    sample(m, "dit", steps=2)
+    assert [r.kind for r in eng.statistics.run_records()] == ["full", "full"]
+    disable_xslim(m)

@@ -272,6 +272,7 @@ ONLINE_FLAGS = [
     ("--xslim-warmup", "2"),
     ("--xslim-polish", "token"),
     ("--xslim-rescale", "flux"),
+    ("--xslim-lagged-indicator", "on"),
 ]
 
 

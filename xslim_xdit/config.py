@@ -79,6 +79,13 @@ class XSlimConfig:
         last_step_full: the final step always runs in full.
         step_indicator: ``"modulated_input"`` (block 0's modulated input, free) or
             ``"first_block_residual"`` (block 0's residual; block 0 then always runs).
+        lagged_indicator: ``True``: step ``s`` is decided on step ``s - 1``'s indicator (the
+            probe's change from step ``s - 2`` to ``s - 1`` over the whole image), the one rule
+            that PipeFusion's asynchronous patch phase can follow exactly: patch 0 of step ``s``
+            runs before the later patches of step ``s`` exist, but after every patch of step
+            ``s - 1``. ``False``: the step's own indicator (the standard rule). ``None``
+            (default): lagged under PipeFusion with several patches, standard elsewhere (pass
+            ``True`` on one device to reproduce a PipeFusion run's decisions).
         rescale: ``None``, the name of a built-in polynomial (``"flux"``, ``"hunyuan_video"``) or
             coefficients (highest degree first) applied to the raw relative-L1 indicator.
         polish: which refresh fills the warn band: ``"token"``, ``"block"``, ``"auto"`` (block
@@ -130,6 +137,7 @@ class XSlimConfig:
     warmup_steps: int = 3
     last_step_full: bool = True
     step_indicator: StepIndicator = "modulated_input"
+    lagged_indicator: bool | None = None
     rescale: str | tuple[float, ...] | None = None
     polish: Polish = "none"
     partial_reset: float = 0.0
@@ -223,6 +231,11 @@ class XSlimConfig:
             _fail("schedule", "set when mode='schedule' (or pass preset=...)", None)
         if not isinstance(self.per_sample, bool):
             _fail("per_sample", "True or False", self.per_sample)
+        if self.lagged_indicator is not None and not isinstance(self.lagged_indicator, bool):
+            _fail("lagged_indicator", "None, True or False", self.lagged_indicator)
+        if self.per_sample and self.lagged_indicator:
+            # per-sample rooms decide on each call's own rows (xslim_xdit/batch.py)
+            _fail("lagged_indicator", "not True with per_sample=True", self.lagged_indicator)
         if self.guidance_pairs not in ("auto", "halves", "none"):
             _fail("guidance_pairs", "'auto', 'halves' or 'none'", self.guidance_pairs)
         if self.per_sample and "token" in self.levels:
@@ -287,7 +300,7 @@ class XSlimConfig:
             >>> XSlimConfig.from_preset("flux-fast", warn=0.2)
             Traceback (most recent call last):
             ...
-            xslim_xdit.schedule.ConfigError: warn must be left out with preset='flux-fast' (a preset runs its schedule and never reads warn, crit, warmup_steps, last_step_full, polish, partial_reset, max_skips, rescale; use mode='online' without a preset to set them); got 0.2
+            xslim_xdit.schedule.ConfigError: warn must be left out with preset='flux-fast' (a preset runs its schedule and never reads warn, crit, warmup_steps, last_step_full, polish, partial_reset, max_skips, rescale, lagged_indicator; use mode='online' without a preset to set them); got 0.2
         """
         if not isinstance(name, str) or name not in PRESETS:
             _fail("preset", f"one of {sorted(PRESETS)}", name)
@@ -347,6 +360,7 @@ _ONLINE_ONLY = (
     "partial_reset",
     "max_skips",
     "rescale",
+    "lagged_indicator",
 )
 
 

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -61,6 +62,25 @@ class DepthLayout:
     def flat(cls, num_blocks: int, managed_from: int = 0) -> DepthLayout:
         """One stack of ``num_blocks`` blocks."""
         return cls(((0, num_blocks),), managed_from)
+
+
+def image_block_partials(caches: BranchCaches, parts: Sequence[BranchCaches] = ()) -> torch.Tensor:
+    """The block statistics ``(blocks, 2)`` of the whole image: ``caches.block_mag``, or with
+    ``parts`` (PipeFusion's patches) the sum over the parts that hold statistics (after the
+    switch to patches runs in full, every patch holds those of the same last full step).
+
+    Example:
+        >>> a, b = BranchCaches(linear=False), BranchCaches(linear=False)
+        >>> a.block_mag, b.block_mag = torch.ones(2, 2), torch.ones(2, 2)
+        >>> image_block_partials(a, (a, b)).tolist()
+        [[2.0, 2.0], [2.0, 2.0]]
+    """
+    mags = [c.block_mag for c in parts if c.block_mag is not None] if parts else [caches.block_mag]
+    assert mags and mags[0] is not None
+    total = mags[0].to(torch.float64).clone()
+    for m in mags[1:]:
+        total += m.to(total.device, torch.float64)  # type: ignore[union-attr]
+    return total
 
 
 def depth_mask(config: XSlimConfig, layout: DepthLayout, sums: torch.Tensor) -> list[bool]:
@@ -133,11 +153,19 @@ class DecisionRoom:
         #: (:meth:`~xslim_xdit.adapters.ModelAdapter.reference_tokens`)
         self.reference: torch.Tensor | None = None
         self._step_plans: dict[int, CallPlan] = {}  # the first branch's plan, per step
+        #: decide step ``s`` on step ``s - 1``'s whole-image indicator (``config.lagged_indicator``;
+        #: the engine turns it on under PipeFusion with patches when the config leaves it ``None``)
+        self.lagged = config.lagged_indicator is True
+        self._lag_step = -1  # the step whose probe rows are being collected
+        self._lag_rows: list[torch.Tensor] = []  # its probes, one per image part, in call order
+        self._lag_prev: torch.Tensor | None = None  # the whole probe of the step before it
+        self._lag_value: float | None = None  # the indicator of step _lag_step - 1
 
     def start_run(self, controller: Controller) -> None:
         self.controller = controller
         self.num_steps = controller.num_steps
         self._step_plans.clear()
+        self._lag_step, self._lag_rows, self._lag_prev, self._lag_value = -1, [], None, None
         self.sync.start_run()
 
     @property
@@ -153,15 +181,21 @@ class DecisionRoom:
         img: torch.Tensor,
         probe: torch.Tensor | None,
         token_kv_ready: bool = True,
+        parts: Sequence[BranchCaches] = (),
     ) -> CallPlan:
         """The plan of one call. ``probe``: this call's step probe (or None); ``caches``: the
-        branch's caches (their probe is read here and replaced by ``probe``)."""
+        branch's caches (their probe is read here and replaced by ``probe``); ``parts``: when
+        the image is split over several calls of a step (PipeFusion's patches, branches
+        ``0..len(parts)-1``), the caches of every part, in order; empty: one call holds it."""
         controller = self.controller
         if controller is None:
             raise RuntimeError("DecisionRoom.decide before start_run")
         lead = self._step_plans.get(step) if branch > 0 else None
         indicator = None
-        if lead is None and probe is not None and caches.probe_prev is not None:
+        if self.lagged:
+            if probe is not None and branch < max(1, len(parts)):
+                indicator = self._lagged_indicator(step, probe)
+        elif lead is None and probe is not None and caches.probe_prev is not None:
             indicator = self._indicator(probe, caches.probe_prev)
         if probe is not None:
             caches.probe_prev = probe.detach()
@@ -183,7 +217,7 @@ class DecisionRoom:
             elif lead is not None and lead.compute is not None:
                 plan.compute = list(lead.compute)
             else:
-                plan.compute = self._select_blocks(caches)
+                plan.compute = self._select_blocks(caches, parts)
         if branch == 0:
             if self.sync.is_decider:
                 mask = plan.compute if plan.compute is not None else [True] * self.layout.total_blocks
@@ -199,6 +233,22 @@ class DecisionRoom:
         return plan
 
     # ------------------------------------------------------------------ the steps of a decision
+    def _lagged_indicator(self, step: int, probe: torch.Tensor) -> float | None:
+        """Collect ``probe`` (one part of ``step``'s image); on a step's first call, close the
+        step before: its parts, joined in call order (PipeFusion's patches are contiguous row
+        bands in token order), are compared with the whole probe of the step before that. The
+        value returned is step ``step - 1``'s indicator (reduced over the ranks once per step,
+        at the step's first call, where every rank of the decision group is)."""
+        if step != self._lag_step:
+            whole = torch.cat(self._lag_rows, dim=1) if self._lag_rows else None
+            value = None
+            if whole is not None and self._lag_prev is not None and step == self._lag_step + 1:
+                value = self._indicator(whole, self._lag_prev)
+            self._lag_prev = whole if step == self._lag_step + 1 else None
+            self._lag_step, self._lag_rows, self._lag_value = step, [], value
+        self._lag_rows.append(probe.detach())
+        return self._lag_value
+
     def _indicator(self, probe: torch.Tensor, previous: torch.Tensor) -> float | None:
         """Relative L1 change of the probe, from partial sums reduced over the ranks."""
         if previous.shape != probe.shape:
@@ -251,13 +301,16 @@ class DecisionRoom:
             return d
         return replace(d, kind=kind, error=0.0, reason=d.reason + " -> full (no cache yet)")
 
-    def _select_blocks(self, caches: BranchCaches) -> list[bool]:
-        """The whole-depth block mask (global indices), from every stage's magnitudes."""
+    def _select_blocks(self, caches: BranchCaches, parts: Sequence[BranchCaches] = ()) -> list[bool]:
+        """The whole-depth block mask (global indices), from every stage's magnitudes, summed
+        over the image's parts (``parts``: PipeFusion's patches) as one call over the whole
+        image sums them."""
         if caches.block_mag is None:
             raise RuntimeError(
                 "block step without block statistics (the feasibility check should prevent it)"
             )
-        local = self.sync.whole_depth_block_partials(caches.block_mag)
+        local = image_block_partials(caches, parts)
+        local = self.sync.whole_depth_block_partials(local)
         sums = self.sync.sum_block_partials(local.clone())
         if sums.shape[0] != self.layout.total_blocks:
             raise RuntimeError(

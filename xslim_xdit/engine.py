@@ -118,6 +118,9 @@ class XSlimEngine:
         self.default_steps = num_inference_steps
         self.block_offset = 0  # first global index of the local blocks (a PipeFusion stage holds a slice)
         self.pipeline: Any = None  # the PipeFusion channel, when this rank is a pipeline stage
+        #: ``() -> (index, count)`` of the current call's part of the image (PipeFusion's patch;
+        #: ``(0, 1)`` for a whole image), or None: every call holds the whole image
+        self.patch_info: Callable[[], tuple[int, int]] | None = None
         stacks, start = [], 0
         for st in self.stacks:
             stacks.append((start, start + len(st.blocks)))
@@ -183,11 +186,20 @@ class XSlimEngine:
     def sequence_shards(self, shards: int) -> None:
         self.room.sequence_shards = shards
 
-    def set_pipeline(self, channel: Any, global_stacks: list[tuple[int, int]]) -> None:
+    def set_pipeline(
+        self,
+        channel: Any,
+        global_stacks: list[tuple[int, int]],
+        patch_info: Callable[[], tuple[int, int]] | None = None,
+        num_patches: int = 1,
+    ) -> None:
         """Run as one stage of a PipeFusion pipeline (see :mod:`xslim_xdit.parallel.pipeline`).
 
         ``global_stacks`` are the whole model's stacks as global ``[start, end)`` block ranges;
-        the local blocks are ``channel.block_ranges[channel.stage]``.
+        the local blocks are ``channel.block_ranges[channel.stage]``. ``patch_info`` tells which
+        patch a call holds (``(index, count)``, ``(0, 1)`` outside the patch phase);
+        ``num_patches`` > 1 turns on the lagged indicator unless the config says otherwise
+        (``XSlimConfig.lagged_indicator``).
         """
         from .parallel.pipeline import PipelineSync
 
@@ -211,6 +223,10 @@ class XSlimEngine:
         managed_from = 1 if self.config.step_indicator == "first_block_residual" else 0
         self.room.layout = DepthLayout(tuple(tuple(s) for s in global_stacks), managed_from)  # type: ignore[misc]
         self.room.sync = PipelineSync(self.room.sync, channel)
+        self.patch_info = patch_info
+        if self.config.lagged_indicator is None and num_patches > 1:
+            # patch 0 decides the step before the later patches of the step exist (docs/parallel.md)
+            self.room.lagged = True
 
     # ------------------------------------------------------------------ attach / detach
     @property
@@ -341,6 +357,16 @@ class XSlimEngine:
             # noise level: a new run, with nothing inherited from the old one.
             self._start_default_run()
             new_run, step, branch = self.clock.tick(t, context)
+        if self.patch_info is not None:
+            index, count = self.patch_info()
+            if count > 1 and branch != index:
+                # the clock counts the patches of a step as its branches: each patch's caches
+                # are the branch's, so a miscount would mix two patches' caches
+                self.reset_state()
+                raise XSlimRuntimeError(
+                    f"step {step}: the clock reads this call as branch {branch}, but xfuser runs patch "
+                    f"{index} of {count}; PipeFusion patches must be counted as the step's calls"
+                )
         self.step, self.branch = step, branch
         self.plan = None
         self.sample_plan = None
@@ -429,7 +455,9 @@ class XSlimEngine:
             self.statistics.bookkeeping_seconds += time.perf_counter() - tick
             return
         kv_ready = self.token_ctx is not None and self.token_ctx.has_kv(self.branch)
-        self.plan = self.room.decide(self.step, self.branch, caches, img, probe, token_kv_ready=kv_ready)
+        self.plan = self.room.decide(
+            self.step, self.branch, caches, img, probe, token_kv_ready=kv_ready, parts=self.image_parts()
+        )
         self.statistics.bookkeeping_seconds += time.perf_counter() - tick
 
     def _probe(self, blk0: nn.Module, call: BlockCall) -> torch.Tensor:
@@ -444,6 +472,17 @@ class XSlimEngine:
             return self.adapter.modulated_input(blk0, placed)
 
         return call_with_weights_placed(blk0, probe, call.args, call.kwargs)
+
+    def image_parts(self) -> list[BranchCaches]:
+        """Under PipeFusion's patch phase, the caches of every patch of the image, in patch
+        order (created if missing); empty when one call holds the whole image."""
+        if self.patch_info is None:
+            return []
+        count = self.patch_info()[1]
+        if count <= 1:
+            return []
+        linear = self.config.extrapolate == "linear"
+        return [self.branches.setdefault(b, BranchCaches(linear=linear)) for b in range(count)]
 
     def current_caches(self) -> BranchCaches:
         caches = self.branches.get(self.branch)

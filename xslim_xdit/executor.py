@@ -35,7 +35,7 @@ from .adapters.attention import gather_rows, splice
 from .adapters.base import BlockCall
 from .caches import BranchCaches
 from .controller import StepKind
-from .decision import CallPlan
+from .decision import CallPlan, image_block_partials
 
 if TYPE_CHECKING:
     from .engine import XSlimEngine
@@ -142,14 +142,17 @@ class PlanExecutor:
                 caches.record_block_magnitude(g, len(e.blocks), out_img, call.img)
         if last:
             self._finish_stack(caches, out_img, kind, out_txt)
+            parts = e.image_parts()
+            # after the image's last part (PipeFusion's last patch; the only call otherwise): the
+            # statistics of the whole image, as the first stage sums its own over the patches
             if (
                 e.use_block
                 and kind == StepKind.FULL
-                and e.branch == 0
+                and e.branch == max(1, len(parts)) - 1
                 and e.step < (e.num_steps or 0) - 1
                 and caches.block_mag is not None
             ):
-                e.sync.publish_block_statistics(caches.block_mag)
+                e.sync.publish_block_statistics(image_block_partials(caches, parts))
         return out
 
     def _token_block(

@@ -16,7 +16,7 @@ Example:
     >>> config_from_args(p.parse_args(["--xslim", "--xslim-preset", "flux-fast", "--xslim-warn", "0.1"]))
     Traceback (most recent call last):
     ...
-    xslim_xdit.schedule.ConfigError: --xslim-preset and --xslim-warn cannot be combined: --xslim-preset runs a fixed schedule and never reads --xslim-warn, --xslim-crit, --xslim-warmup, --xslim-polish, --xslim-rescale; drop --xslim-warn, or drop --xslim-preset to run the online controller
+    xslim_xdit.schedule.ConfigError: --xslim-preset and --xslim-warn cannot be combined: --xslim-preset runs a fixed schedule and never reads --xslim-warn, --xslim-crit, --xslim-warmup, --xslim-polish, --xslim-rescale, --xslim-lagged-indicator; drop --xslim-warn, or drop --xslim-preset to run the online controller
 """
 
 from __future__ import annotations
@@ -37,7 +37,15 @@ _TUNING = (
     ("xslim_token_ratio", "--xslim-token-ratio", "token_ratio"),
     ("xslim_block_thresh", "--xslim-block-thresh", "block_thresh"),
     ("xslim_rescale", "--xslim-rescale", "rescale"),
+    ("xslim_lagged_indicator", "--xslim-lagged-indicator", "lagged_indicator"),
 )
+
+
+def _on_off(value: str) -> bool:
+    """``on`` / ``off`` as a bool (``--xslim-lagged-indicator``)."""
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off; got {value!r}")
+    return value == "on"
 
 
 def add_xslim_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -108,6 +116,15 @@ def add_xslim_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--xslim-rescale", "--xslim_rescale", default=None, help="indicator polynomial: flux, hunyuan_video"
     )
     g.add_argument(
+        "--xslim-lagged-indicator",
+        "--xslim_lagged_indicator",
+        type=_on_off,
+        default=None,
+        metavar="{on,off}",
+        help="decide each step on the previous step's indicator (default: on under PipeFusion with "
+        "patches, off elsewhere; pass on to reproduce such a run on one device)",
+    )
+    g.add_argument(
         "--xslim-schedule", "--xslim_schedule", default=None, help="a calibration JSON file to follow"
     )
     g.add_argument(
@@ -144,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> XSlimConfig | None:
 
     ``--xslim-preset`` and ``--xslim-schedule`` exclude each other and the online controller's
     flags (``--xslim-warn``, ``--xslim-crit``, ``--xslim-warmup``, ``--xslim-polish``,
-    ``--xslim-rescale``); ``--xslim-token-ratio`` and ``--xslim-block-thresh`` override the
+    ``--xslim-rescale``, ``--xslim-lagged-indicator``); ``--xslim-token-ratio`` and ``--xslim-block-thresh`` override the
     preset's or the file's values. Any ``--xslim-*`` flag without ``--xslim`` is refused too.
     Conflicts raise :class:`~xslim_xdit.ConfigError` naming both flags.
 

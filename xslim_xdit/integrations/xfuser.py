@@ -177,6 +177,24 @@ def pipeline_channel(transformer: Any, engine: XSlimEngine, timeout_s: float | N
     return PipelineChannel(group, list(pp_ranks), info[1], ranges, device, timeout_s, agreement)
 
 
+def _patch_info() -> tuple[int, int]:
+    """``(index, count)`` of the PipeFusion patch the current transformer call holds; ``(0, 1)``
+    outside the patch phase (xfuser's runtime state, set by its pipeline before each call)."""
+    from xfuser.core.distributed import get_runtime_state
+
+    state = get_runtime_state()
+    if not state.patch_mode:
+        return 0, 1
+    return int(state.pipeline_patch_idx), int(state.num_pipeline_patch)
+
+
+def _num_patches() -> int:
+    """PipeFusion's ``num_pipeline_patch`` (its asynchronous phase splits the image into these)."""
+    from xfuser.core.distributed import get_runtime_state
+
+    return int(get_runtime_state().num_pipeline_patch or 1)
+
+
 def _global_stacks(transformer: Any, engine: XSlimEngine) -> list[tuple[int, int]]:
     """The whole model's stacks as global block ranges (xfuser records them before splitting)."""
     blocks_idx = getattr(transformer, "blocks_idx", None)
@@ -227,7 +245,10 @@ def enable_xslim_xdit(
         if layout["pp"] > 1:
             transformer = engine.model
             engine.set_pipeline(
-                pipeline_channel(transformer, engine, timeout_s), _global_stacks(transformer, engine)
+                pipeline_channel(transformer, engine, timeout_s),
+                _global_stacks(transformer, engine),
+                patch_info=_patch_info,
+                num_patches=_num_patches(),
             )
         if engine.token_ctx is not None and layout["sp"] > 1:
             from xfuser.core.distributed import get_runtime_state, get_sp_group
