@@ -133,6 +133,10 @@ class DecisionRoom:
         #: (:meth:`~xslim_xdit.adapters.ModelAdapter.reference_tokens`)
         self.reference: torch.Tensor | None = None
         self._step_plans: dict[int, CallPlan] = {}  # the first branch's plan, per step
+        #: reduce the step indicator with :meth:`~xslim_xdit.parallel.DecisionSync.sum_exact`
+        #: (calibration's recording mode: the value is written into the profile, so every rank
+        #: must hold the same bytes; decisions never need it, the kind is agreed as an integer)
+        self.exact_sums = False
 
     def start_run(self, controller: Controller) -> None:
         self.controller = controller
@@ -206,7 +210,7 @@ class DecisionRoom:
         sums = torch.stack(
             [(probe - previous).abs().sum(dtype=torch.float64), previous.abs().sum(dtype=torch.float64)]
         )
-        sums = self.sync.sum_partials(sums)
+        sums = self.sync.sum_exact(sums) if self.exact_sums else self.sync.sum_partials(sums)
         return float(sums[0] / sums[1]) if float(sums[1]) > 0 else None
 
     def _decide_here(
