@@ -53,19 +53,19 @@ def check_candidates(
     if share is not None:
         checkable = share([1.0 if checkable else 0.0])[0] == 1.0
     if len(plans) > 1 and checkable:
-        errors = [
-            [
-                float("inf") if ref is None else relative_error(replay(tuple(plan), i), ref)
-                for i, ref in enumerate(references)
-            ]
-            for plan in plans
-        ]
+        # every rank replays every plan (the replays are collective under xDiT), with or
+        # without a reference of its own
+        errors = [[_error(replay(tuple(plan), i), ref) for i, ref in enumerate(references)] for plan in plans]
         if share is not None:
             flat = share([e for row in errors for e in row])
             errors = [flat[j * len(references) : (j + 1) * len(references)] for j in range(len(plans))]
         for cand, row in zip(candidates, errors, strict=True):
             cand["run_errors"] = row
     return candidates
+
+
+def _error(out: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+    return float("inf") if ref is None else relative_error(out, ref)
 
 
 def relative_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:
