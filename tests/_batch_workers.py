@@ -107,36 +107,43 @@ def single_device_cfg_batch(seeds: list[int]) -> dict:
     return res
 
 
-def cfg_parallel_batch(rank: int, world: int, seeds: list[int], branch_per_rank: bool) -> dict:
+def cfg_parallel_batch(rank: int, world: int, seeds: list[int]) -> dict:
     """CFG parallel 2: rank 0 runs the conditional rows of every sample, rank 1 the
     unconditional ones (batch ``len(seeds)`` each), one exact reduction per step over both.
-    ``branch_per_rank`` is what ``enable_xslim_xdit`` sets when ``cfg > 1``; without it (the
-    control) each rank pairs its own rows as halves."""
-    from xslim_xdit.parallel import GroupSync
-
+    Two runs in one process group: with ``branch_per_rank`` (what ``enable_xslim_xdit`` sets
+    when ``cfg > 1``), then without it (the control: each rank pairs its own rows as halves)."""
     dist.init_process_group("gloo")
     try:
-        m = tiny_model("dit")
-        sync = GroupSync(dist.group.WORLD, timeout_s=60)
-        eng = enable_xslim(m, cfg_batch_config(), num_inference_steps=CFG_STEPS, sync=sync)
-        assert eng.samples is not None
-        eng.samples.branch_per_rank = branch_per_rank
-        x, cond = batch_inputs("dit", seeds)
-        b = x.shape[0]
-        labels = cond["class_labels"] if rank == 0 else torch.full((b,), UNCOND)
-        with torch.no_grad():
-            for t in CFG_TIMESTEPS:
-                out = m(x, timestep=torch.tensor([t] * b), class_labels=labels).sample
-                both = [torch.empty_like(out) for _ in range(world)]
-                dist.all_gather(both, out)
-                x = _guided(x, both[0], both[1])
-        res = {
-            "log": eng.statistics.decision_log(),
-            "kinds": eng.statistics.sample_kinds(),
-            "x": x,
-            "collectives": sync.collectives,
+        return {
+            "with": _cfg_parallel_batch_run(rank, world, seeds, True),
+            "without": _cfg_parallel_batch_run(rank, world, seeds, False),
         }
-        disable_xslim(m)
-        return res
     finally:
         dist.destroy_process_group()
+
+
+def _cfg_parallel_batch_run(rank: int, world: int, seeds: list[int], branch_per_rank: bool) -> dict:
+    from xslim_xdit.parallel import GroupSync
+
+    m = tiny_model("dit")
+    sync = GroupSync(dist.group.WORLD, timeout_s=60)
+    eng = enable_xslim(m, cfg_batch_config(), num_inference_steps=CFG_STEPS, sync=sync)
+    assert eng.samples is not None
+    eng.samples.branch_per_rank = branch_per_rank
+    x, cond = batch_inputs("dit", seeds)
+    b = x.shape[0]
+    labels = cond["class_labels"] if rank == 0 else torch.full((b,), UNCOND)
+    with torch.no_grad():
+        for t in CFG_TIMESTEPS:
+            out = m(x, timestep=torch.tensor([t] * b), class_labels=labels).sample
+            both = [torch.empty_like(out) for _ in range(world)]
+            dist.all_gather(both, out)
+            x = _guided(x, both[0], both[1])
+    res = {
+        "log": eng.statistics.decision_log(),
+        "kinds": eng.statistics.sample_kinds(),
+        "x": x,
+        "collectives": sync.collectives,
+    }
+    disable_xslim(m)
+    return res

@@ -76,7 +76,9 @@ def assert_same_calibration(single: str, parallel: str) -> None:
             _close(a[key], b[key], PROFILE_REL, max([abs(x) for x in _numbers(a[key])] or [0.0]), key)
 
 
-SEEDS = (0, 1)
+#: one seeded run per calibration (the reductions do not depend on the number of runs; the
+#: example test calibrates on 2 through the command line)
+SEEDS = (0,)
 TARGET = 2.0
 
 
