@@ -8,6 +8,7 @@ it on ``sys.path``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from xslim_xdit.integrations.cli import calibration_from_args
 from xslim_xdit.integrations.xfuser import add_xslim_args, config_from_args, timeout_from_args
 from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
 
@@ -175,11 +177,13 @@ def report(
     seconds_xslim: float | None,
     baseline: torch.Tensor | None,
     xslim: torch.Tensor | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Print the cache statistics, the speedup and one machine-readable ``RESULT {...}`` line."""
+    """Print the cache statistics, the speedup and one machine-readable ``RESULT {...}`` line
+    (with ``extra``'s keys)."""
     if not is_reporting_rank():
         return
-    result: dict[str, Any] = {"example": name, "parallel": parallel_info}
+    result: dict[str, Any] = {"example": name, "parallel": parallel_info, **(extra or {})}
     if seconds_baseline is not None:
         print(f"[{name}] {parallel_info} plain xDiT: {seconds_baseline:.3f} s", flush=True)
         result["seconds_baseline"] = seconds_baseline
@@ -233,9 +237,14 @@ def compare_and_report(
     engine_config: Any,
     input_config: Any,
     device: torch.device,
+    seeded: Callable[[int], Any] | None = None,
 ) -> None:
     """Run the plain pipeline, then with X-Slim (each after a warm-up run unless --no_warmup),
-    print the statistics and speedup, and save PIL images if --save_dir is given."""
+    print the statistics and speedup, and save PIL images if --save_dir is given.
+
+    With ``--xslim-calibrate N`` the X-Slim run follows a schedule calibrated first on every rank
+    (``calibrate_xdit``) on ``seeded(seed)`` for seeds ``--seed`` .. ``--seed + N - 1``;
+    ``--xslim-save PATH`` writes its JSON from global rank 0."""
     baseline = t_baseline = None
     if not args.skip_baseline:
         if not args.no_warmup:
@@ -244,6 +253,10 @@ def compare_and_report(
 
     out, engine, t_xslim = baseline, None, None
     config = xslim_config(args)
+    extra: dict[str, Any] = {}
+    request = calibration_from_args(args)
+    if request is not None:
+        config, extra = calibrated_config(pipe, seeded, request, args, input_config, config)
     if config is not None:
         engine = pipe.enable_xslim(config, timeout_s=timeout_from_args(args))
         if not args.no_warmup:
@@ -263,9 +276,43 @@ def compare_and_report(
         t_xslim,
         pipeline_output_tensor(baseline),
         pipeline_output_tensor(out),
+        extra,
     )
     if args.save_dir and out is not None and input_config.output_type == "pil" and pipe.is_dp_last_group():
         os.makedirs(args.save_dir, exist_ok=True)
         tag = "xslim" if engine is not None else "plain"
         for i, image in enumerate(out.images):
             image.save(os.path.join(args.save_dir, f"{name}_{parallel_info}_{tag}_{i}.png"))
+
+
+def calibrated_config(
+    pipe: Any,
+    seeded: Callable[[int], Any] | None,
+    request: Any,
+    args: argparse.Namespace,
+    input_config: Any,
+    overrides: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """Calibrate on every rank (``--xslim-calibrate N``), save the JSON from global rank 0
+    (``--xslim-save``), print its table on the reporting rank; returns the schedule's config (with
+    ``--xslim-token-ratio`` / ``--xslim-block-thresh`` applied) and the ``RESULT`` keys."""
+    import torch.distributed as dist
+
+    from xslim_xdit.integrations.xfuser import calibrate_xdit
+
+    if seeded is None:
+        raise SystemExit(
+            "--xslim-calibrate: this example does not support calibration (flux_example.py does)"
+        )
+    seed = int(input_config.seed)
+    runs = [functools.partial(seeded, seed + k) for k in range(request.runs)]
+    result = calibrate_xdit(
+        pipe.pipe, runs, target_speedup=request.target_speedup, timeout_s=timeout_from_args(args)
+    )
+    # every rank holds the same result; one writes the file (no two processes writing one path)
+    if request.save and (not dist.is_initialized() or dist.get_rank() == 0):
+        result.save(request.save)
+    if is_reporting_rank():
+        print(result.table(), flush=True)
+    config = result.config(token_ratio=overrides.token_ratio, block_thresh=overrides.block_thresh)
+    return config, {"calibrated_schedule": result.schedule.to_dict(), "calibration_saved": request.save}

@@ -15,6 +15,11 @@ CPU, tiny random components (no download), one process, two Ulysses ranks or two
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/flux_example.py --tiny \\
         --ring_degree 2 --xslim
 
+Calibrate a schedule first (on every rank, on N seeded runs), save it, then generate with it::
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/flux_example.py --tiny \\
+        --ulysses_degree 2 --xslim --xslim-calibrate 2 --xslim-target-speedup 2 --xslim-save flux.json
+
 Ring needs an attention backend that returns the log-sum-exp; xDiT's default (SDPA) refuses it.
 Without an accelerator and without ``--attention_backend`` the examples pick ``SDPA_FLASH``
 (which X-Slim's CPU compatibility layer makes run on CPU) and print a note saying so.
@@ -67,7 +72,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe = XSlimXFuserWrapper(pipe)  # X-Slim off until enable_xslim
 
-    def generate() -> object:
+    def generate(seed: int | None = None) -> object:
         return pipe(
             height=input_config.height,
             width=input_config.width,
@@ -76,10 +81,12 @@ def main() -> None:
             output_type=input_config.output_type,
             max_sequence_length=input_config.max_sequence_length,
             guidance_scale=input_config.guidance_scale,
-            generator=ex.generator(input_config.seed),
+            generator=ex.generator(input_config.seed if seed is None else seed),
         )
 
-    ex.compare_and_report("flux", pipe, generate, args, engine_args, engine_config, input_config, device)
+    ex.compare_and_report(
+        "flux", pipe, generate, args, engine_args, engine_config, input_config, device, seeded=generate
+    )
     get_runtime_state().destroy_distributed_env()
     if tmp is not None:
         tmp.cleanup()

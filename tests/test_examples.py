@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TIMEOUT = 240
+CAL_DIR = Path(tempfile.mkdtemp(prefix="xslim-cal-"))  # the calibration JSONs the examples write
 # block polish: its decisions are global, so one process and two SP ranks must agree exactly
 XSLIM = ["--xslim", "--xslim-polish", "block", "--xslim-warmup", "2"]
 
@@ -69,6 +71,20 @@ def _commands() -> dict[str, list[str]]:
         "2",
         *XSLIM,
     ]
+    # --xslim-calibrate: calibrate on 2 seeded runs, save the JSON, generate with it (one process
+    # and 2 Ulysses ranks; no baseline or warm-up runs: only the calibration is compared)
+    cal = ["--tiny", "--xslim", "--xslim-calibrate", "2", "--xslim-target-speedup", "2"]
+    cal += ["--skip_baseline", "--no_warmup", "--xslim-save"]
+    cmds["flux-cal-1"] = py + [str(EXAMPLES / "flux_example.py"), *cal, str(CAL_DIR / "one.json")]
+    cmds["flux-cal-ulysses2"] = run2_cal = py + [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    run2_cal += [str(EXAMPLES / "flux_example.py"), "--ulysses_degree", "2", *cal, str(CAL_DIR / "two.json")]
     for name in ("flux", "pixart", "hunyuan_video", "wan"):
         cmds[f"{name}-help"] = py + [str(EXAMPLES / f"{name}_example.py"), "--help"]
     return cmds
@@ -156,6 +172,23 @@ def test_flux_example_ring2_runs_on_cpu_with_the_default_backend(runs):
     assert two["collectives"] > 0
     assert two["kinds"] == one["kinds"]
     assert two["max_abs_diff_vs_baseline"] == pytest.approx(one["max_abs_diff_vs_baseline"], abs=1e-2)
+
+
+def test_flux_example_calibrates_on_two_ulysses_ranks_like_one_process(runs):
+    """``--xslim-calibrate 2 --xslim-target-speedup 2 --xslim-save PATH``: rank 0 writes the
+    JSON, which equals the one process's (same plan, profile within round-off), and the run
+    follows the calibrated schedule."""
+    from _cal_workers import assert_same_calibration
+
+    one, two = _result(runs, "flux-cal-1"), _result(runs, "flux-cal-ulysses2")
+    assert "ulysses2" in two["parallel"] and two["calibration_saved"].endswith("two.json")
+    saved_one = (CAL_DIR / "one.json").read_text()
+    saved_two = (CAL_DIR / "two.json").read_text()
+    assert_same_calibration(saved_one, saved_two)
+    schedule = json.loads(saved_two)["schedule"]
+    assert two["calibrated_schedule"] == schedule
+    assert [i for i, k in enumerate(two["kinds"]) if k == "full"] == schedule["full_steps"]
+    assert two["kinds"] == one["kinds"] and 0 < two["flops_fraction"] < 0.6  # target 2x
 
 
 @pytest.mark.parametrize("name", ["flux", "pixart", "hunyuan_video", "wan"])

@@ -411,3 +411,52 @@ def test_calibrate_checks_its_arguments_before_running(tiny_dit, run, kwargs, me
     with pytest.raises(ConfigError, match=message):
         calibrate(tiny_dit, run if run is not None else (lambda: calls.append(1)), **kwargs)
     assert calls == []
+
+
+def _calibration(argv):
+    from xslim_xdit.integrations.cli import add_xslim_args, calibration_from_args
+
+    return calibration_from_args(add_xslim_args(argparse.ArgumentParser()).parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--xslim-calibrate", "2"], r"^--xslim-calibrate is given without --xslim"),
+        (["--xslim", "--xslim-calibrate", "0"], r"^--xslim-calibrate must be an integer >= 1"),
+        (
+            ["--xslim", "--xslim-target-speedup", "2"],
+            r"^--xslim-target-speedup is given without --xslim-calibrate",
+        ),
+        (["--xslim", "--xslim-save", "c.json"], r"^--xslim-save is given without --xslim-calibrate"),
+        (
+            ["--xslim", "--xslim-calibrate", "2", "--xslim-target-speedup", "1"],
+            r"^--xslim-target-speedup must be > 1",
+        ),
+        (
+            ["--xslim", "--xslim-calibrate", "2", "--xslim-preset", "flux-fast"],
+            r"^--xslim-calibrate and --xslim-preset",
+        ),
+        (
+            ["--xslim", "--xslim-calibrate", "2", "--xslim-warn", "0.1"],
+            r"^--xslim-calibrate and --xslim-warn",
+        ),
+    ],
+)
+def test_calibration_flags_are_refused_where_they_mean_nothing(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        _calibration(argv)
+    with pytest.raises(ConfigError, match=message):  # config_from_args checks them first
+        _parse(argv)
+
+
+def test_calibration_flags_read_back():
+    req = _calibration(
+        ["--xslim", "--xslim_calibrate", "3", "--xslim-target-speedup", "2.5", "--xslim-save", "f.json"]
+    )
+    assert (req.runs, req.target_speedup, req.save) == (3, 2.5, "f.json")
+    assert _calibration(["--xslim"]) is None
+    # the config then holds only the overrides of the calibrated schedule
+    assert _parse(["--xslim", "--xslim-calibrate", "2", "--xslim-token-ratio", "0.25"]) == XSlimConfig(
+        token_ratio=0.25
+    )

@@ -143,6 +143,11 @@ class SampleRoom:
         self.controllers: list[Controller] = []
         self.branches: dict[int, list[BranchCaches]] = {}
         self._step_plans: dict[int, SamplePlan] = {}
+        #: this rank holds one guidance branch of every sample (CFG parallel): row ``i`` is sample
+        #: ``i``, and its pair is row ``i`` of the other branch's rank, whose partial sums the
+        #: reduction adds; so the rows are not paired here, whatever ``guidance_pairs`` says
+        #: (set by :func:`~xslim_xdit.integrations.xfuser.enable_xslim_xdit` when ``cfg > 1``)
+        self.branch_per_rank = False
 
     @property
     def sync(self) -> DecisionSync:
@@ -206,7 +211,7 @@ class SampleRoom:
         """The samples (groups of rows) and each one's indicator, from one exact reduction of
         per-row partial sums: ``[sum|probe - previous|, sum|previous|, rows differ]``."""
         batch = img.shape[0]
-        pairs = self.config.guidance_pairs
+        pairs = "none" if self.branch_per_rank else self.config.guidance_pairs
         if pairs == "halves" and batch % 2:
             raise RuntimeError(
                 f"guidance_pairs='halves' needs an even batch (uncond and cond halves); got {batch} rows"

@@ -160,6 +160,10 @@ class DecisionRoom:
         self._lag_rows: list[torch.Tensor] = []  # its probes, one per image part, in call order
         self._lag_prev: torch.Tensor | None = None  # the whole probe of the step before it
         self._lag_value: float | None = None  # the indicator of step _lag_step - 1
+        #: reduce the step indicator with :meth:`~xslim_xdit.parallel.DecisionSync.sum_exact`
+        #: (calibration's recording mode: the value is written into the profile, so every rank
+        #: must hold the same bytes; decisions never need it, the kind is agreed as an integer)
+        self.exact_sums = False
 
     def start_run(self, controller: Controller) -> None:
         self.controller = controller
@@ -256,7 +260,7 @@ class DecisionRoom:
         sums = torch.stack(
             [(probe - previous).abs().sum(dtype=torch.float64), previous.abs().sum(dtype=torch.float64)]
         )
-        sums = self.sync.sum_partials(sums)
+        sums = self.sync.sum_exact(sums) if self.exact_sums else self.sync.sum_partials(sums)
         return float(sums[0] / sums[1]) if float(sums[1]) > 0 else None
 
     def _decide_here(

@@ -132,6 +132,7 @@ class XSlimEngine:
             self.use_block,
             self.use_token,
         )
+        self.room.exact_sums = record  # a profile's indicator: the same bytes on every rank
         self.statistics = CacheStatistics()
         self.flop_meter = FlopMeter() if count_flops else None
         self.observers: list[EngineObserver] = (

@@ -153,61 +153,153 @@ class ProfileRecorder(EngineObserver):
     """Per-step measurements of a run for calibration (first guidance branch only): the step
     kind, the probe change, the relative change of the stack residual, the per-block residual
     magnitudes of full steps, and one row of the Gram matrix of the stack residuals (a strided
-    subsample of at most ``max_elements`` elements per step, float32; see
-    :mod:`xslim_xdit.planner`). Sums are reduced over the ranks, so sequence shards add up.
+    subsample of at most ``max_elements`` elements per step and rank, float32; see
+    :mod:`xslim_xdit.planner`).
+
+    During the run each rank keeps only its own partial sums (no collective inside the
+    forward); :meth:`finish`, called on every rank after the run, reduces them exactly (the same
+    bytes on every rank): PipeFusion stages' residual pieces are gathered and added in stage order
+    (:meth:`~xslim_xdit.parallel.DecisionSync.gather_stages`), then sequence shards and CFG branches
+    add their partial sums in rank order (:meth:`~xslim_xdit.parallel.DecisionSync.sum_exact`).
+    On one device :attr:`profile` finishes by itself.
 
     ``profile`` holds the last run's rows (a new run clears it).
     """
 
     def __init__(self, max_elements: int = 1 << 20) -> None:
         self.max_elements = max_elements
-        self.profile: list[dict[str, Any]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows: list[dict[str, Any]] = []
         self._vectors: list[torch.Tensor] = []
+        self._changes: list[torch.Tensor | None] = []  # local [sum|r - r_prev|, sum|r_prev|]
+        self._blocks: list[torch.Tensor | None] = []  # local (blocks, 2) [sum|out - in|, count]
+        self._sync: Any = None
+        self._block_offset = 0
+        self._total_blocks = 0
+        self._profile: list[dict[str, Any]] | None = []
 
     def on_run_start(self, engine: XSlimEngine, num_steps: int) -> None:
-        self.profile = []
-        self._vectors = []
+        self._reset()
 
     def on_stack_residual(self, engine: XSlimEngine, caches: BranchCaches, residual: torch.Tensor) -> None:
         if engine.branch != 0 or engine.plan is None:
             return
-        sync = engine.sync
+        self._sync = engine.sync
+        self._block_offset = engine.block_offset
+        self._total_blocks = engine.room.layout.total_blocks
         prev = caches.residual
         change = None
         if prev is not None and prev.shape == residual.shape:
-            sums = sync.sum_partials(
-                torch.stack(
-                    [
-                        (residual - prev).abs().sum(dtype=torch.float64),
-                        prev.abs().sum(dtype=torch.float64),
-                    ]
-                )
-            )
-            change = float(sums[0] / sums[1]) if float(sums[1]) > 0 else None
+            change = torch.stack(
+                [(residual - prev).abs().sum(dtype=torch.float64), prev.abs().sum(dtype=torch.float64)]
+            ).cpu()
+        self._changes.append(change)
         decision = engine.plan.decision
-        mags = None
-        if caches.block_mag is not None and decision.kind == StepKind.FULL:
-            s = sync.sum_block_partials(caches.block_mag.clone())
-            mags = (s[:, 0] / s[:, 1].clamp_min(1)).tolist()
-        self.profile.append(
-            {
-                "step": engine.step,
-                "kind": decision.kind.name.lower(),
-                "probe_change": decision.indicator,
-                "residual_change": change,
-                "block_magnitudes": mags,
-                "gram_row": self._gram_row(sync, residual),
-            }
-        )
-
-    def _gram_row(self, sync: Any, residual: torch.Tensor) -> list[float]:
-        """Inner products of this step's stack residual with every earlier profiled one (and
-        itself), over a strided subsample, summed over ranks (sums over tokens, so
-        sequence-parallel shards add up exactly)."""
+        full = caches.block_mag is not None and decision.kind == StepKind.FULL
+        self._blocks.append(caches.block_mag.detach().to(torch.float64).cpu().clone() if full else None)  # type: ignore[union-attr]
         flat = residual.reshape(-1)
         stride = max(1, -(-flat.numel() // self.max_elements))
-        vec = flat[::stride].to(torch.float32, copy=True)  # kept for the later rows
-        self._vectors.append(vec)
-        v64 = vec.double()
-        dots = torch.stack([torch.dot(v64, v.double()) for v in self._vectors])
-        return sync.sum_partials(dots).tolist()
+        self._vectors.append(flat[::stride].to(torch.float32, copy=True))
+        self._rows.append(
+            {"step": engine.step, "kind": decision.kind.name.lower(), "probe_change": decision.indicator}
+        )
+        self._profile = None
+
+    @property
+    def profile(self) -> list[dict[str, Any]]:
+        """The rows of the last run: ``step``, ``kind``, ``probe_change``, ``residual_change``,
+        ``block_magnitudes``, ``gram_row``. Across ranks, call :meth:`finish` on every rank first."""
+        if self._profile is None:
+            if self._sync is not None and self._sync.is_distributed:
+                raise RuntimeError(
+                    "ProfileRecorder.profile under several ranks: call recorder.finish() on every rank "
+                    "after the run (it reduces the ranks' partial sums, collectively)"
+                )
+            self.finish()
+        return self._profile  # type: ignore[return-value]
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Reduce the run's partial sums over the ranks (collective: every rank that ran calls it,
+        after the run, outside the forward) and return :attr:`profile`, identical on every rank.
+
+        Raises ``NotImplementedError`` under PipeFusion's asynchronous phase (patches: a step's
+        residual is not one tensor any stage holds).
+        """
+        if self._profile is not None:
+            return self._profile
+        from .parallel.sync import LocalSync
+
+        sync = self._sync or LocalSync()
+        n = len(self._rows)
+        if n == 0:
+            self._profile = []
+            return self._profile
+        if len({v.numel() for v in self._vectors}) != 1:
+            raise NotImplementedError(
+                "calibration profile: the stack residual changed shape within the run (PipeFusion's "
+                "asynchronous phase runs patches); calibrate with every step synchronous (xDiT's "
+                "--warmup_steps >= num_inference_steps, or --num_pipeline_patch 1)"
+            )
+        total = self._total_blocks
+        small = torch.zeros(n, 2 + 2 * total, dtype=torch.float64)
+        for i, row in enumerate(self._rows):
+            small[i, 0] = float("nan") if row["probe_change"] is None else float(row["probe_change"])
+            b = self._blocks[i]
+            if b is not None:
+                small[i, 1] = 1.0
+                lo = 2 + 2 * self._block_offset  # this rank's blocks in the whole depth (PipeFusion)
+                small[i, lo : lo + b.numel()] = b.reshape(-1)
+        vectors = torch.stack(self._vectors)
+        stages_v = sync.gather_stages(vectors)
+        stages_s = sync.gather_stages(small) if len(stages_v) > 1 else [small]
+        residuals = stages_v[0].to(torch.float64)
+        for v in stages_v[1:]:  # the stages' pieces of the stack residual, added in stage order
+            residuals = residuals + v.to(residuals.device, torch.float64)
+        first = stages_s[0].cpu()
+        blocks = first[:, 2:].clone()
+        for s in stages_s[1:]:  # each stage filled only its own blocks: the rest is zero
+            blocks = blocks + s[:, 2:].cpu()
+        if len(stages_v) > 1:
+            # the whole residual exists only as the stages' sum: its change from the subsample
+            changes: list[torch.Tensor | None] = [None] + [
+                torch.stack(
+                    [(residuals[i] - residuals[i - 1]).abs().sum(), residuals[i - 1].abs().sum()]
+                ).cpu()
+                for i in range(1, n)
+            ]
+        else:
+            changes = list(self._changes)
+        tri = torch.tril_indices(n, n)
+        gram = (residuals @ residuals.T).cpu()
+        change_part = torch.stack(
+            [c if c is not None else torch.zeros(2, dtype=torch.float64) for c in changes]
+        )
+        packed = torch.cat([gram[tri[0], tri[1]], change_part.reshape(-1), blocks.reshape(-1)])
+        sums = sync.sum_exact(packed).cpu()
+        k = tri.shape[1]
+        gram_sums = torch.zeros(n, n, dtype=torch.float64)
+        gram_sums[tri[0], tri[1]] = sums[:k]
+        change_sums = sums[k : k + 2 * n].reshape(n, 2)
+        block_sums = sums[k + 2 * n :].reshape(n, total, 2)
+        profile = []
+        for i, row in enumerate(self._rows):
+            probe = float(first[i, 0])  # the first stage's: later stages receive their decisions
+            c = change_sums[i]
+            profile.append(
+                {
+                    "step": row["step"],
+                    "kind": row["kind"],
+                    "probe_change": None if probe != probe else probe,
+                    "residual_change": float(c[0] / c[1])
+                    if changes[i] is not None and float(c[1]) > 0
+                    else None,
+                    "block_magnitudes": (block_sums[i, :, 0] / block_sums[i, :, 1].clamp_min(1)).tolist()
+                    if float(first[i, 1])
+                    else None,
+                    "gram_row": gram_sums[i, : i + 1].tolist(),
+                }
+            )
+        self._profile = profile
+        return profile

@@ -54,7 +54,7 @@ from .plan import (
     simulate,
     threshold_search,
 )
-from .profile import Profiles, _as_tensor, profile_runs, replay_schedule
+from .profile import Enable, Profiles, _as_tensor, profile_runs, replay_schedule
 from .result import CalibrationResult
 from .select import geometric_mean, optimal_result, select_candidate, threshold_result
 
@@ -100,6 +100,7 @@ def calibrate(
     extrapolate: Literal["linear", "none"] = "linear",
     max_gap: int | None = None,
     closed_loop_check: bool = True,
+    enable: Enable | None = None,
 ) -> CalibrationResult:
     """Profile full runs and return a schedule that reaches ``target_speedup`` (in FLOPs).
 
@@ -135,6 +136,13 @@ def calibrate(
             whose final outputs are closest to the full runs' (least geometric mean of the
             relative errors; the run's return value when it is a tensor, an array, an image
             list or has ``.images``, else the transformer's last output).
+        enable: what attaches the engine for each profiling run and replay (default
+            :func:`~xslim_xdit.api.enable_xslim`, one device). Under xDiT pass
+            :func:`~xslim_xdit.integrations.xfuser.enable_xslim_xdit` and call ``calibrate`` on
+            every rank (or use :func:`~xslim_xdit.integrations.xfuser.calibrate_xdit`): the
+            profiles are reduced exactly over the ranks, the closed-loop errors are those of the
+            rank holding the output, and every rank returns the same result (see
+            ``docs/parallel.md``). An xfuser model on several ranks without it is refused.
     """
     runs, polish, warmup_steps = _validate(
         run,
@@ -150,7 +158,7 @@ def calibrate(
         extrapolate=extrapolate,
         max_gap=max_gap,
     )
-    profiles = profile_runs(pipe_or_transformer, runs, num_inference_steps)
+    profiles = profile_runs(pipe_or_transformer, runs, num_inference_steps, enable)
     n, profile = profiles.num_steps, profiles.profiles[0]
     if strategy == "optimal":
         check_reachable(n, target_speedup, warmup_steps)
@@ -170,9 +178,15 @@ def calibrate(
                 schedule=Schedule(num_steps=n, full_steps=full_steps),
                 extrapolate=extrapolate,
             )
-            return replay_schedule(pipe_or_transformer, cfg, runs[i], num_inference_steps)
+            return replay_schedule(pipe_or_transformer, cfg, runs[i], num_inference_steps, enable)
 
-        candidates = check_candidates(plans, profiles.references, replay)
+        sync = profiles.sync
+        share = (
+            (lambda values: sync.from_output_rank(values, profiles.holds_output))
+            if sync.is_distributed
+            else None
+        )
+        candidates = check_candidates(plans, profiles.references, replay, share)
         best = select_candidate(candidates)
         return optimal_result(
             profile,

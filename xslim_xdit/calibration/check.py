@@ -27,26 +27,45 @@ import torch
 Replay = Callable[[tuple[int, ...], int], "torch.Tensor | None"]
 
 
+#: ``share(values)``: the values every rank acts on, taken from one rank (the one that holds the
+#: pipeline's output; :meth:`~xslim_xdit.parallel.DecisionSync.from_output_rank`)
+Share = Callable[[list[float]], list[float]]
+
+
 def check_candidates(
     plans: Sequence[tuple[int, ...]],
     references: Sequence[torch.Tensor | None],
     replay: Replay,
+    share: Share | None = None,
 ) -> list[dict[str, Any]]:
     """The candidates: one ``{"full_steps": [...], "closed_loop_error": None}`` per plan, with
     ``"run_errors"`` (:func:`relative_error` of each run's replay to its reference, in the order
     of the runs) when the plans can be told apart: more than one plan and a reference for every
     run. ``closed_loop_error`` is filled by :func:`~xslim_xdit.calibration.select.select_candidate`.
 
-    Plans are replayed in order, each on every run in order (see the module example).
+    Plans are replayed in order, each on every run in order (see the module example). With
+    ``share`` (several ranks), whether to replay and the errors themselves are one rank's, on
+    every rank: every rank replays the same plans (a rank that skipped one would leave the others
+    waiting in xfuser's collectives) and selects the same one.
     """
     candidates: list[dict[str, Any]] = [{"full_steps": list(p), "closed_loop_error": None} for p in plans]
-    if len(plans) > 1 and all(ref is not None for ref in references):
-        for cand, plan in zip(candidates, plans, strict=True):
-            cand["run_errors"] = [
-                relative_error(replay(tuple(plan), i), ref)  # type: ignore[arg-type]
-                for i, ref in enumerate(references)
-            ]
+    checkable = all(ref is not None for ref in references)
+    if share is not None:
+        checkable = share([1.0 if checkable else 0.0])[0] == 1.0
+    if len(plans) > 1 and checkable:
+        # every rank replays every plan (the replays are collective under xDiT), with or
+        # without a reference of its own
+        errors = [[_error(replay(tuple(plan), i), ref) for i, ref in enumerate(references)] for plan in plans]
+        if share is not None:
+            flat = share([e for row in errors for e in row])
+            errors = [flat[j * len(references) : (j + 1) * len(references)] for j in range(len(plans))]
+        for cand, row in zip(candidates, errors, strict=True):
+            cand["run_errors"] = row
     return candidates
+
+
+def _error(out: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+    return float("inf") if ref is None else relative_error(out, ref)
 
 
 def relative_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,12 @@ import torch
 from ..api import disable_xslim, enable_xslim, expert_transformers
 from ..config import ConfigError, XSlimConfig
 from ..observers import ProfileRecorder
+from ..parallel.sync import DecisionSync, LocalSync
+
+#: attaches the engine: :func:`~xslim_xdit.api.enable_xslim` (one device) or
+#: :func:`~xslim_xdit.integrations.xfuser.enable_xslim_xdit` (xDiT); called as
+#: ``enable(pipe, config, num_inference_steps=..., observers=[...], record=...)``
+Enable = Callable[..., Any]
 
 #: One step of a profile: ``step``, ``kind``, ``probe_change``, ``residual_change``,
 #: ``block_magnitudes``, ``gram_row`` (see :func:`~xslim_xdit.calibration.plan.profile_gram`).
@@ -40,6 +46,11 @@ class Profiles:
 
     profiles: list[list[ProfileRow]]
     references: list[torch.Tensor | None]
+    #: where the ranks of the generation agree (the profiling engine's; one device: LocalSync)
+    sync: DecisionSync = field(default_factory=LocalSync)
+    #: every reference is the run's own return value on this rank (not the transformer's last
+    #: output: e.g. PipeFusion's earlier stages, which return nothing)
+    holds_output: bool = True
 
     @property
     def num_steps(self) -> int:
@@ -52,30 +63,59 @@ class Profiles:
 
 
 def profile_runs(
-    pipe_or_transformer: Any, runs: Sequence[Callable[[], Any]], num_inference_steps: int | None
+    pipe_or_transformer: Any,
+    runs: Sequence[Callable[[], Any]],
+    num_inference_steps: int | None,
+    enable: Enable | None = None,
 ) -> Profiles:
     """Run each calibration callable once in full with the engine recording; returns their
-    profiles and final outputs (see the module example).
+    profiles and final outputs (see the module example). ``enable`` attaches the engine
+    (default :func:`~xslim_xdit.api.enable_xslim`; under xDiT
+    :func:`~xslim_xdit.integrations.xfuser.enable_xslim_xdit`, on every rank: each profile is then
+    reduced over the ranks, the same on every rank).
 
     Raises ``RuntimeError`` when a run never calls the transformer, and
     :class:`~xslim_xdit.config.ConfigError` when the runs made different numbers of calls, or
     before anything runs on a pipeline with two experts (see :func:`refuse_two_experts`).
     """
     refuse_two_experts(pipe_or_transformer)
+    if enable is None:
+        refuse_unshared_ranks(pipe_or_transformer)
     profiles: list[list[ProfileRow]] = []
     references: list[torch.Tensor | None] = []
+    holds = True
+    sync: DecisionSync = LocalSync()
     for r in runs:
-        profile, reference = _replay(pipe_or_transformer, None, r, num_inference_steps, profile=True)
-        if not profile:
+        out = _replay(pipe_or_transformer, None, r, num_inference_steps, profile=True, enable=enable)
+        if not out.profile:
             raise RuntimeError("calibration run called the transformer no time: check `run`")
-        profiles.append(profile)
-        references.append(reference)
+        profiles.append(out.profile)
+        references.append(out.final)
+        holds = holds and out.from_run
+        sync = out.sync
     n = len(profiles[0])
     if any(len(p) != n for p in profiles):
         raise ConfigError(
             f"the calibration runs made {[len(p) for p in profiles]} transformer calls: they must agree"
         )
-    return Profiles(profiles, references)
+    return Profiles(profiles, references, sync, holds)
+
+
+def refuse_unshared_ranks(pipe_or_transformer: Any) -> None:
+    """An xfuser model on several ranks, profiled with the single-device ``enable_xslim``: each rank
+    would plan from its own shard (or stage) and the ranks could replay different schedules, which
+    hangs xfuser's collectives. Refused with a :class:`~xslim_xdit.config.ConfigError`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    modules = [pipe_or_transformer, *expert_transformers(pipe_or_transformer).values()]
+    if any(type(m).__module__.split(".")[0] == "xfuser" for m in modules):
+        raise ConfigError(
+            "calibrate on an xfuser model with several ranks needs enable=enable_xslim_xdit (or "
+            "xslim_xdit.integrations.xfuser.calibrate_xdit), so that the ranks reduce one profile and "
+            "pick one plan; the single-device enable_xslim would profile each rank's shard alone"
+        )
 
 
 def refuse_two_experts(pipe_or_transformer: Any) -> None:
@@ -102,10 +142,19 @@ def replay_schedule(
     config: XSlimConfig,
     run: Callable[[], Any],
     num_inference_steps: int | None,
+    enable: Enable | None = None,
 ) -> torch.Tensor | None:
     """Run ``run`` once with X-Slim enabled under ``config`` (e.g. a schedule to check); returns
     its final output (:func:`_final_output`)."""
-    return _replay(pipe_or_transformer, config, run, num_inference_steps, profile=False)[1]
+    return _replay(pipe_or_transformer, config, run, num_inference_steps, profile=False, enable=enable).final
+
+
+@dataclass
+class _Replayed:
+    profile: list[ProfileRow] | None
+    final: torch.Tensor | None
+    from_run: bool
+    sync: DecisionSync
 
 
 def _replay(
@@ -115,11 +164,13 @@ def _replay(
     num_inference_steps: int | None,
     *,
     profile: bool,
-) -> tuple[list[ProfileRow] | None, torch.Tensor | None]:
-    """Run ``run`` once with X-Slim enabled, then disable it: under ``config``, or, with
+    enable: Enable | None = None,
+) -> _Replayed:
+    """Run ``run`` once with X-Slim enabled (by ``enable``, default
+    :func:`~xslim_xdit.api.enable_xslim`), then disable it: under ``config``, or, with
     ``profile`` (``config`` is then ``None``), every step full with the engine recording.
-    Returns the recorded profile (``None`` unless ``profile``) and the run's final output
-    (:func:`_final_output`).
+    Returns the recorded profile (``None`` unless ``profile``; reduced over the ranks, after the
+    run), the run's final output (:func:`_final_output`), and the engine's sync.
 
     The only function of :mod:`xslim_xdit.calibration` that touches the engine.
     """
@@ -129,7 +180,7 @@ def _replay(
         config, observers = XSlimConfig(), [ProfileRecorder()]
     if config is None:
         raise ValueError("_replay: pass a config to replay under, or profile=True")
-    engine = enable_xslim(
+    engine = (enable or enable_xslim)(
         pipe_or_transformer,
         config,
         num_inference_steps=num_inference_steps,
@@ -137,16 +188,20 @@ def _replay(
         record=profile,
     )
     try:
-        final = _final_output(engine.model, run)
-        return (observers[0].profile if profile else None), final
+        final, from_run = _final_output(engine.model, run)
+        # after the run, on every rank: the reduction is collective (never inside the forward)
+        rows = observers[0].finish() if profile else None
+        if engine.pipeline is not None:
+            engine.pipeline.close()  # the decision messages' sends are complete
+        return _Replayed(rows, final, from_run, engine.sync)
     finally:
         disable_xslim(pipe_or_transformer)
 
 
-def _final_output(model: Any, run: Callable[[], Any]) -> torch.Tensor | None:
+def _final_output(model: Any, run: Callable[[], Any]) -> tuple[torch.Tensor | None, bool]:
     """Run ``run`` and return its output as a tensor (a tensor, an array, a list of images or
     arrays, or an object with ``.images``), else the first tensor of the model's last output
-    (``None`` if neither exists)."""
+    (``None`` if neither exists); and whether it is the run's own output."""
     box: list[torch.Tensor | None] = [None]
 
     def hook(_m: Any, _a: Any, out: Any) -> None:
@@ -165,7 +220,7 @@ def _final_output(model: Any, run: Callable[[], Any]) -> torch.Tensor | None:
     finally:
         handle.remove()
     final = _as_tensor(result)
-    return final if final is not None else box[0]
+    return (final, True) if final is not None else (box[0], False)
 
 
 def _as_tensor(obj: Any) -> torch.Tensor | None:

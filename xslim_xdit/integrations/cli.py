@@ -22,11 +22,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import _ONLINE_ONLY, PRESETS, ConfigError, XSlimConfig
 
-__all__ = ["add_xslim_args", "config_from_args"]
+__all__ = ["CalibrationRequest", "add_xslim_args", "calibration_from_args", "config_from_args"]
 
 #: (argparse dest, flag, XSlimConfig field) of the tuning flags (default None: "not given")
 _TUNING = (
@@ -135,7 +136,88 @@ def add_xslim_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="seconds an X-Slim collective (or, during a run, any wait on other ranks) may take before "
         "the rank gives up and the job ends; every process is gone within this + 15 s (default 300)",
     )
+    g.add_argument(
+        "--xslim-calibrate",
+        "--xslim_calibrate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="calibrate a schedule on N seeded runs (seeds --seed .. --seed+N-1), then generate with it",
+    )
+    g.add_argument(
+        "--xslim-target-speedup",
+        "--xslim_target_speedup",
+        type=float,
+        default=None,
+        help="with --xslim-calibrate: the FLOP speedup the schedule reaches (> 1; default 2.0)",
+    )
+    g.add_argument(
+        "--xslim-save",
+        "--xslim_save",
+        default=None,
+        metavar="PATH",
+        help="with --xslim-calibrate: write the calibration JSON here (global rank 0 writes it)",
+    )
     return parser
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What ``--xslim-calibrate N --xslim-target-speedup S --xslim-save PATH`` ask for."""
+
+    runs: int
+    target_speedup: float = 2.0
+    save: str | None = None
+
+
+def calibration_from_args(args: argparse.Namespace) -> CalibrationRequest | None:
+    """The calibration the flags ask for (None without ``--xslim-calibrate``).
+
+    ``--xslim-calibrate`` needs ``--xslim`` and excludes ``--xslim-preset`` and
+    ``--xslim-schedule`` (the calibrated schedule is the one followed) and the online controller's
+    flags; ``--xslim-target-speedup`` and ``--xslim-save`` need ``--xslim-calibrate``. Errors
+    are :class:`~xslim_xdit.ConfigError` naming the flag and its accepted range.
+
+    Example:
+        >>> p = add_xslim_args(argparse.ArgumentParser())
+        >>> calibration_from_args(p.parse_args(["--xslim", "--xslim-calibrate", "2", "--xslim-save", "f.json"]))
+        CalibrationRequest(runs=2, target_speedup=2.0, save='f.json')
+        >>> calibration_from_args(p.parse_args(["--xslim", "--xslim-calibrate", "0"]))
+        Traceback (most recent call last):
+        ...
+        xslim_xdit.schedule.ConfigError: --xslim-calibrate must be an integer >= 1 (calibration runs); got 0
+    """
+    runs = getattr(args, "xslim_calibrate", None)
+    speed = getattr(args, "xslim_target_speedup", None)
+    save = getattr(args, "xslim_save", None)
+    if runs is None:
+        for flag, value in (("--xslim-target-speedup", speed), ("--xslim-save", save)):
+            if value is not None:
+                raise ConfigError(f"{flag} is given without --xslim-calibrate N: add it, or drop {flag}")
+        return None
+    if not getattr(args, "xslim", False):
+        raise ConfigError(
+            "--xslim-calibrate is given without --xslim: add --xslim to enable X-Slim caching, or drop "
+            "--xslim-calibrate"
+        )
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ConfigError(f"--xslim-calibrate must be an integer >= 1 (calibration runs); got {runs!r}")
+    for flag, dest in (("--xslim-preset", "xslim_preset"), ("--xslim-schedule", "xslim_schedule")):
+        if getattr(args, dest, None):
+            raise ConfigError(
+                f"--xslim-calibrate and {flag} cannot be combined: the calibrated schedule is the one "
+                f"followed; drop {flag}"
+            )
+    for dest, flag, field in _TUNING:
+        if field in _ONLINE_ONLY and getattr(args, dest, None) is not None:
+            raise ConfigError(
+                f"--xslim-calibrate and {flag} cannot be combined: the calibrated schedule never reads "
+                f"it; drop {flag}"
+            )
+    target = 2.0 if speed is None else float(speed)
+    if not target > 1.0:
+        raise ConfigError(f"--xslim-target-speedup must be > 1; got {target!r}")
+    return CalibrationRequest(runs=runs, target_speedup=target, save=save)
 
 
 def timeout_from_args(args: argparse.Namespace) -> float:
@@ -163,6 +245,9 @@ def config_from_args(args: argparse.Namespace) -> XSlimConfig | None:
     flags (``--xslim-warn``, ``--xslim-crit``, ``--xslim-warmup``, ``--xslim-polish``,
     ``--xslim-rescale``, ``--xslim-lagged-indicator``); ``--xslim-token-ratio`` and ``--xslim-block-thresh`` override the
     preset's or the file's values. Any ``--xslim-*`` flag without ``--xslim`` is refused too.
+    With ``--xslim-calibrate`` (:func:`calibration_from_args`) the config holds only
+    ``--xslim-token-ratio`` and ``--xslim-block-thresh``: the overrides of the schedule the
+    calibration finds (``CalibrationResult.config(**overrides)``).
     Conflicts raise :class:`~xslim_xdit.ConfigError` naming both flags.
 
     Example:
@@ -176,6 +261,7 @@ def config_from_args(args: argparse.Namespace) -> XSlimConfig | None:
     """
     preset = getattr(args, "xslim_preset", None)
     schedule = getattr(args, "xslim_schedule", None)
+    request = calibration_from_args(args)  # its conflicts first: they name the calibration flags
     given = [
         (flag, field, getattr(args, dest))
         for dest, flag, field in _TUNING
@@ -194,6 +280,9 @@ def config_from_args(args: argparse.Namespace) -> XSlimConfig | None:
         raise ConfigError(
             "--xslim-preset and --xslim-schedule cannot be combined: both name the schedule to follow; keep one"
         )
+    if request is not None:
+        # the overrides of the schedule the calibration will find (CalibrationResult.config)
+        return XSlimConfig(**{field: value for _, field, value in given})
     if not (preset or schedule):
         return XSlimConfig(**{field: value for _, field, value in given})  # XSlimConfig fills the rest
     source = "--xslim-preset" if preset else "--xslim-schedule"

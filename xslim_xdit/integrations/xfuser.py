@@ -26,12 +26,14 @@ Example (every rank of a ``torchrun`` job, after the xFuser pipeline is built)::
 from __future__ import annotations
 
 import datetime
-from collections.abc import Hashable
+import functools
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 
 from ..api import XSlimPipelineWrapper, enable_xslim, get_engines
+from ..calibration.result import CalibrationResult
 from ..config import XSlimConfig
 from ..engine import XSlimEngine
 from ..observers import EngineObserver
@@ -204,7 +206,14 @@ def _global_stacks(transformer: Any, engine: XSlimEngine) -> list[tuple[int, int
 
 
 def enable_xslim_xdit(
-    pipe_or_transformer: Any, config: XSlimConfig, timeout_s: float = 300.0, watchdog: bool = True
+    pipe_or_transformer: Any,
+    config: XSlimConfig,
+    timeout_s: float = 300.0,
+    watchdog: bool = True,
+    *,
+    num_inference_steps: int | None = None,
+    observers: Sequence[EngineObserver] = (),
+    record: bool = False,
 ) -> XSlimEngine:
     """Enable X-Slim on an xFuser pipeline or an xfuser transformer wrapper, with decisions
     shared by every rank of the generation. Call it on every rank.
@@ -217,15 +226,18 @@ def enable_xslim_xdit(
     :class:`~xslim_xdit.parallel.RankMismatchError` on every rank). ``timeout_s`` bounds every
     X-Slim collective and, with ``watchdog``, any wait on other ranks during a run (xfuser's
     too): after a failure every process is gone within ``timeout_s + EXIT_MARGIN_S``
-    (``docs/parallel.md``, :mod:`xslim_xdit.parallel.failure`).
+    (``docs/parallel.md``, :mod:`xslim_xdit.parallel.failure`). ``num_inference_steps``,
+    ``observers`` and ``record`` are :func:`~xslim_xdit.api.enable_xslim`'s (calibration passes
+    them: :func:`calibrate_xdit`).
 
     Raises:
         NotImplementedError: token refresh under PipeFusion.
     """
     if not isinstance(config, XSlimConfig):
         raise TypeError(f"config must be an XSlimConfig; got {type(config).__name__}")
+    passed: dict[str, Any] = dict(num_inference_steps=num_inference_steps, observers=observers, record=record)
     if not torch.distributed.is_initialized():
-        return enable_xslim(pipe_or_transformer, config)
+        return enable_xslim(pipe_or_transformer, config, **passed)
     layout = xdit_layout()
     if layout["pp"] > 1 and "token" in config.levels:
         raise NotImplementedError(
@@ -236,7 +248,7 @@ def enable_xslim_xdit(
         raise ValueError(f"timeout_s must be a number of seconds > 0; got {timeout_s!r}")
     group, ranks = generation_group(timeout_s)
     sync = GroupSync(group, timeout_s=timeout_s) if len(ranks) > 1 else LocalSync()
-    first = enable_xslim(pipe_or_transformer, config, sync=sync)
+    first = enable_xslim(pipe_or_transformer, config, sync=sync, **passed)
     # every expert of a two-expert pipeline (Wan 2.2 A14B) runs sharded alike
     for engine in get_engines(pipe_or_transformer).values():
         engine.sequence_shards = layout["sp"]
@@ -250,6 +262,10 @@ def enable_xslim_xdit(
                 patch_info=_patch_info,
                 num_patches=_num_patches(),
             )
+        if engine.samples is not None and layout["cfg"] > 1:
+            # each rank holds one guidance branch: its row i is sample i (xfuser splits the
+            # batched [uncond, cond] halves over the CFG ranks), and the reduction adds the branches
+            engine.samples.branch_per_rank = True
         if engine.token_ctx is not None and layout["sp"] > 1:
             from xfuser.core.distributed import get_runtime_state, get_sp_group
 
@@ -258,6 +274,37 @@ def enable_xslim_xdit(
                 text_split=lambda: bool(get_runtime_state().split_text_embed_in_sp),
             )
     return first
+
+
+def calibrate_xdit(
+    pipe_or_transformer: Any,
+    run: Callable[[], Any] | Sequence[Callable[[], Any]],
+    *,
+    timeout_s: float = 300.0,
+    **kwargs: Any,
+) -> CalibrationResult:
+    """:func:`~xslim_xdit.calibration.calibrate` under xDiT: call it on every rank, with the same
+    runs (seeded inside each callable). Every rank profiles its shard, stage or branch; the
+    profiles are reduced exactly (the same bytes everywhere), the closed-loop errors are those of
+    the rank that holds the pipeline's output, so every rank returns the same result (its JSON is
+    the single device's, within round-off). Write it from one rank (the examples: global rank 0).
+
+    PipeFusion is calibrated in its synchronous phase only (one patch, or xDiT's warm-up covering
+    every step); the asynchronous phase raises ``NotImplementedError``. ``kwargs`` are
+    :func:`~xslim_xdit.calibration.calibrate`'s.
+
+    Example:
+        >>> result = calibrate_xdit(xfuser_pipe, [run_seed_0, run_seed_1], target_speedup=2.0)  # doctest: +SKIP
+        >>> if torch.distributed.get_rank() == 0:  # doctest: +SKIP
+        ...     result.save("flux.json")
+    """
+    from ..calibration import calibrate
+
+    if "enable" in kwargs:
+        raise TypeError("calibrate_xdit sets enable= itself (enable_xslim_xdit); drop it")
+    return calibrate(
+        pipe_or_transformer, run, enable=functools.partial(enable_xslim_xdit, timeout_s=timeout_s), **kwargs
+    )
 
 
 class XSlimXFuserWrapper(XSlimPipelineWrapper):

@@ -126,6 +126,29 @@ class PipelineChannel:
             if s > 0
         ]
 
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """``t`` of every stage, in stage order (one all-gather over the pipeline's group; for
+        calibration profiles, after a run: never inside the forward)."""
+        import torch.distributed as dist
+
+        t = t.to(self.device).contiguous()
+        parts = [torch.empty_like(t) for _ in self.ranks]
+        work = dist.all_gather(parts, t, group=self.group, async_op=True)
+        what = f"X-Slim pipeline all-gather over ranks {self.ranks}"
+        if self.timeout_s is None:
+            work.wait()
+        else:
+            import datetime
+
+            try:
+                ok = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            except RuntimeError as e:
+                self._fail(f"{what} failed or timed out after {self.timeout_s}s: a stage stopped ({e})", e)
+            if ok is False:
+                self._fail(f"{what} timed out after {self.timeout_s}s", None)
+        # the group lists its ranks in its own order; hand them back in stage order
+        return [parts[dist.get_group_rank(self.group, r)] for r in self.ranks]
+
     def close(self) -> None:
         for work, _ in self._pending:
             work.wait()
@@ -176,6 +199,16 @@ class PipelineSync(DecisionSync):
 
     def agree(self, values: Sequence[int], device: torch.device | None = None) -> list[int]:
         return self.inner.agree(values, device)
+
+    def sum_exact(self, partials: torch.Tensor) -> torch.Tensor:
+        return self.inner.sum_exact(partials)
+
+    def gather_stages(self, local: torch.Tensor) -> list[torch.Tensor]:
+        return self.channel.all_gather(local)
+
+    def from_output_rank(self, values: Sequence[float], holds_output: bool) -> list[float]:
+        # over every rank of the generation (all stages): the last stage holds the output
+        return (self.channel.agreement or self.inner).from_output_rank(values, holds_output)
 
     def begin_decision(self) -> None:
         if self._statistics_due:

@@ -59,6 +59,26 @@ class DecisionSync:
         ``device`` is where the model's tensors live (accelerator backends reduce there)."""
         return [int(v) for v in values]
 
+    # ---------------------------------------------- calibration: exact, outside the forward
+    def sum_exact(self, partials: torch.Tensor) -> torch.Tensor:
+        """Global sums of per-rank partial sums (float64) with the same bytes on every rank of the
+        decision group: every rank's partials are gathered and added in rank order, so no
+        backend's summation order can make two ranks differ. Calibration profiles use it."""
+        return partials.detach().to(torch.float64)
+
+    def gather_stages(self, local: torch.Tensor) -> list[torch.Tensor]:
+        """``local`` of every pipeline stage of this rank's pipeline, in stage order (one
+        all-gather; ``[local]`` without PipeFusion). Same shape on every stage. Call it outside
+        the forward (a collective across stages inside it would deadlock)."""
+        return [local]
+
+    def from_output_rank(self, values: Sequence[float], holds_output: bool) -> list[float]:
+        """``values`` (float64) of one rank of the whole generation, on every rank of it: the
+        highest rank with ``holds_output`` (the pipeline's final output, e.g. PipeFusion's last
+        stage), else the highest rank. Lets every rank act on the closed-loop check of the rank
+        that saw the real output."""
+        return [float(v) for v in values]
+
     def reset_counters(self) -> None:
         self.collectives = 0
         self.bytes_sent = 0
@@ -240,6 +260,36 @@ class GroupSync(DecisionSync):
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True), "indicator all-reduce"
         )
         return t.to(partials.device)
+
+    def sum_exact(self, partials: torch.Tensor) -> torch.Tensor:
+        if not self.is_distributed:
+            return partials.detach().to(torch.float64)
+        import torch.distributed as dist
+
+        t = partials.detach().to(device=self._device(), dtype=torch.float64).contiguous()
+        parts = [torch.empty_like(t) for _ in self.ranks]
+        self.collectives += 1
+        self.bytes_sent += t.numel() * t.element_size()
+        self._wait(dist.all_gather(parts, t, group=self.group, async_op=True), "exact partial-sum all-gather")
+        total = parts[0].clone()
+        for p in parts[1:]:  # group rank order: the same additions, in the same order, everywhere
+            total += p
+        return total.to(partials.device)
+
+    def from_output_rank(self, values: Sequence[float], holds_output: bool) -> list[float]:
+        if not self.is_distributed:
+            return [float(v) for v in values]
+        import torch.distributed as dist
+
+        dev = self._device()
+        flag = torch.tensor([1 if holds_output else 0], dtype=torch.int64, device=dev)
+        flags = [torch.empty_like(flag) for _ in self.ranks]
+        self._wait(dist.all_gather(flags, flag, group=self.group, async_op=True), "output-rank all-gather")
+        holders = [r for r, f in zip(self.ranks, flags, strict=True) if int(f.item())]
+        src = max(holders) if holders else max(self.ranks)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+        self._wait(dist.broadcast(t, src=src, group=self.group, async_op=True), "closed-loop check broadcast")
+        return [float(v) for v in t.tolist()]
 
     def agree(self, values: Sequence[int], device: torch.device | None = None) -> list[int]:
         if not self.is_distributed:
