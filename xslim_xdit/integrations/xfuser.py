@@ -56,7 +56,7 @@ __test__ = {
     >>> config_from_args(p.parse_args(["--xslim", "--xslim-preset", "flux-fast", "--xslim-crit", "0.5"]))
     Traceback (most recent call last):
     ...
-    xslim_xdit.schedule.ConfigError: --xslim-preset and --xslim-crit cannot be combined: --xslim-preset runs a fixed schedule and never reads --xslim-warn, --xslim-crit, --xslim-warmup, --xslim-polish, --xslim-rescale; drop --xslim-crit, or drop --xslim-preset to run the online controller
+    xslim_xdit.schedule.ConfigError: --xslim-preset and --xslim-crit cannot be combined: --xslim-preset runs a fixed schedule and never reads --xslim-warn, --xslim-crit, --xslim-warmup, --xslim-polish, --xslim-rescale, --xslim-lagged-indicator; drop --xslim-crit, or drop --xslim-preset to run the online controller
     """
 }
 
