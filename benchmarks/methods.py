@@ -265,14 +265,16 @@ class TaylorSeer(_DiffusersHook):
 
     hook_names = ("taylorseer_cache",)
 
-    def __init__(self, interval: int, order: int = 1, warmup: int = 3) -> None:
+    def __init__(self, interval: int, order: int = 1, warmup: int = 3, lite: bool = False) -> None:
         super().__init__(
-            name=f"TaylorSeer N={interval} o={order}",
+            name=f"TaylorSeer N={interval} o={order}" + (" lite" if lite else ""),
             family="taylorseer",
             params={"cache_interval": interval, "max_order": order, "disable_cache_before_step": warmup},
         )
-        self.interval, self.order, self.warmup = interval, order, warmup
+        self.interval, self.order, self.warmup, self.lite = interval, order, warmup, lite
         self.identifiers: list[str] | None = None
+        if lite:
+            self.params["use_lite_mode"] = True
 
     def prepare(self, pipe: Any, testbed: Any, steps: int) -> None:
         import re
@@ -280,6 +282,20 @@ class TaylorSeer(_DiffusersHook):
         from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
 
         names = [n for n, _ in pipe.transformer.named_modules()]
+        if self.lite:
+            # lite mode (the paper's whole-feature variant): the blocks are skipped between full
+            # steps and `proj_out`'s output is extrapolated; diffusers' patterns for it are fixed
+            from diffusers.hooks.taylorseer_cache import _BLOCK_IDENTIFIERS, _PROJ_OUT_IDENTIFIERS
+
+            blocks = [n for n in names if any(re.fullmatch(p, n) for p in _BLOCK_IDENTIFIERS)]
+            outs = [n for n in names if any(re.fullmatch(p, n) for p in _PROJ_OUT_IDENTIFIERS)]
+            if not blocks or not outs:
+                raise MethodRefused(
+                    "diffusers' TaylorSeer lite mode skips modules matching "
+                    f"{list(_BLOCK_IDENTIFIERS)} and extrapolates {list(_PROJ_OUT_IDENTIFIERS)}; this "
+                    f"model has {len(blocks)} and {len(outs)} such modules"
+                )
+            return
         default_hits = [n for n in names if any(re.fullmatch(p, n) for p in _TRANSFORMER_BLOCK_IDENTIFIERS)]
         if default_hits:
             self.identifiers = None
@@ -308,6 +324,7 @@ class TaylorSeer(_DiffusersHook):
             max_order=self.order,
             taylor_factors_dtype=torch.float32,
             cache_identifiers=self.identifiers,
+            use_lite_mode=self.lite,
         )
 
     def _apply(self, transformer: nn.Module, config: Any) -> None:
@@ -742,7 +759,13 @@ def full_methods(steps: int) -> list[Method]:
     ms += [FewerSteps(f) for f in (1.5, 2, 3, 4, 5)]
     ms += [UniformReuse(n) for n in (2, 3, 4)]
     ms += [FirstBlockCache(t) for t in (0.05, 0.1, 0.15, 0.2, 0.3)]
-    ms += [TaylorSeer(3, 1), TaylorSeer(6, 1), TaylorSeer(3, 2)]
+    ms += [
+        TaylorSeer(3, 1),
+        TaylorSeer(6, 1),
+        TaylorSeer(3, 2),
+        TaylorSeer(3, 1, lite=True),
+        TaylorSeer(6, 1, lite=True),
+    ]
     ms += [TeaCache(t) for t in (0.25, 0.4, 0.6, 0.8, 1.2)]
     ms += [DBCache()] + [DBCache(1, 0, t) for t in (0.08, 0.12, 0.2, 0.3, 0.5)]
     return ms + xslim_methods(steps)
