@@ -38,3 +38,21 @@ def test_skip_steps_estimate_the_audio_stream(monkeypatch):
     # measured: audio 0.004 against 0.26; the video, which attends to the audio, 0.010 against 0.085
     assert audio < 0.1 * audio_without, (audio, audio_without)
     assert video < 0.5 * video_without, (video, video_without)
+
+
+def test_per_sample_is_refused_before_anything_is_attached():
+    """Per-sample skips estimate the image stream only; on LTX-2 they would drop the audio's
+    change silently, so the config is refused up front and the model is left as it was."""
+    import pytest
+
+    from xslim_xdit import ConfigError
+
+    model = tiny_model("ltx2")
+    ref = sample(model, "ltx2", steps=STEPS, batch=2)
+    hooks = [len(blk._forward_pre_hooks) + len(blk._forward_hooks) for blk in model.transformer_blocks]
+    with pytest.raises(ConfigError, match="family 'ltx2': per_sample=True is not supported"):
+        enable_xslim(model, XSlimConfig(per_sample=True), num_inference_steps=STEPS)
+    assert [
+        len(blk._forward_pre_hooks) + len(blk._forward_hooks) for blk in model.transformer_blocks
+    ] == hooks
+    torch.testing.assert_close(sample(model, "ltx2", steps=STEPS, batch=2), ref, rtol=0, atol=0)

@@ -114,6 +114,13 @@ class XSlimEngine:
                 f"{': ' + self.adapter.token_refusal if self.adapter.token_refusal else ''}; use "
                 "polish='block' or 'none', or a schedule without token steps"
             )
+        if config.per_sample and not record and self.adapter.text_output_used:
+            # the per-sample executor keeps one stack residual per row for the image stream only: a
+            # skipped row would pass LTX-2's audio through unchanged (the whole-batch path estimates it)
+            raise ConfigError(
+                f"family {self.adapter.name!r}: per_sample=True is not supported (its output reads the "
+                "blocks' second stream, which per-sample skips do not estimate); use per_sample=False"
+            )
         self.seg_start = 1 if config.step_indicator == "first_block_residual" else 0
         self.default_steps = num_inference_steps
         self.block_offset = 0  # first global index of the local blocks (a PipeFusion stage holds a slice)
