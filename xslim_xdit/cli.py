@@ -215,7 +215,8 @@ def _cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from .calibration import calibrate
     from .config import ConfigError
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = torch.accelerator.current_accelerator()  # any kind, not a device literal
+    device = args.device or (accelerator.type if accelerator is not None else "cpu")
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype
     ]

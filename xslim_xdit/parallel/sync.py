@@ -237,12 +237,14 @@ class GroupSync(DecisionSync):
         )
 
     def _device(self) -> torch.device:
-        """Where this group's tensors travel: CPU for gloo, the current accelerator otherwise."""
+        """Where this group's tensors travel when no tensor says it: CPU for gloo, the current
+        accelerator otherwise (whatever its kind: torch.accelerator, not a device literal)."""
         import torch.distributed as dist
 
-        if dist.get_backend(self.group) == "gloo" or not torch.cuda.is_available():
+        accelerator = torch.accelerator.current_accelerator()
+        if dist.get_backend(self.group) == "gloo" or accelerator is None:
             return torch.device("cpu")
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
     def sum_partials(self, partials: torch.Tensor) -> torch.Tensor:
         if not self.is_distributed:
@@ -266,7 +268,11 @@ class GroupSync(DecisionSync):
             return partials.detach().to(torch.float64)
         import torch.distributed as dist
 
-        t = partials.detach().to(device=self._device(), dtype=torch.float64).contiguous()
+        t = (
+            partials.detach()
+            .to(device=_comm_device(self.group, partials.device), dtype=torch.float64)
+            .contiguous()
+        )
         parts = [torch.empty_like(t) for _ in self.ranks]
         self.collectives += 1
         self.bytes_sent += t.numel() * t.element_size()
