@@ -160,8 +160,10 @@ def calibrate(
     )
     profiles = profile_runs(pipe_or_transformer, runs, num_inference_steps, enable)
     n, profile = profiles.num_steps, profiles.profiles[0]
+    segments = profiles.segments  # two experts: each one's steps (None for one transformer)
+    experts = [{"name": name, "steps": [a, b]} for name, a, b in profiles.experts] if segments else []
     if strategy == "optimal":
-        check_reachable(n, target_speedup, warmup_steps)
+        check_reachable(n, target_speedup, warmup_steps, segments)
         grams = [profile_gram(p) for p in profiles.profiles]
         plans = candidate_plans(
             grams,
@@ -170,6 +172,7 @@ def calibrate(
             max_gap=max_gap,
             extrapolate=extrapolate,
             closed_loop=closed_loop_check,
+            segments=segments,
         )
 
         def replay(full_steps: tuple[int, ...], i: int) -> torch.Tensor | None:
@@ -197,9 +200,14 @@ def calibrate(
             token_ratio=token_ratio,
             block_thresh=block_thresh,
             extrapolate=extrapolate,
+            segments=segments,
+            experts=experts,
         )
+    values = mean_indicator(profiles.profiles, indicator)
+    for a, _ in segments or ():
+        values[a] = None  # a transformer's first step: nothing of its own to compare with, full
     plan = threshold_search(
-        mean_indicator(profiles.profiles, indicator),
+        values,
         target_speedup,
         warn_fraction=warn_fraction,
         warmup_steps=warmup_steps,
@@ -216,6 +224,7 @@ def calibrate(
         block_thresh=block_thresh,
         indicator=indicator,
         extrapolate=extrapolate,
+        experts=experts,
     )
 
 
