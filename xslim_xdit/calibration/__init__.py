@@ -104,6 +104,14 @@ def calibrate(
 ) -> CalibrationResult:
     """Profile full runs and return a schedule that reaches ``target_speedup`` (in FLOPs).
 
+    A pipeline whose run two transformers serve (Wan 2.2 A14B's ``transformer`` and
+    ``transformer_2``) is calibrated over the whole run: both experts are profiled in one
+    profile (each row names its ``"expert"``), every expert's first step is planned full (its
+    engine has nothing cached there), a skipped step is scored against its own expert's full
+    steps only (:func:`~xslim_xdit.calibration.plan.segmented_full_steps`), the replays run the
+    whole pipeline, and the result records the experts' steps
+    (:attr:`CalibrationResult.experts`): ``enable_xslim(pipe, result)`` applies it to both.
+
     Args:
         pipe_or_transformer: what X-Slim will be enabled on.
         run: a callable that performs one generation (e.g. ``lambda: pipe(prompt, generator=g)``),

@@ -16,8 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,11 @@ def check_reachable(
         xslim_xdit.schedule.ConfigError: target_speedup=5.0 is out of reach for 10 steps: with warmup_steps=2 and the last step full, at most 3.33
     """
     multi = segments is not None and len(segments) > 1
-    fixed = len(forced_full_steps(num_steps, warmup_steps, segments)) if multi else min(num_steps, warmup_steps + 1)
+    fixed = (
+        len(forced_full_steps(num_steps, warmup_steps, segments))
+        if multi
+        else min(num_steps, warmup_steps + 1)
+    )
     if num_steps / fixed + 1e-9 < target_speedup:
         starts = ", each transformer's first step" if multi else ""
         raise ConfigError(
@@ -121,7 +125,12 @@ def candidate_plans(
         for cap in caps:
             if multi:
                 plan = segmented_full_steps(
-                    grams, num_full, segments, warmup_steps=warm, max_gap=cap, extrapolate=extrapolate  # type: ignore[arg-type]
+                    grams,
+                    num_full,
+                    segments,  # type: ignore[arg-type]
+                    warmup_steps=warm,
+                    max_gap=cap,
+                    extrapolate=extrapolate,
                 )
             else:
                 plan = optimal_full_steps(
@@ -146,7 +155,9 @@ def check_segments(num_steps: int, segments: Segments) -> list[tuple[int, int]]:
     """
     segs = [(int(a), int(b)) for a, b in segments]
     ok = bool(segs) and segs[0][0] == 0 and segs[-1][1] == num_steps
-    ok = ok and all(a < b for a, b in segs) and all(segs[i][1] == segs[i + 1][0] for i in range(len(segs) - 1))
+    ok = (
+        ok and all(a < b for a, b in segs) and all(segs[i][1] == segs[i + 1][0] for i in range(len(segs) - 1))
+    )
     if not ok:
         raise ConfigError(
             "segments must be non-empty [start, end) step ranges, one after the other, covering steps "
@@ -185,7 +196,9 @@ def segmented_skip_errors(
     starts = {a for a, _ in check_segments(n, segments)}
     fulls = set(full_steps)
     if not starts <= fulls:
-        raise ConfigError(f"full_steps must contain every segment's first step {sorted(starts)}; got {sorted(fulls)}")
+        raise ConfigError(
+            f"full_steps must contain every segment's first step {sorted(starts)}; got {sorted(fulls)}"
+        )
     out: list[float | None] = [None] * n
     a, b = -1, -1
     for s in range(n):
