@@ -139,6 +139,15 @@ class LTX2Adapter(ModelAdapter):
     def __init__(self) -> None:
         self._token_ctx: TokenContext | None = None  # the engine's, once token refresh is installed
 
+    def timestep(self, model: nn.Module, args: tuple, kwargs: dict) -> float | None:
+        """A timestep per video token, ``(batch, tokens)`` (the conditioning pipelines: the
+        conditioning frames' tokens at 0): the step's timestep is the largest of the first
+        sample's."""
+        t = kwargs.get("timestep", args[4] if len(args) > 4 else None)
+        if isinstance(t, torch.Tensor) and t.ndim == 2 and t.numel():
+            return float(t[0].max().item())
+        return super().timestep(model, args, kwargs)
+
     def self_attention(self, block: nn.Module) -> nn.Module:
         return block.attn1
 
