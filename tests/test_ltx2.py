@@ -5,6 +5,7 @@ be lost."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
@@ -257,3 +258,40 @@ def test_per_token_timesteps_follow_the_selected_tokens():
     assert kinds == ["full", "full", "token", "full"]
     torch.testing.assert_close(same, ref, rtol=0, atol=1e-5)
     assert 0 < float((half - ref).norm() / ref.norm()) < 0.05
+
+
+@pytest.mark.parametrize(
+    "overrides, extra",
+    [
+        ({"rope_type": "split"}, {}),
+        ({"gated_attn": True, "audio_gated_attn": True}, {}),
+        # spatio-temporal guidance in block 1: the first sample perturbed (value projection), the
+        # second not (lerp by the mask); then every sample perturbed
+        ({"perturbed_attn": True}, {"spatio_temporal_guidance_blocks": [1], "perturbation_mask": [0.0, 1.0]}),
+        ({"perturbed_attn": True}, {"spatio_temporal_guidance_blocks": [1, 2]}),
+    ],
+    ids=["split_rope", "gated", "stg_mask", "stg_all"],
+)
+def test_token_refresh_at_ratio_one_equals_full_on_ltx2_variants(overrides, extra):
+    from xslim_xdit.testing import denoise
+
+    model = tiny_model("ltx2", **overrides)
+    x, cond = LTX2Adapter().tiny_inputs(batch=2)
+    cond = dict(cond, **extra)
+    if "perturbation_mask" in cond:
+        cond["perturbation_mask"] = torch.tensor(cond["perturbation_mask"])
+    steps = 5
+    ref = denoise(model, "ltx2", x, cond, steps)
+    schedule = Schedule(steps, full_steps=(0, 1, 4), token_steps=(2, 3))
+    outs = {}
+    for ratio in (1.0, 0.5):
+        eng = enable_xslim(
+            model,
+            XSlimConfig(mode="schedule", schedule=schedule, token_ratio=ratio),
+            num_inference_steps=steps,
+        )
+        outs[ratio] = denoise(model, "ltx2", x, cond, steps)
+        disable_xslim(model)
+        assert [r.kind for r in eng.statistics.run_records()] == ["full", "full", "token", "token", "full"]
+    torch.testing.assert_close(outs[1.0], ref, rtol=0, atol=1e-5)
+    assert 0 < float((outs[0.5] - ref).norm() / ref.norm()) < 0.05

@@ -33,7 +33,11 @@ processors do for self-attention:
   in the conditioning pipelines) follows the selected tokens (:class:`_LTX2TokenCall`).
 
 The unselected video tokens keep the K/V of the last step that computed them; the audio reads
-them (through ``video_to_audio_attn``) as of then. Masks on these attentions
+them (through ``video_to_audio_attn``) as of then. Both RoPE layouts (``rope_type``
+``"interleaved"``, ``"split"``), LTX-2.3's gated attention and spatio-temporal guidance
+(``LTX2PerturbedAttnProcessor``: perturbed samples take their value rows) are served; the
+``audio_to_video_attn`` K/V (audio) are recorded with the others but never spliced (the audio is
+computed in full). Masks on these attentions
 (``video_self_attention_mask``, ``a2v``/``v2a`` cross-attention masks: the IC-LoRA pipeline) are
 refused on token steps (``NotImplementedError``).
 
@@ -308,15 +312,17 @@ class LTX2TokenProcessor(_TokenProcessor):
             "video_to_audio_attn is called with the video tokens as encoder_hidden_states"
         )
         gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None
-        value_new = attn.to_v(video)
-        k, v = self._cached_kv(attn, attn.to_k(video), value_new)  # every video token, these rows fresh
         mask = extra.get("perturbation_mask")
         perturbed = extra.get("all_perturbed", False)
         if perturbed is None:
             perturbed = bool(torch.all(mask == 0)) if mask is not None else False
         if self.role == "video_self" and bool(perturbed):
-            out = value_new  # spatio-temporal guidance: the attention is the value projection
+            # spatio-temporal guidance on every sample: the attention is the value projection of
+            # each token's own row (no keys are read; a full step records none either)
+            out = attn.to_v(video)
         else:
+            value_new = attn.to_v(video)
+            k, v = self._cached_kv(attn, attn.to_k(video), value_new)  # every video token, these rows fresh
             q = attn.norm_q(attn.to_q(hidden_states))
             k = attn.norm_k(k)
             if query_rotary_emb is not None:
@@ -332,7 +338,7 @@ class LTX2TokenProcessor(_TokenProcessor):
                 ctx.query_rows += q.shape[1]
             out = ctx.attention(q, k, v, None).flatten(2, 3).to(q.dtype)
             if self.role == "video_self" and mask is not None:
-                out = torch.lerp(value_new, out, mask)
+                out = torch.lerp(value_new, out, mask)  # the perturbed samples: their value rows
         if gate_logits is not None:
             gates = 2.0 * torch.sigmoid(gate_logits)  # as LTX-2.3's gated attention
             out = (out.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
