@@ -256,9 +256,10 @@ class XSlimEngine:
         if self.token_ctx is not None:
             entries = []
             for si, blk in self.blocks:
-                attn, stack = self.adapter.self_attention(blk), self.stacks[si]
-                make = functools.partial(self.adapter.token_processor, attn, stack, self.token_ctx)
-                entries.append((attn, make, stack.attn_text_position))
+                stack = self.stacks[si]
+                for attn in self.adapter.token_attentions(blk):  # self-attention, and any other reading K/V
+                    make = functools.partial(self.adapter.token_processor, attn, stack, self.token_ctx)
+                    entries.append((attn, make, stack.attn_text_position))
             self._token_attention = TokenAttentionHooks(entries, self.token_ctx)
         return self
 
