@@ -23,6 +23,7 @@ from family_suite import _restorable_state
 
 from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim, get_engines
 
+#: forced full where every level is offered (SD3.5 Medium refuses token refresh only when it runs)
 FORCED_FULL = XSlimConfig(warn=1e-12, crit=2e-12, polish="auto")
 
 
@@ -103,7 +104,7 @@ class PipelineTesterMixin:
 
     def test_forced_full_is_bit_identical(self):
         ref, _, ref_counter = self.run()
-        out, engine, counter = self.run(FORCED_FULL)
+        out, engine, counter = self.run(XSlimConfig(warn=1e-12, crit=2e-12, polish=self.polish))
         assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
         assert counter.calls == ref_counter.calls  # the same blocks and query rows ran
         recs = engine.statistics.run_records()
@@ -141,7 +142,9 @@ class PipelineTesterMixin:
                 assert ran == nb and 0 < rows < full_rows[i] and r.token_count > 0
             assert r.flops <= r.flops_full
         assert engine.statistics.summary()["flops_fraction"] < 0.9
-        for o, r in zip(out, ref, strict=True):
-            assert o.shape == r.shape and torch.isfinite(o).all()
-            assert torch.linalg.vector_norm(o - r) < self.relative_error * torch.linalg.vector_norm(r)
+        errors = [
+            float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r)) for o, r in zip(out, ref)
+        ]
+        assert all(o.shape == r.shape and torch.isfinite(o).all() for o, r in zip(out, ref, strict=True))
+        assert max(errors) < self.relative_error, errors
         assert any(not torch.equal(o, r) for o, r in zip(out, ref, strict=True))
