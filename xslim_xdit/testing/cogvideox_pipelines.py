@@ -30,12 +30,16 @@ TINY_COGVIDEOX_CALL_KWARGS: dict[str, Any] = {
 }
 
 
-def tiny_cogvideox_pipeline(seed: int = 0, **transformer_overrides: Any) -> Any:
+def tiny_cogvideox_pipeline(seed: int = 0, image_to_video: bool = False, **transformer_overrides: Any) -> Any:
     """A ``CogVideoXPipeline`` from tiny random components: the tiny CogVideoX transformer of
     :mod:`xslim_xdit.testing` (RoPE, as CogVideoX-5B; ``transformer_overrides`` change it), a T5
     encoder (16 channels), a four-level ``AutoencoderKLCogVideoX`` (spatial factor 8, temporal 4)
     and ``CogVideoXDPMScheduler`` (CogVideoX-5B's). Call it with
     :data:`TINY_COGVIDEOX_CALL_KWARGS`.
+
+    ``image_to_video``: a ``CogVideoXImageToVideoPipeline`` (the transformer takes the noisy
+    latents and the encoded image, ``2 * 4`` input channels; a learned position embedding besides
+    RoPE, as CogVideoX-5B-I2V); call it with an ``image=`` too.
 
     Example:
         >>> pipe = tiny_cogvideox_pipeline()
@@ -43,24 +47,35 @@ def tiny_cogvideox_pipeline(seed: int = 0, **transformer_overrides: Any) -> Any:
         >>> tuple(out.frames.shape)
         (1, 2, 4, 8, 8)
     """
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline
+    import diffusers
 
+    if image_to_video:
+        # CogVideoX-5B-I2V: RoPE and a learned position embedding
+        transformer_overrides = {
+            "in_channels": 8,
+            "out_channels": 4,
+            "use_learned_positional_embeddings": True,
+            **transformer_overrides,
+        }
     transformer = tiny_model("cogvideox", seed=seed, **transformer_overrides)
     encoder, tok = tiny_t5_encoder(transformer.config.text_embed_dim, seed=seed + 1)
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKLCogVideoX(
+    vae = diffusers.AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4,
         block_out_channels=(8, 8, 8, 8),
-        latent_channels=transformer.config.in_channels,
+        latent_channels=transformer.config.out_channels,
         layers_per_block=1,
         norm_num_groups=2,
         temporal_compression_ratio=4,
     ).eval()
-    return CogVideoXPipeline(
+    pipeline_class = (
+        diffusers.CogVideoXImageToVideoPipeline if image_to_video else diffusers.CogVideoXPipeline
+    )
+    return pipeline_class(
         tokenizer=tok,
         text_encoder=encoder,
         vae=vae,
         transformer=transformer,
-        scheduler=CogVideoXDPMScheduler(),
+        scheduler=diffusers.CogVideoXDPMScheduler(),
     )
