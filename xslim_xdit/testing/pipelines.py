@@ -5,9 +5,11 @@ The builders here assemble a complete :class:`diffusers.FluxPipeline` or
 a tiny ``AutoencoderKL``, a tiny transformer, the real scheduler class), so tests and the
 ``--tiny`` examples exercise the same code as a real checkpoint: prompt encoding, latent
 preparation, the scheduler, the VAE decode. Nothing is downloaded.
-The other families' pipelines have modules of their own (:mod:`.wan_pipelines`,
-:mod:`.cogvideox_pipelines`, :mod:`.image_pipelines`, :mod:`.sd3_pipelines`,
-:mod:`.video_pipelines`); the names this module always exported are imported here still.
+The other families' pipelines have modules of their own: :mod:`.wan_pipelines`,
+:mod:`.cogvideox_pipelines`, :mod:`.hunyuan_pipelines`, :mod:`.ltx2_pipelines`,
+:mod:`.image_pipelines` (Qwen-Image, FLUX.2, Z-Image), :mod:`.edit_pipelines` (Qwen-Image-Edit),
+:mod:`.sd3_pipelines`; the shared text encoders and VAE are in :mod:`.encoders`. The names this
+module always exported (Wan's, CogVideoX's, the encoders') are imported here still.
 
 :func:`save_tiny_pipeline` writes one as a checkpoint directory, which
 :func:`xslim_xdit.testing.xfuser.load_xfuser_pipeline` loads into an xFuser pipeline the way a
