@@ -142,9 +142,10 @@ class PipelineTesterMixin:
                 assert ran == nb and 0 < rows < full_rows[i] and r.token_count > 0
             assert r.flops <= r.flops_full
         assert engine.statistics.summary()["flops_fraction"] < 0.9
-        errors = [
-            float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r)) for o, r in zip(out, ref)
-        ]
         assert all(o.shape == r.shape and torch.isfinite(o).all() for o, r in zip(out, ref, strict=True))
+        errors = [
+            float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r))
+            for o, r in zip(out, ref, strict=True)
+        ]
         assert max(errors) < self.relative_error, errors
         assert any(not torch.equal(o, r) for o, r in zip(out, ref, strict=True))
