@@ -3,7 +3,7 @@ to its text connectors (:mod:`xslim_xdit.testing.ltx2_pipelines`): CFG batched i
 step, and the pipeline's full guidance (CFG, spatio-temporal guidance with a perturbed block,
 modality isolation: three calls per step, each a ``cache_context`` of its own). The audio is the
 blocks' second stream (skip steps move it along its own cached residual); both outputs are
-compared. Token refresh is refused (see ``adapters/ltx2.py``): skip and block levels run.
+compared; ``LTX2ImageToVideoPipeline`` too. Token refresh is refused (see ``adapters/ltx2.py``): skip and block levels run.
 
 The pipeline steps the audio latents with a deep copy of its scheduler: the copy must step itself,
 not the scheduler X-Slim hooks (a shared hook stepped the video scheduler twice per step)."""
@@ -37,6 +37,16 @@ class TestLTX2PipelineFullGuidance(PipelineTesterMixin):
 
     def build(self):
         return tiny_ltx2_pipeline(guidance="all")
+
+
+class TestLTX2ImageToVideoPipeline(PipelineTesterMixin):
+    """``LTX2ImageToVideoPipeline``: the image conditions the first latent frame, whose tokens get
+    the timestep 0 (a per-token video timestep: the probe's modulation is per token)."""
+
+    polish = "block"
+
+    def build(self):
+        return tiny_ltx2_pipeline(image_to_video=True)
 
 
 def test_token_refresh_is_refused_before_anything_is_attached():

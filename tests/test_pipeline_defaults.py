@@ -22,6 +22,7 @@ DEFAULT_STEPS = {
     "HunyuanVideo15Pipeline": ("hunyuan_video15", 50),
     "HunyuanVideo15ImageToVideoPipeline": ("hunyuan_video15", 50),
     "LTX2Pipeline": ("ltx2", 30),
+    "LTX2ImageToVideoPipeline": ("ltx2", 30),
     "QwenImageEditPipeline": ("qwen_image", 50),
     "CogVideoXImageToVideoPipeline": ("cogvideox", 50),
 }

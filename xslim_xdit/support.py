@@ -72,12 +72,12 @@ TESTED: dict[str, Evidence] = {
     ),
     "ltx2": Evidence(
         xdit_layouts=(),
-        pipelines=("LTX2Pipeline",),
+        pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
         tests=("tests/test_families.py", "tests/test_ltx2.py", "tests/test_ltx2_pipeline.py"),
         note="audio is the blocks' second stream (own stack residual on skip steps, computed in full "
         "on token steps); token refresh recomputes the selected video tokens, their fresh K/V spliced "
         "into per-block caches of every video token for the video self-attention and the "
-        "video-to-audio attention (masked attention refused on token steps); pipeline: batched CFG, "
+        "video-to-audio attention (masked attention refused on token steps); pipelines: batched CFG, "
         "and CFG with STG and modality guidance (three branches), prompt embeddings through its "
         "connectors; xDiT not tested",
     ),

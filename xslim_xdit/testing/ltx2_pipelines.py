@@ -31,7 +31,9 @@ from . import tiny_model
 __all__ = ["tiny_ltx2_pipeline"]
 
 
-def tiny_ltx2_pipeline(seed: int = 0, guidance: str = "cfg") -> tuple[Any, dict[str, Any]]:
+def tiny_ltx2_pipeline(
+    seed: int = 0, guidance: str = "cfg", image_to_video: bool = False
+) -> tuple[Any, dict[str, Any]]:
     """An ``LTX2Pipeline`` around the ltx2 family's tiny transformer (weights from ``seed``), and
     the keyword arguments of a cheap call (all but ``num_inference_steps``): 9 frames of 128 x 128
     px (2 latent frames of 4 x 4: 32 video tokens), 9 audio latent frames, 6 prompt tokens (the first one left padding), latent
@@ -40,6 +42,10 @@ def tiny_ltx2_pipeline(seed: int = 0, guidance: str = "cfg") -> tuple[Any, dict[
     - ``"cfg"``: CFG 3.0 (batched), no spatio-temporal nor modality guidance: one call per step;
     - ``"all"``: the pipeline's defaults, CFG 3.0, spatio-temporal guidance 1.0 on block 1 and
       modality guidance 3.0: three calls per step.
+
+    ``image_to_video``: an ``LTX2ImageToVideoPipeline`` (a random 128 x 128 image, encoded by the
+    tiny VAE, conditions the first latent frame, whose tokens get the timestep 0: the video
+    timestep is per token) and its ``image`` argument.
 
     Example:
         >>> pipe, kwargs = tiny_ltx2_pipeline(guidance="all")
@@ -50,6 +56,7 @@ def tiny_ltx2_pipeline(seed: int = 0, guidance: str = "cfg") -> tuple[Any, dict[
         AutoencoderKLLTX2Audio,
         AutoencoderKLLTX2Video,
         FlowMatchEulerDiscreteScheduler,
+        LTX2ImageToVideoPipeline,
         LTX2Pipeline,
     )
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
@@ -82,14 +89,16 @@ def tiny_ltx2_pipeline(seed: int = 0, guidance: str = "cfg") -> tuple[Any, dict[
     torch.manual_seed(seed + 5)
     vae = AutoencoderKLLTX2Video(
         latent_channels=cfg.in_channels,
-        spatial_compression_ratio=32,  # LTX-2's factors (the tiny layout alone would give 64, 16)
+        # the factors of this layout (3 spatial and 3 temporal halvings after 4 x 4 patches), stated
+        # as LTX-2's config states them (the class's default formula would say 64 and 16)
+        spatial_compression_ratio=32,
         temporal_compression_ratio=8,
         block_out_channels=(8, 8, 8, 8),
         decoder_block_out_channels=(8, 8, 8),
         layers_per_block=(1, 1, 1, 1, 1),
         decoder_layers_per_block=(1, 1, 1, 1),
     ).eval()
-    pipe = LTX2Pipeline(
+    pipe = (LTX2ImageToVideoPipeline if image_to_video else LTX2Pipeline)(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         audio_vae=audio_vae,
@@ -116,6 +125,11 @@ def tiny_ltx2_pipeline(seed: int = 0, guidance: str = "cfg") -> tuple[Any, dict[
         "output_type": "latent",
         "generator": torch.Generator().manual_seed(seed + 1),
     }
+    if image_to_video:
+        import PIL.Image
+
+        pixels = (torch.rand(128, 128, 3, generator=g) * 255).to(torch.uint8).numpy()
+        kwargs["image"] = PIL.Image.fromarray(pixels)
     if guidance == "cfg":
         kwargs.update(stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0)
     else:
