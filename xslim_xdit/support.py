@@ -72,13 +72,14 @@ TESTED: dict[str, Evidence] = {
     ),
     "ltx2": Evidence(
         xdit_layouts=(),
-        pipelines=(),
-        tests=("tests/test_families.py", "tests/test_ltx2.py"),
-        note="transformer level; audio is the blocks' second stream (own stack residual on skip "
-        "steps, computed in full on token steps); token refresh recomputes the selected video "
-        "tokens, their fresh K/V spliced into per-block caches of every video token for the video "
-        "self-attention and the video-to-audio attention (masked attention refused on token "
-        "steps); LTX2Pipeline and xDiT not tested",
+        pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
+        tests=("tests/test_families.py", "tests/test_ltx2.py", "tests/test_ltx2_pipeline.py"),
+        note="audio is the blocks' second stream (own stack residual on skip steps, computed in full "
+        "on token steps); token refresh recomputes the selected video tokens, their fresh K/V spliced "
+        "into per-block caches of every video token for the video self-attention and the "
+        "video-to-audio attention (masked attention refused on token steps); pipelines: batched CFG, "
+        "and CFG with STG and modality guidance (three branches), prompt embeddings through its "
+        "connectors; xDiT not tested",
     ),
     "pixart": Evidence(
         xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
@@ -103,34 +104,38 @@ TESTED: dict[str, Evidence] = {
     ),
     "sd3": Evidence(
         xdit_layouts=(),
-        pipelines=(),
-        tests=("tests/test_families.py", "tests/test_family_variants.py"),
-        note="transformer level (SD3, SD3.5); token refresh refused on SD3.5 dual-attention blocks; pipeline and xDiT not tested",
+        pipelines=("StableDiffusion3Pipeline",),
+        tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_sd3_pipeline.py"),
+        note="SD3, SD3.5 Large and Medium (batched CFG; skip-layer guidance a branch of its own); token "
+        "refresh refused on SD3.5 dual-attention blocks; pipelines run with prompt embeddings; xDiT not "
+        "tested",
     ),
     "cogvideox": Evidence(
         xdit_layouts=(),
-        pipelines=("CogVideoXPipeline",),
-        tests=("tests/test_families.py", "tests/test_cogvideox.py"),
+        pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline"),
+        tests=("tests/test_families.py", "tests/test_cogvideox.py", "tests/test_cogvideox_i2v_pipeline.py"),
         note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT not tested",
     ),
     "hunyuan_video": Evidence(
         xdit_layouts=("Ulysses 2",),
-        pipelines=(),
-        tests=("tests/test_xdit_pipelines.py",),
-        note="xDiT has no HunyuanVideo pipeline class: its transformer wrapper, bare, with an Euler loop",
+        pipelines=("HunyuanVideoPipeline",),
+        tests=("tests/test_xdit_pipelines.py", "tests/test_hunyuan_pipelines.py"),
+        note="pipeline: embedded guidance, and true CFG (two branches), prompt embeddings given; xDiT has "
+        "no HunyuanVideo pipeline class: its transformer wrapper, bare, with an Euler loop",
     ),
     "qwen_image": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2"),
-        pipelines=("QwenImagePipeline",),
+        pipelines=("QwenImagePipeline", "QwenImageEditPipeline"),
         tests=(
             "tests/test_families.py",
             "tests/test_image_families.py",
             "tests/test_image_pipelines.py",
+            "tests/test_qwen_edit_pipeline.py",
             "tests/test_parallel_xdit_image.py",
         ),
-        note="Qwen-Image-Edit's reference tokens always fresh (transformer level); pipelines run with "
-        "prompt embeddings; xDiT: the transformer wrapper, bare, step and block levels (token "
-        "refresh refused under sequence parallelism)",
+        note="Qwen-Image-Edit's reference tokens always fresh; pipelines run with prompt embeddings (true "
+        "CFG, two branches); xDiT: the transformer wrapper, bare, step and block levels (token refresh "
+        "refused under sequence parallelism)",
     ),
     "flux2": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2", "PipeFusion 2"),
@@ -154,9 +159,10 @@ TESTED: dict[str, Evidence] = {
     ),
     "hunyuan_video15": Evidence(
         xdit_layouts=(),
-        pipelines=(),
-        tests=("tests/test_families.py", "tests/test_hunyuan_video15.py"),
-        note="transformer level (T2V, I2V); HunyuanVideo15Pipeline (Qwen2.5-VL and ByT5 encoders) and xDiT not tested",
+        pipelines=("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
+        tests=("tests/test_families.py", "tests/test_hunyuan_video15.py", "tests/test_hunyuan_pipelines.py"),
+        note="pipelines run with prompt embeddings (Qwen2.5-VL and ByT5 not built), CFG by the guider "
+        "(two branches), I2V with a tiny SigLIP image encoder; xDiT not tested",
     ),
     "dit": Evidence(
         xdit_layouts=(),
