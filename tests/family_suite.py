@@ -24,7 +24,7 @@ from _helpers import AttentionCounter
 from torch import nn
 
 from xslim_xdit import PRESETS, ConfigError, Schedule, XSlimConfig, disable_xslim, enable_xslim
-from xslim_xdit.adapters import ModelAdapter, adapter_for, adapter_named
+from xslim_xdit.adapters import adapter_for, adapter_named
 from xslim_xdit.config import RESCALE_POLYNOMIALS
 from xslim_xdit.testing import make_inputs, sample, tiny_model
 
@@ -54,8 +54,9 @@ class FamilyTesterMixin:
     # ------------------------------------------------------------------ helpers
     @property
     def has_token_level(self) -> bool:
-        """The family's adapter has a token processor (LTX-2's refuses the level)."""
-        return type(adapter_named(self.family)).token_processor is not ModelAdapter.token_processor
+        """The family's adapter serves the token level on this model (SD3.5 Medium's
+        dual-attention blocks refuse it when X-Slim is enabled)."""
+        return adapter_named(self.family).token_refusal_for(self.model()) == ""
 
     @property
     def polish(self) -> str:

@@ -13,6 +13,7 @@ from _helpers import AttentionCounter
 from family_suite import FamilyTesterMixin, _restorable_state
 
 from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
+from xslim_xdit.config import ConfigError
 from xslim_xdit.testing import sample, tiny_model
 
 
@@ -128,21 +129,28 @@ class TestSD35MediumFamily(FamilyTesterMixin):
                 assert 0 < counter.blocks_per_call()[i] < counter.num_blocks
 
     def test_token_refresh_at_ratio_one_equals_full(self):
-        """Replaced: token refresh is refused on the dual-attention blocks, clearly, and disabling
-        afterwards gives the model back unchanged."""
+        """Replaced: token refresh is refused on the dual-attention blocks, clearly and before any
+        work starts (when X-Slim is enabled, not at the run's first token step), for a schedule
+        with token steps and for the online ``polish="auto"``; the model is left unchanged."""
         model = self.model()
         before = _restorable_state(model)
         ref = self.sample(model, steps=6)
         schedule = Schedule(6, full_steps=(0, 1, 5), token_steps=(3, 4))
-        eng = enable_xslim(
-            model, XSlimConfig(mode="schedule", schedule=schedule, token_ratio=1.0), num_inference_steps=6
-        )
-        with pytest.raises(
-            NotImplementedError, match=r"family 'sd3': token refresh \(level 'token'\).*dual-attention"
+        for cfg in (
+            XSlimConfig(mode="schedule", schedule=schedule, token_ratio=1.0),
+            XSlimConfig(polish="auto"),
         ):
-            self.sample(model, steps=6)
-        # a call that raises ends its run and leaves no record: the steps before it are recorded
-        assert [r.kind for r in eng.statistics.run_records()] == ["full", "full", "skip"]
+            with pytest.raises(
+                ConfigError,
+                match=r"family 'sd3': token refresh \(level 'token'\).*dual-attention blocks \[0, 1\]",
+            ):
+                enable_xslim(model, cfg, num_inference_steps=6)
+            assert _restorable_state(model) == before
+        assert torch.equal(self.sample(model, steps=6), ref)
+        # block polish still runs on this model
+        eng = enable_xslim(model, XSlimConfig(polish="block"), num_inference_steps=6)
+        self.sample(model, steps=6)
+        assert len(eng.statistics.run_records()) == 6
         disable_xslim(model)
         assert torch.equal(self.sample(model, steps=6), ref)
         assert _restorable_state(model) == before

@@ -5,10 +5,12 @@ branch), prompt embeddings given (:mod:`xslim_xdit.testing.sd3_pipelines`)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from pipeline_suite import FORCED_FULL, PipelineTesterMixin
+from pipeline_suite import FORCED_FULL, PipelineTesterMixin, pipeline_state
 
-from xslim_xdit import Schedule, XSlimConfig
+from xslim_xdit import Schedule, XSlimConfig, enable_xslim
+from xslim_xdit.config import ConfigError
 from xslim_xdit.testing.sd3_pipelines import tiny_sd3_pipeline
 
 
@@ -28,6 +30,15 @@ class TestSD35MediumPipeline(PipelineTesterMixin):
     def build(self):
         return tiny_sd3_pipeline("sd35_medium")
 
+    def test_token_level_refused_when_enabled(self):
+        """``polish="auto"`` (which may pick tokens) is refused by ``enable_xslim(pipe)`` itself,
+        naming the blocks, and the pipeline is left as it was."""
+        pipe, _ = self.build()
+        before = pipeline_state(pipe)
+        with pytest.raises(ConfigError, match=r"dual-attention blocks \[\d"):
+            enable_xslim(pipe, FORCED_FULL)
+        assert pipeline_state(pipe) == before
+
 
 class TestSD35MediumSkipLayerGuidance(PipelineTesterMixin):
     """SD3.5 Medium's skip-layer guidance: on steps 1..4 (``i > 0`` and ``i < 0.7 * 6``) a second
@@ -46,7 +57,7 @@ class TestSD35MediumSkipLayerGuidance(PipelineTesterMixin):
 
     def test_forced_full_is_bit_identical(self):
         ref, _, ref_counter = self.run()
-        out, engine, counter = self.run(FORCED_FULL)
+        out, engine, counter = self.run(XSlimConfig(warn=1e-12, crit=2e-12, polish=self.polish))
         assert torch.equal(out[0], ref[0]) and counter.calls == ref_counter.calls
         recs = engine.statistics.run_records()
         assert [(r.step, r.branch) for r in recs] == [

@@ -106,12 +106,12 @@ class XSlimEngine:
         self.record = record
         self.use_block = "block" in config.levels or record  # a recording measures block statistics
         self.use_token = "token" in config.levels
-        if self.use_token and type(self.adapter).token_processor is ModelAdapter.token_processor:
+        refusal = self.adapter.token_refusal_for(model) if self.use_token else ""
+        if refusal:
             # refused before anything is attached (the processors are installed by attach)
             raise ConfigError(
-                f"family {self.adapter.name!r}: token refresh (level 'token') is not supported"
-                f"{': ' + self.adapter.token_refusal if self.adapter.token_refusal else ''}; use "
-                "polish='block' or 'none', or a schedule without token steps"
+                f"family {self.adapter.name!r}: token refresh (level 'token') is not supported: "
+                f"{refusal}; use polish='block' or 'none', or a schedule without token steps"
             )
         if config.per_sample and not record:
             refuse_per_sample(self.adapter)

@@ -131,6 +131,15 @@ class ModelAdapter(FamilyDescription):
     #: why the family has no token level (no :meth:`token_processor`), for the error that refuses it
     token_refusal: str = ""
 
+    def token_refusal_for(self, model: nn.Module) -> str:
+        """Why token refresh cannot run on this particular model ("" when it can): checked when
+        X-Slim is enabled, so that a config with token steps is refused before any work starts
+        rather than at its first token step (e.g. SD3.5 Medium's dual-attention blocks). The
+        default: the family's :attr:`token_refusal` if it has no :meth:`token_processor`."""
+        if type(self).token_processor is ModelAdapter.token_processor:
+            return self.token_refusal or "the family has no token processor"
+        return ""
+
     def stacks(self, model: nn.Module) -> list[BlockStack]:
         raise NotImplementedError
 

@@ -142,6 +142,17 @@ class SD3Adapter(ModelAdapter):
     def self_attention(self, block: nn.Module) -> nn.Module:
         return block.attn
 
+    def token_refusal_for(self, model: nn.Module) -> str:
+        dual = [
+            i for i, blk in enumerate(model.transformer_blocks) if getattr(blk, "attn2", None) is not None
+        ]
+        if dual:
+            return (
+                f"SD3.5 dual-attention blocks {dual} (dual_attention_layers): their second "
+                "self-attention attn2 has no K/V cache"
+            )
+        return ""
+
     def token_processor(self, attn: nn.Module, stack: BlockStack, ctx: TokenContext) -> Any:
         dual = any(blk.attn is attn and getattr(blk, "attn2", None) is not None for blk in stack.blocks)
         return SD3JointAttnTokenProcessor(attn.processor, ctx, dual)
