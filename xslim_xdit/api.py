@@ -1,5 +1,9 @@
 """The user-facing entry points: one call to enable, one to disable, and a pipeline wrapper.
 
+What a two-expert pipeline (Wan 2.2 A14B) needs beneath them, its transformers by attribute and
+the switch step's cache release, is :mod:`xslim_xdit.experts` (``EXPERT_ATTRS``,
+``expert_transformers`` and ``release_caches`` import from here too).
+
 Example:
     >>> from xslim_xdit import enable_xslim, disable_xslim, XSlimConfig
     >>> engine = enable_xslim(pipe, XSlimConfig.from_preset("flux-fast"))  # doctest: +SKIP
@@ -10,65 +14,28 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch import nn
-
 from .config import ConfigError, XSlimConfig
 from .engine import XSlimEngine, XSlimRuntimeError
+from .experts import (
+    EXPERT_ATTRS,
+    calibrated_config,
+    chain,
+    expert_transformers,
+    own_copy,
+    release_before,
+    release_caches,
+    split_pipeline,
+)
 from .hooks import SchedulerHooks, inner_scheduler, is_wrapped_scheduler
 from .observers import EngineObserver
 from .parallel.sync import DecisionSync
 from .stats import CacheStatistics
 
 _ENGINE_ATTR = "_xslim_engine"
-#: Pipeline attributes of transformers run after ``transformer`` in the same denoising loop, each
-#: given an engine of its own: Wan 2.2 A14B's low-noise expert (``WanPipeline`` calls
-#: ``transformer`` while the timestep is at or above ``boundary_ratio * num_train_timesteps``,
-#: then ``transformer_2``). Two models have different activations, so nothing cached by one may
-#: stand in for the other.
-EXPERT_ATTRS = ("transformer_2",)
-
-
-def _split(pipe_or_transformer: Any) -> tuple[Any, nn.Module]:
-    if isinstance(pipe_or_transformer, nn.Module) and not hasattr(pipe_or_transformer, "scheduler"):
-        return None, _uncompiled(pipe_or_transformer)
-    transformer = getattr(pipe_or_transformer, "transformer", None)
-    if not isinstance(transformer, nn.Module):
-        raise TypeError(
-            "pipe_or_transformer must be a diffusers/xDiT pipeline with a `transformer` component or a "
-            f"transformer module; got {type(pipe_or_transformer).__name__}"
-        )
-    return pipe_or_transformer, _uncompiled(transformer)
-
-
-def expert_transformers(pipe_or_transformer: Any) -> dict[str, nn.Module]:
-    """The transformers X-Slim attaches to, by pipeline attribute, in the order the pipeline runs
-    them: ``{"transformer": ...}``, plus ``"transformer_2"`` on a two-expert pipeline (Wan 2.2
-    A14B); a bare transformer is ``{"transformer": model}``.
-
-    Example:
-        >>> from xslim_xdit.testing import tiny_model
-        >>> list(expert_transformers(tiny_model("dit")))
-        ['transformer']
-    """
-    pipe, transformer = _split(pipe_or_transformer)
-    found = {"transformer": transformer}
-    for attr in EXPERT_ATTRS if pipe is not None else ():
-        module = getattr(pipe, attr, None)
-        if isinstance(module, nn.Module) and _uncompiled(module) is not transformer:
-            found[attr] = _uncompiled(module)
-    return found
-
-
-def _uncompiled(module: nn.Module) -> nn.Module:
-    """The module ``torch.compile`` wrapped, if it did: X-Slim attaches to the module itself, and
-    the compiled wrapper traces through its hooks and block wrappers when it is called."""
-    inner = getattr(module, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else module
 
 
 def enable_xslim(
@@ -99,12 +66,12 @@ def enable_xslim(
     and a clean run of ``len(scheduler.timesteps)`` steps starts there.
 
     A pipeline with a second expert (Wan 2.2 A14B's ``transformer_2``, see
-    :data:`EXPERT_ATTRS`) gets one engine per transformer, each with its own caches, controller
+    :data:`~xslim_xdit.experts.EXPERT_ATTRS`) gets one engine per transformer, each with its own caches, controller
     and statistics, all under ``config``; the engine of ``transformer`` is returned,
     :func:`get_engines` gives both and :meth:`CacheStatistics.combined` one view of the run.
 
     When the second expert is first called (the switch step), the caches of the first are freed
-    (:func:`release_caches`): that expert has run its last step, and the run holds one expert's
+    (:func:`~xslim_xdit.experts.release_caches`): that expert has run its last step, and the run holds one expert's
     caches at a time. Should the pipeline call it again, it finds nothing cached and runs in full.
 
     Args:
@@ -133,7 +100,7 @@ def enable_xslim(
     """
     config = XSlimConfig() if config is None else config
     if _is_calibration(config):
-        config = _calibrated_config(config, pipe_or_transformer)
+        config = calibrated_config(config, pipe_or_transformer)
     if not isinstance(config, XSlimConfig):
         raise TypeError(f"config must be an XSlimConfig or a CalibrationResult; got {type(config).__name__}")
     if num_inference_steps is not None and (
@@ -150,7 +117,7 @@ def enable_xslim(
         raise ConfigError(
             f"observers must be a list of EngineObserver (xslim_xdit.observers); got {observers!r}"
         )
-    pipe, transformer = _split(pipe_or_transformer)
+    pipe, transformer = split_pipeline(pipe_or_transformer)
     owner = pipe if pipe is not None else transformer
     models = expert_transformers(pipe_or_transformer)
     existing = [getattr(m, _ENGINE_ATTR, None) for m in models.values()]
@@ -165,7 +132,7 @@ def enable_xslim(
         XSlimEngine(
             model,
             config,
-            sync=sync if i == 0 or sync is None else _own_copy(sync),
+            sync=sync if i == 0 or sync is None else own_copy(sync),
             num_inference_steps=num_inference_steps,
             count_flops=count_flops,
             observers=observers,
@@ -185,7 +152,7 @@ def enable_xslim(
             engine.before_call = _scheduler_check(engine, _weak(pipe))
     for i, engine in enumerate(engines[1:], start=1):
         # the switch: the experts before this one have run their last step of the run
-        engine.before_call = _chain(engine.before_call, _release_before(engines[:i]))
+        engine.before_call = chain(engine.before_call, release_before(engines[:i]))
     return engines[0]
 
 
@@ -193,78 +160,6 @@ def _is_calibration(config: Any) -> bool:
     from .calibration.result import CalibrationResult
 
     return isinstance(config, CalibrationResult)
-
-
-def _calibrated_config(result: Any, pipe_or_transformer: Any) -> XSlimConfig:
-    """The schedule config of a calibration result, after checking that it was calibrated on
-    transformers of the same names (a two-expert result on a two-expert pipeline)."""
-    names = list(result.expert_names)
-    have = list(expert_transformers(pipe_or_transformer))
-    if names and names != have:
-        raise ConfigError(
-            f"this calibration was made on a pipeline whose run {', '.join(names)} serve(s); this one has "
-            f"{', '.join(have)}: calibrate this pipeline, or pass result.config() to apply the schedule anyway"
-        )
-    return result.config()
-
-
-def _chain(*calls: Callable[[], None] | None) -> Callable[[], None]:
-    live = [c for c in calls if c is not None]
-
-    def run() -> None:
-        for c in live:
-            c()
-
-    return run
-
-
-def _release_before(earlier: list[XSlimEngine]) -> Callable[[], None]:
-    """Before a later expert's call: free the caches the earlier experts still hold (once per run:
-    nothing is left after the first time)."""
-    refs = [weakref.ref(e) for e in earlier]
-
-    def release() -> None:
-        for ref in refs:
-            eng = ref()
-            if eng is not None:
-                release_caches(eng)
-
-    return release
-
-
-def release_caches(engine: XSlimEngine) -> int:
-    """Free every tensor ``engine`` caches for its current run (stack and block residuals, token
-    history, probe, token refresh's K/V, per-sample rows), keeping the run itself (step count,
-    controller, statistics): a later call of this run finds nothing cached and runs in full.
-    Returns the bytes freed (:meth:`XSlimEngine.cache_bytes`).
-
-    Example:
-        >>> from xslim_xdit.testing import tiny_model, sample
-        >>> m = tiny_model("dit")
-        >>> eng = enable_xslim(m, XSlimConfig(warmup_steps=1), num_inference_steps=3)
-        >>> _ = sample(m, "dit", steps=3)
-        >>> release_caches(eng) > 0, sum(eng.cache_bytes().values())
-        (True, 0)
-        >>> disable_xslim(m)
-    """
-    held = sum(engine.cache_bytes().values())
-    if not held:
-        return 0
-    engine.branches.clear()
-    if engine.token_ctx is not None:
-        engine.token_ctx.kv.clear()
-        engine.token_ctx.index = engine.token_ctx.flat = None
-    if engine.samples is not None:
-        engine.samples.branches.clear()
-    return held
-
-
-def _own_copy(sync: DecisionSync) -> DecisionSync:
-    """``sync`` for a second expert: the same group of ranks, counters of its own (each engine's
-    statistics report the collectives it made)."""
-    clone = copy.copy(sync)
-    clone.reset_counters()
-    return clone
 
 
 def _weak(obj: Any) -> Callable[[], Any]:
@@ -390,7 +285,7 @@ def disable_xslim(pipe_or_transformer: Any) -> None:
 
 def get_engine(pipe_or_transformer: Any) -> XSlimEngine | None:
     """The engine attached to a pipeline or transformer, if any."""
-    _, transformer = _split(pipe_or_transformer)
+    _, transformer = split_pipeline(pipe_or_transformer)
     return getattr(transformer, _ENGINE_ATTR, None)
 
 
@@ -455,3 +350,16 @@ class XSlimPipelineWrapper:
         if name == "pipe":
             raise AttributeError(name)
         return getattr(self.pipe, name)
+
+
+__all__ = [
+    "EXPERT_ATTRS",
+    "XSlimPipelineWrapper",
+    "disable_xslim",
+    "enable_xslim",
+    "expert_transformers",
+    "get_engine",
+    "get_engines",
+    "release_caches",
+    "steps_to_run",
+]

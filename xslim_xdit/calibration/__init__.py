@@ -29,6 +29,8 @@ The pieces, each usable alone:
 - :mod:`~xslim_xdit.calibration.profile`: :func:`profile_runs` runs the calibration callables
   in full with the engine recording (the only module that touches the engine).
 - :mod:`~xslim_xdit.calibration.plan`: candidate plans from the profiles (pure).
+- :mod:`~xslim_xdit.calibration.plan_experts`: the plans of a run served by two transformers
+  (Wan 2.2 A14B's experts; pure).
 - :mod:`~xslim_xdit.calibration.check`: the closed-loop check of the candidates.
 - :mod:`~xslim_xdit.calibration.select`: the least-error candidate, and the result.
 - :mod:`~xslim_xdit.calibration.result`: :class:`CalibrationResult` (JSON, configs).
