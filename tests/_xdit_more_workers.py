@@ -103,7 +103,10 @@ def _init_runtime(model: torch.nn.Module, ulysses: int, ring: int) -> None:
 
     init_distributed_environment(rank=dist.get_rank(), world_size=dist.get_world_size())
     args = xFuserArgs(
-        model="", ulysses_degree=ulysses, ring_degree=ring, attention_backend="SDPA_FLASH" if ring > 1 else None
+        model="",
+        ulysses_degree=ulysses,
+        ring_degree=ring,
+        attention_backend="SDPA_FLASH" if ring > 1 else None,
     )
     engine_config, _ = args.create_config()
     engine_config.runtime_config.dtype = torch.float32
