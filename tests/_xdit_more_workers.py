@@ -10,7 +10,13 @@ compared with:
 - LTX-2 (``xFuserLTX2VideoTransformer3DWrapper``: video tokens chunked, audio whole on every rank),
   one Ulysses 2 case, online (step and block levels: X-Slim refuses LTX-2's token level anyway);
 - Z-Image (``xFuserZImageTransformer2DWrapper``): xfuser itself runs under Ulysses 2 (compared with
-  one device); X-Slim refuses the wrapper, and the refusal is recorded.
+  one device); X-Slim refuses the wrapper, and the refusal is recorded;
+- SD3 through xfuser's ``xFuserStableDiffusion3Pipeline`` (its transformer wrapper is patch-level,
+  driven by the pipeline, which shards the latents by rows and the text over the SP group): Ulysses
+  2 with a schedule (every level) and online, CFG parallel 2 online (block polish), against
+  diffusers' ``StableDiffusion3Pipeline`` (batched CFG);
+- CogVideoX through xfuser's ``xFuserCogVideoXPipeline``: Ulysses 2, online (block polish: step and
+  block levels), against diffusers' ``CogVideoXPipeline`` (both with ``CogVideoXDDIMScheduler``).
 
 One launch runs every case (two spawned ranks importing xfuser take most of a minute on a loaded
 CPU)."""
@@ -37,6 +43,23 @@ SCHEDULE = dict(mode="schedule", schedule=Schedule(STEPS, (0, 1, 5, 9), (2, 7), 
 ONLINE = dict(warn=0.12, crit=0.26, polish="auto", warmup_steps=2, partial_reset=0.3, token_ratio=0.5)
 #: LTX-2 online, block polish (no token level): FFSBBBBBBF on one device
 LTX2_ONLINE = dict(warn=0.12, crit=0.26, polish="block", warmup_steps=2, partial_reset=0.3)
+#: the pipelines' steps, and their configs (6 steps; on one device: SD3 FFSBBF online, CogVideoX
+#: FFSSBF)
+PIPE_STEPS = 6
+PIPE_CONFIGS = {
+    "schedule": dict(
+        mode="schedule", schedule=Schedule(PIPE_STEPS, (0, 1, 5), (2,), (3,)), token_ratio=0.5
+    ),  # step 4 skips
+    "online": dict(warn=0.12, crit=0.26, polish="block", warmup_steps=2, partial_reset=0.3),
+    "cog_online": dict(warn=0.2, crit=0.4, polish="block", warmup_steps=2, partial_reset=0.3),
+}
+#: pipeline cases: key -> (family, xfuser arguments, which config, the single device's token groups)
+PIPE_CASES = {
+    "sd3/ulysses2/schedule": ("sd3", {"ulysses_degree": 2}, "schedule", 2),
+    "sd3/ulysses2/online": ("sd3", {"ulysses_degree": 2}, "online", 2),
+    "sd3/cfg2/online": ("sd3", {"use_cfg_parallel": True}, "online", 1),
+    "cogvideox/ulysses2/online": ("cogvideox", {"ulysses_degree": 2}, "cog_online", 2),
+}
 #: (Ulysses, Ring) degrees, in the order one launch runs them
 LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2)}
 #: LTX-2's tiny model with the "split" RoPE layout: with diffusers' default "interleaved" tables
@@ -150,6 +173,118 @@ def _z_image() -> dict[str, Any]:
     return res
 
 
+def tiny_sd3_pipeline() -> Any:
+    """A ``StableDiffusion3Pipeline`` from the tiny SD3 transformer, a tiny VAE and no text encoders
+    (the calls pass prompt embeddings)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from xslim_xdit.testing.pipelines import tiny_vae
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_model("sd3"),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(4),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipe_call(family: str, pipe: Any) -> torch.Tensor | None:
+    """The family's tiny call (latent output, seeded); None on a rank that returns no output."""
+    g = torch.Generator().manual_seed(1)
+    if family == "sd3":  # 8 x 8 latents (16 image tokens), 6 text tokens, CFG (scale 7)
+        out = pipe(
+            prompt_embeds=torch.randn(1, 6, 24, generator=g),
+            pooled_prompt_embeds=torch.randn(1, 16, generator=g),
+            negative_prompt_embeds=torch.randn(1, 6, 24, generator=g),
+            negative_pooled_prompt_embeds=torch.randn(1, 16, generator=g),
+            height=64,
+            width=64,
+            num_inference_steps=PIPE_STEPS,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
+        return None if out is None else out.images
+    from xslim_xdit.testing.pipelines import TINY_COGVIDEOX_CALL_KWARGS
+
+    out = pipe(
+        "a cat",
+        negative_prompt="a dog",
+        num_inference_steps=PIPE_STEPS,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **TINY_COGVIDEOX_CALL_KWARGS,
+    )
+    # xfuser's CogVideoX pipeline returns frames [None] (one per sample) on the ranks without output
+    return None if isinstance(out.frames, list) and all(f is None for f in out.frames) else out.frames
+
+
+def _base_pipeline(family: str) -> Any:
+    from xslim_xdit.testing.pipelines import tiny_cogvideox_pipeline
+
+    if family == "sd3":
+        return tiny_sd3_pipeline()
+    from diffusers import CogVideoXDDIMScheduler
+
+    pipe = tiny_cogvideox_pipeline()
+    # deterministic DDIM (eta 0) rather than the tiny pipeline's CogVideoXDPMScheduler, whose step
+    # adds noise drawn for the latents' shape: under sequence parallelism each rank draws it for
+    # its own shard from the same generator (xfuser's pipeline steps the shards), so xfuser's own
+    # output differs from diffusers' (measured: 42 on latents of magnitude ~1) whatever X-Slim does
+    pipe.scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def single_device_pipeline(key: str) -> dict[str, Any]:
+    """The diffusers pipeline of a :data:`PIPE_CASES` entry on one device, with X-Slim and without."""
+    family, _, which, groups = PIPE_CASES[key]
+    pipe = _base_pipeline(family)
+    plain = _pipe_call(family, pipe)
+    eng = enable_xslim(pipe, XSlimConfig(token_groups=groups, **PIPE_CONFIGS[which]))
+    x = _pipe_call(family, pipe)
+    log = eng.statistics.decision_log()
+    disable_xslim(pipe)
+    return {"log": log, "x": x, "plain": plain}
+
+
+def _xfuser_pipeline(key: str) -> dict[str, Any]:
+    """A :data:`PIPE_CASES` entry through xfuser's pipeline: a plain run, then X-Slim."""
+    from xfuser.core.distributed import (
+        get_classifier_free_guidance_world_size,
+        get_ulysses_parallel_world_size,
+    )
+
+    from xslim_xdit.integrations.xfuser import XSlimXFuserWrapper
+    from xslim_xdit.testing.xfuser import xfuser_engine_config
+
+    family, xargs, which, _ = PIPE_CASES[key]
+    engine_config, _ = xfuser_engine_config(height=64, width=64, **xargs)
+    if family == "sd3":
+        from xfuser.model_executor.pipelines.pipeline_stable_diffusion_3 import (
+            xFuserStableDiffusion3Pipeline as cls,
+        )
+    else:
+        from xfuser.model_executor.pipelines.pipeline_cogvideox import xFuserCogVideoXPipeline as cls
+    pipe = cls(_base_pipeline(family), engine_config)
+    pipe.set_progress_bar_config(disable=True)
+    res: dict[str, Any] = {"transformer": type(pipe.transformer).__name__, "plain": _pipe_call(family, pipe)}
+    wrapped = XSlimXFuserWrapper(pipe)
+    eng = wrapped.enable_xslim(XSlimConfig(**PIPE_CONFIGS[which]))  # each rank selects within its shard
+    res["x"] = _pipe_call(family, wrapped)
+    res["log"] = eng.statistics.decision_log()
+    res["collectives"] = eng.sync.collectives
+    res["degrees"] = (get_ulysses_parallel_world_size(), get_classifier_free_guidance_world_size())
+    wrapped.disable_xslim()
+    return res
+
+
 def more_cases(rank: int, world: int) -> dict[str, Any]:
     """Every case of one 2-rank launch, keyed ``"<family>/<layout>/<which>"``; a case that raises
     is recorded as ``{"error": traceback}`` (the others still run)."""
@@ -172,6 +307,9 @@ def more_cases(rank: int, world: int) -> dict[str, Any]:
             if layout == "ulysses2":
                 case("ltx2/ulysses2/online", _bare, "ltx2", "online")
                 case("z_image/ulysses2/plain", _z_image)
+            reset_xfuser_parallel_state()
+        for key in PIPE_CASES:
+            case(key, _xfuser_pipeline, key)
             reset_xfuser_parallel_state()
         return out
     finally:

@@ -1,7 +1,10 @@
 """X-Slim under xDiT's real sequence parallelism for the newer families whose xfuser 0.7 wrappers
 run bare on CPU (gloo, 2 ranks): HunyuanVideo 1.5 under Ulysses 2 and Ring 2 (schedule with every
 level, and the online controller), LTX-2 under Ulysses 2 (online, step and block levels), and
-Z-Image, whose wrapper xfuser runs and X-Slim refuses. Every rank's decision log (kinds, block
+Z-Image, whose wrapper xfuser runs and X-Slim refuses; SD3 through xfuser's
+``xFuserStableDiffusion3Pipeline`` under Ulysses 2 (schedule with every level, online) and CFG
+parallel 2 (online, block polish), and CogVideoX through ``xFuserCogVideoXPipeline`` under Ulysses 2
+(online, block polish). Every rank's decision log (kinds, block
 masks, token counts) equals the single device's with ``token_groups=2``; outputs agree within
 round-off.
 
@@ -16,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from _dist import run_ranks
-from _xdit_more_workers import LAYOUTS, _model, more_cases, single_device
+from _xdit_more_workers import LAYOUTS, PIPE_CASES, _model, more_cases, single_device, single_device_pipeline
 
 from xslim_xdit.testing import sample
 
@@ -76,3 +79,30 @@ def test_z_image_wrapper_runs_in_xfuser_and_is_refused_by_xslim(ranks):
     for g in got:
         torch.testing.assert_close(g["plain"], ref, rtol=0, atol=ATOL)
         assert g["refusal"] is not None and "z_image" in g["refusal"]
+
+
+#: the xfuser transformer wrapper each family's xFuser pipeline installs
+PIPE_WRAPPERS = {"sd3": "xFuserSD3Transformer2DWrapper", "cogvideox": "xFuserCogVideoXTransformer3DWrapper"}
+
+
+@pytest.mark.parametrize("key", list(PIPE_CASES))
+def test_xfuser_pipelines_ranks_agree_with_single_device(ranks, key):
+    """SD3 and CogVideoX through xfuser's own pipelines (the pipeline shards the latents by rows,
+    or puts one guidance branch on each rank): each rank's decision log equals the single device's
+    diffusers pipeline (batched CFG there); the output rank's latents agree."""
+    family, xargs, which, _ = PIPE_CASES[key]
+    ref = single_device_pipeline(key)
+    got = _got(ranks, key)
+    expected = (xargs.get("ulysses_degree", 1), 2 if xargs.get("use_cfg_parallel") else 1)
+    for g in got:
+        assert g["transformer"] == PIPE_WRAPPERS[family]
+        assert g["degrees"] == expected  # (Ulysses, CFG) as xfuser ran it
+        assert g["log"] == ref["log"]
+        assert g["collectives"] > 0
+    kinds = {k for k, _, _ in ref["log"]}
+    assert kinds == ({"skip", "block", "token", "full"} if which == "schedule" else {"skip", "block", "full"})
+    outputs = [g for g in got if g["x"] is not None]  # xfuser returns the latents on the last rank
+    assert outputs
+    for g in outputs:
+        torch.testing.assert_close(g["plain"], ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
+        torch.testing.assert_close(g["x"], ref["x"], rtol=0, atol=ATOL)

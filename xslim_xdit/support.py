@@ -71,12 +71,13 @@ TESTED: dict[str, Evidence] = {
         note="token refresh is refused under PipeFusion",
     ),
     "ltx2": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2",),
         pipelines=(),
-        tests=("tests/test_families.py", "tests/test_ltx2.py"),
+        tests=("tests/test_families.py", "tests/test_ltx2.py", "tests/test_parallel_xdit_more.py"),
         note="transformer level; audio is the blocks' second stream (own stack residual on skip "
         "steps); token refresh refused (video-to-audio attention reads every video token); "
-        "LTX2Pipeline and xDiT not tested",
+        "LTX2Pipeline not tested; xDiT: xfuser's wrapper, bare, step and block levels, with "
+        'rope_type="split" (xfuser fails with the default "interleaved")',
     ),
     "pixart": Evidence(
         xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
@@ -98,16 +99,20 @@ TESTED: dict[str, Evidence] = {
         "Wan I2V pipeline under CFG parallel 2",
     ),
     "sd3": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2", "CFG parallel 2"),
         pipelines=(),
-        tests=("tests/test_families.py", "tests/test_family_variants.py"),
-        note="transformer level (SD3, SD3.5); token refresh refused on SD3.5 dual-attention blocks; pipeline and xDiT not tested",
+        tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_parallel_xdit_more.py"),
+        note="transformer level (SD3, SD3.5); token refresh refused on SD3.5 dual-attention blocks; "
+        "xDiT: xFuserStableDiffusion3Pipeline (every level under Ulysses 2) against "
+        "StableDiffusion3Pipeline with prompt embeddings",
     ),
     "cogvideox": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2",),
         pipelines=("CogVideoXPipeline",),
-        tests=("tests/test_families.py", "tests/test_cogvideox.py"),
-        note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT not tested",
+        tests=("tests/test_families.py", "tests/test_cogvideox.py", "tests/test_parallel_xdit_more.py"),
+        note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT: "
+        "xFuserCogVideoXPipeline, step and block levels (token refresh refused under xfuser's "
+        "attention wrapper)",
     ),
     "hunyuan_video": Evidence(
         xdit_layouts=("Ulysses 2",),
@@ -145,14 +150,15 @@ TESTED: dict[str, Evidence] = {
         xdit_layouts=(),
         pipelines=("ZImagePipeline",),
         tests=("tests/test_families.py", "tests/test_image_pipelines.py"),
-        note="omni mode refused; pipelines run with prompt embeddings; xDiT not tested (token refresh "
-        "refused under sequence parallelism)",
+        note="omni mode refused; pipelines run with prompt embeddings; xDiT: xfuser's Z-Image wrapper "
+        "refused at every level (it re-shards the unified sequence after the noise refiner)",
     ),
     "hunyuan_video15": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2", "Ring 2"),
         pipelines=(),
-        tests=("tests/test_families.py", "tests/test_hunyuan_video15.py"),
-        note="transformer level (T2V, I2V); HunyuanVideo15Pipeline (Qwen2.5-VL and ByT5 encoders) and xDiT not tested",
+        tests=("tests/test_families.py", "tests/test_hunyuan_video15.py", "tests/test_parallel_xdit_more.py"),
+        note="transformer level (T2V, I2V); HunyuanVideo15Pipeline (Qwen2.5-VL and ByT5 encoders) not "
+        "tested; xDiT: xfuser's wrapper, bare, every level",
     ),
     "dit": Evidence(
         xdit_layouts=(),
