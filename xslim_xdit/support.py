@@ -63,6 +63,7 @@ TESTED: dict[str, Evidence] = {
         tests=(
             "tests/test_parallel_xdit.py",
             "tests/test_parallel_pipefusion.py",
+            "tests/test_xdit_async_four_ranks.py",
             "tests/test_xdit_pipelines.py",
             "tests/test_controlnet.py",
             "tests/test_img2img.py",
