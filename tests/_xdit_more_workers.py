@@ -13,10 +13,11 @@ compared with:
   one device); X-Slim refuses the wrapper, and the refusal is recorded;
 - SD3 through xfuser's ``xFuserStableDiffusion3Pipeline`` (its transformer wrapper is patch-level,
   driven by the pipeline, which shards the latents by rows and the text over the SP group): Ulysses
-  2 with a schedule (every level) and online, CFG parallel 2 online (block polish), against
-  diffusers' ``StableDiffusion3Pipeline`` (batched CFG);
-- CogVideoX through xfuser's ``xFuserCogVideoXPipeline``: Ulysses 2, online (block polish: step and
-  block levels), against diffusers' ``CogVideoXPipeline`` (both with ``CogVideoXDDIMScheduler``).
+  2 with a schedule (every level) and online, CFG parallel 2 and synchronous PipeFusion 2 online
+  (block polish), against diffusers' ``StableDiffusion3Pipeline`` (batched CFG);
+- CogVideoX through xfuser's ``xFuserCogVideoXPipeline``: Ulysses 2 and CFG parallel 2, online
+  (block polish: step and block levels), against diffusers' ``CogVideoXPipeline`` (both with
+  ``CogVideoXDDIMScheduler``).
 
 One launch runs every case (two spawned ranks importing xfuser take most of a minute on a loaded
 CPU)."""
@@ -59,6 +60,14 @@ PIPE_CASES = {
     "sd3/ulysses2/online": ("sd3", {"ulysses_degree": 2}, "online", 2),
     "sd3/cfg2/online": ("sd3", {"use_cfg_parallel": True}, "online", 1),
     "cogvideox/ulysses2/online": ("cogvideox", {"ulysses_degree": 2}, "cog_online", 2),
+    "cogvideox/cfg2/online": ("cogvideox", {"use_cfg_parallel": True}, "cog_online", 1),
+    # synchronous PipeFusion (warm-up steps = steps, one patch); no token level under PipeFusion
+    "sd3/pipefusion2/online": (
+        "sd3",
+        {"pipefusion_parallel_degree": 2, "num_pipeline_patch": 1, "warmup_steps": PIPE_STEPS},
+        "online",
+        1,
+    ),
 }
 #: (Ulysses, Ring) degrees, in the order one launch runs them
 LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2)}
@@ -256,8 +265,12 @@ def single_device_pipeline(key: str) -> dict[str, Any]:
 
 def _xfuser_pipeline(key: str) -> dict[str, Any]:
     """A :data:`PIPE_CASES` entry through xfuser's pipeline: a plain run, then X-Slim."""
+    from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
+
+    apply_xfuser_cpu_compat()  # before xfuser is imported (an import sorter would reorder imports)
     from xfuser.core.distributed import (
         get_classifier_free_guidance_world_size,
+        get_pipeline_parallel_world_size,
         get_ulysses_parallel_world_size,
     )
 
@@ -280,7 +293,14 @@ def _xfuser_pipeline(key: str) -> dict[str, Any]:
     res["x"] = _pipe_call(family, wrapped)
     res["log"] = eng.statistics.decision_log()
     res["collectives"] = eng.sync.collectives
-    res["degrees"] = (get_ulysses_parallel_world_size(), get_classifier_free_guidance_world_size())
+    res["degrees"] = (
+        get_ulysses_parallel_world_size(),
+        get_classifier_free_guidance_world_size(),
+        get_pipeline_parallel_world_size(),
+    )
+    if eng.pipeline is not None:  # PipeFusion: the decisions travel from stage to stage
+        res["stage"], res["messages"] = eng.pipeline.stage, eng.pipeline.messages
+        eng.pipeline.close()
     wrapped.disable_xslim()
     return res
 

@@ -2,9 +2,9 @@
 run bare on CPU (gloo, 2 ranks): HunyuanVideo 1.5 under Ulysses 2 and Ring 2 (schedule with every
 level, and the online controller), LTX-2 under Ulysses 2 (online, step and block levels), and
 Z-Image, whose wrapper xfuser runs and X-Slim refuses; SD3 through xfuser's
-``xFuserStableDiffusion3Pipeline`` under Ulysses 2 (schedule with every level, online) and CFG
-parallel 2 (online, block polish), and CogVideoX through ``xFuserCogVideoXPipeline`` under Ulysses 2
-(online, block polish). Every rank's decision log (kinds, block
+``xFuserStableDiffusion3Pipeline`` under Ulysses 2 (schedule with every level, online), CFG
+parallel 2 and synchronous PipeFusion 2 (online, block polish), and CogVideoX through
+``xFuserCogVideoXPipeline`` under Ulysses 2 and CFG parallel 2 (online, block polish). Every rank's decision log (kinds, block
 masks, token counts) equals the single device's with ``token_groups=2``; outputs agree within
 round-off.
 
@@ -88,17 +88,24 @@ PIPE_WRAPPERS = {"sd3": "xFuserSD3Transformer2DWrapper", "cogvideox": "xFuserCog
 @pytest.mark.parametrize("key", list(PIPE_CASES))
 def test_xfuser_pipelines_ranks_agree_with_single_device(ranks, key):
     """SD3 and CogVideoX through xfuser's own pipelines (the pipeline shards the latents by rows,
-    or puts one guidance branch on each rank): each rank's decision log equals the single device's
-    diffusers pipeline (batched CFG there); the output rank's latents agree."""
+    puts one guidance branch on each rank, or (SD3, synchronous PipeFusion) splits the blocks into
+    two stages): each rank's decision log equals the single device's diffusers pipeline (batched
+    CFG there); the output rank's latents agree."""
     family, xargs, which, _ = PIPE_CASES[key]
     ref = single_device_pipeline(key)
     got = _got(ranks, key)
-    expected = (xargs.get("ulysses_degree", 1), 2 if xargs.get("use_cfg_parallel") else 1)
+    pp = xargs.get("pipefusion_parallel_degree", 1)
+    expected = (xargs.get("ulysses_degree", 1), 2 if xargs.get("use_cfg_parallel") else 1, pp)
     for g in got:
         assert g["transformer"] == PIPE_WRAPPERS[family]
-        assert g["degrees"] == expected  # (Ulysses, CFG) as xfuser ran it
+        assert g["degrees"] == expected  # (Ulysses, CFG, PipeFusion) as xfuser ran it
         assert g["log"] == ref["log"]
-        assert g["collectives"] > 0
+        if pp > 1:  # one stage per rank: no decision-group collective, the decisions travel
+            assert g["messages"] > 0
+        else:
+            assert g["collectives"] > 0
+    if pp > 1:
+        assert [g["stage"] for g in got] == [0, 1]
     kinds = {k for k, _, _ in ref["log"]}
     assert kinds == ({"skip", "block", "token", "full"} if which == "schedule" else {"skip", "block", "full"})
     outputs = [g for g in got if g["x"] is not None]  # xfuser returns the latents on the last rank

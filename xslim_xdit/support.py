@@ -100,15 +100,15 @@ TESTED: dict[str, Evidence] = {
         "Wan I2V pipeline under CFG parallel 2",
     ),
     "sd3": Evidence(
-        xdit_layouts=("Ulysses 2", "CFG parallel 2"),
+        xdit_layouts=("Ulysses 2", "CFG parallel 2", "PipeFusion 2"),
         pipelines=(),
         tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_parallel_xdit_more.py"),
         note="transformer level (SD3, SD3.5); token refresh refused on SD3.5 dual-attention blocks; "
-        "xDiT: xFuserStableDiffusion3Pipeline (every level under Ulysses 2) against "
-        "StableDiffusion3Pipeline with prompt embeddings",
+        "xDiT: xFuserStableDiffusion3Pipeline (every level under Ulysses 2; PipeFusion synchronous, "
+        "token refresh refused there) against StableDiffusion3Pipeline with prompt embeddings",
     ),
     "cogvideox": Evidence(
-        xdit_layouts=("Ulysses 2",),
+        xdit_layouts=("Ulysses 2", "CFG parallel 2"),
         pipelines=("CogVideoXPipeline",),
         tests=("tests/test_families.py", "tests/test_cogvideox.py", "tests/test_parallel_xdit_more.py"),
         note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT: "
