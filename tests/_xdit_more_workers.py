@@ -1,6 +1,6 @@
-"""Rank functions running the newer video/image families through xfuser 0.7's own bare
-sequence-parallel transformer wrappers, on CPU with gloo, and the single-device references they are
-compared with:
+"""Rank functions running SD3, HunyuanVideo 1.5, LTX-2, Z-Image and CogVideoX through xfuser 0.7's
+own transformer wrappers (bare) and pipelines, on CPU with gloo, and the single-device references
+they are compared with:
 
 - HunyuanVideo 1.5 (``xFuserHunyuanVideo15Transformer3DWrapper``: video tokens and their RoPE
   tables chunked over the SP group; the condition sequence's padding dropped, and the condition
@@ -8,14 +8,14 @@ compared with:
   Ulysses 2 and Ring 2, each with a schedule (every level, token refresh gathering the other
   shard's K/V) and the online controller;
 - LTX-2 (``xFuserLTX2VideoTransformer3DWrapper``: video tokens chunked, audio whole on every rank),
-  one Ulysses 2 case, online (step and block levels: X-Slim refuses LTX-2's token level anyway);
+  Ulysses 2 and Ring 2, online (step and block levels: X-Slim refuses LTX-2's token level anyway);
 - Z-Image (``xFuserZImageTransformer2DWrapper``): xfuser itself runs under Ulysses 2 (compared with
   one device); X-Slim refuses the wrapper, and the refusal is recorded;
 - SD3 through xfuser's ``xFuserStableDiffusion3Pipeline`` (its transformer wrapper is patch-level,
   driven by the pipeline, which shards the latents by rows and the text over the SP group): Ulysses
-  2 with a schedule (every level) and online, CFG parallel 2 and synchronous PipeFusion 2 online
-  (block polish), against diffusers' ``StableDiffusion3Pipeline`` (batched CFG);
-- CogVideoX through xfuser's ``xFuserCogVideoXPipeline``: Ulysses 2 and CFG parallel 2, online
+  2 with a schedule (every level) and online, Ring 2, CFG parallel 2 and synchronous PipeFusion 2
+  online (block polish), against diffusers' ``StableDiffusion3Pipeline`` (batched CFG);
+- CogVideoX through xfuser's ``xFuserCogVideoXPipeline``: Ulysses 2, Ring 2 and CFG parallel 2, online
   (block polish: step and block levels), against diffusers' ``CogVideoXPipeline`` (both with
   ``CogVideoXDDIMScheduler``).
 
@@ -58,8 +58,10 @@ PIPE_CONFIGS = {
 PIPE_CASES = {
     "sd3/ulysses2/schedule": ("sd3", {"ulysses_degree": 2}, "schedule", 2),
     "sd3/ulysses2/online": ("sd3", {"ulysses_degree": 2}, "online", 2),
+    "sd3/ring2/online": ("sd3", {"ring_degree": 2}, "online", 2),
     "sd3/cfg2/online": ("sd3", {"use_cfg_parallel": True}, "online", 1),
     "cogvideox/ulysses2/online": ("cogvideox", {"ulysses_degree": 2}, "cog_online", 2),
+    "cogvideox/ring2/online": ("cogvideox", {"ring_degree": 2}, "cog_online", 2),
     "cogvideox/cfg2/online": ("cogvideox", {"use_cfg_parallel": True}, "cog_online", 1),
     # synchronous PipeFusion (warm-up steps = steps, one patch); no token level under PipeFusion
     "sd3/pipefusion2/online": (
@@ -271,6 +273,7 @@ def _xfuser_pipeline(key: str) -> dict[str, Any]:
     from xfuser.core.distributed import (
         get_classifier_free_guidance_world_size,
         get_pipeline_parallel_world_size,
+        get_ring_parallel_world_size,
         get_ulysses_parallel_world_size,
     )
 
@@ -295,6 +298,7 @@ def _xfuser_pipeline(key: str) -> dict[str, Any]:
     res["collectives"] = eng.sync.collectives
     res["degrees"] = (
         get_ulysses_parallel_world_size(),
+        get_ring_parallel_world_size(),
         get_classifier_free_guidance_world_size(),
         get_pipeline_parallel_world_size(),
     )
@@ -324,8 +328,8 @@ def more_cases(rank: int, world: int) -> dict[str, Any]:
             _init_runtime(_model("hunyuan_video15"), ulysses, ring)
             for which in ("schedule", "online"):
                 case(f"hunyuan_video15/{layout}/{which}", _bare, "hunyuan_video15", which)
+            case(f"ltx2/{layout}/online", _bare, "ltx2", "online")
             if layout == "ulysses2":
-                case("ltx2/ulysses2/online", _bare, "ltx2", "online")
                 case("z_image/ulysses2/plain", _z_image)
             reset_xfuser_parallel_state()
         for key in PIPE_CASES:

@@ -1,12 +1,12 @@
-"""X-Slim under xDiT's real sequence parallelism for the newer families whose xfuser 0.7 wrappers
-run bare on CPU (gloo, 2 ranks): HunyuanVideo 1.5 under Ulysses 2 and Ring 2 (schedule with every
-level, and the online controller), LTX-2 under Ulysses 2 (online, step and block levels), and
-Z-Image, whose wrapper xfuser runs and X-Slim refuses; SD3 through xfuser's
-``xFuserStableDiffusion3Pipeline`` under Ulysses 2 (schedule with every level, online), CFG
-parallel 2 and synchronous PipeFusion 2 (online, block polish), and CogVideoX through
-``xFuserCogVideoXPipeline`` under Ulysses 2 and CFG parallel 2 (online, block polish). Every rank's decision log (kinds, block
-masks, token counts) equals the single device's with ``token_groups=2``; outputs agree within
-round-off.
+"""X-Slim under xDiT (xfuser 0.7) for SD3, HunyuanVideo 1.5, LTX-2, Z-Image and CogVideoX, on CPU
+(gloo, 2 ranks). Through xfuser's bare transformer wrappers: HunyuanVideo 1.5 under Ulysses 2 and
+Ring 2 (schedule with every level, and the online controller), LTX-2 under Ulysses 2 and Ring 2
+(online, step and block levels), and Z-Image, whose wrapper xfuser runs and X-Slim refuses. Through
+xfuser's pipelines: SD3 (``xFuserStableDiffusion3Pipeline``) under Ulysses 2 (schedule with every
+level, online), Ring 2, CFG parallel 2 and synchronous PipeFusion 2 (online, block polish), and
+CogVideoX (``xFuserCogVideoXPipeline``) under Ulysses 2, Ring 2 and CFG parallel 2 (online, block
+polish). Every rank's decision log (kinds, block masks, token counts) equals the single device's
+(``token_groups`` = the SP degree there); outputs agree within round-off.
 
 One 2-rank launch runs every case (module-scoped fixture): starting two ranks that import xfuser
 is most of the cost."""
@@ -57,12 +57,13 @@ def test_hunyuan_video15_usp_ranks_agree_with_single_device(ranks, layout, which
     assert got[0]["collectives"] > 0
 
 
-def test_ltx2_ulysses2_ranks_agree_with_single_device(ranks):
+@pytest.mark.parametrize("layout", ["ulysses2", "ring2"])
+def test_ltx2_usp_ranks_agree_with_single_device(ranks, layout):
     """LTX-2 through ``xFuserLTX2VideoTransformer3DWrapper`` (video sharded, audio whole on every
     rank): the step and block levels (X-Slim refuses LTX-2's token level on any layout)."""
     ref = single_device("ltx2", "online")
-    got = _got(ranks, "ltx2/ulysses2/online")
-    assert got[0]["degrees"] == got[1]["degrees"] == LAYOUTS["ulysses2"]
+    got = _got(ranks, f"ltx2/{layout}/online")
+    assert got[0]["degrees"] == got[1]["degrees"] == LAYOUTS[layout]
     assert got[0]["log"] == got[1]["log"] == ref["log"]
     assert {k for k, _, _ in ref["log"]} == {"skip", "block", "full"}
     torch.testing.assert_close(got[0]["plain"], ref["plain"], rtol=0, atol=ATOL)
@@ -95,10 +96,11 @@ def test_xfuser_pipelines_ranks_agree_with_single_device(ranks, key):
     ref = single_device_pipeline(key)
     got = _got(ranks, key)
     pp = xargs.get("pipefusion_parallel_degree", 1)
-    expected = (xargs.get("ulysses_degree", 1), 2 if xargs.get("use_cfg_parallel") else 1, pp)
+    cfg = 2 if xargs.get("use_cfg_parallel") else 1
+    expected = (xargs.get("ulysses_degree", 1), xargs.get("ring_degree", 1), cfg, pp)
     for g in got:
         assert g["transformer"] == PIPE_WRAPPERS[family]
-        assert g["degrees"] == expected  # (Ulysses, CFG, PipeFusion) as xfuser ran it
+        assert g["degrees"] == expected  # (Ulysses, Ring, CFG, PipeFusion) as xfuser ran it
         assert g["log"] == ref["log"]
         if pp > 1:  # one stage per rank: no decision-group collective, the decisions travel
             assert g["messages"] > 0

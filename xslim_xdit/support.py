@@ -72,7 +72,7 @@ TESTED: dict[str, Evidence] = {
         note="token refresh is refused under PipeFusion",
     ),
     "ltx2": Evidence(
-        xdit_layouts=("Ulysses 2",),
+        xdit_layouts=("Ulysses 2", "Ring 2"),
         pipelines=(),
         tests=("tests/test_families.py", "tests/test_ltx2.py", "tests/test_parallel_xdit_more.py"),
         note="transformer level; audio is the blocks' second stream (own stack residual on skip "
@@ -100,7 +100,7 @@ TESTED: dict[str, Evidence] = {
         "Wan I2V pipeline under CFG parallel 2",
     ),
     "sd3": Evidence(
-        xdit_layouts=("Ulysses 2", "CFG parallel 2", "PipeFusion 2"),
+        xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2", "PipeFusion 2"),
         pipelines=(),
         tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_parallel_xdit_more.py"),
         note="transformer level (SD3, SD3.5); token refresh refused on SD3.5 dual-attention blocks; "
@@ -108,7 +108,7 @@ TESTED: dict[str, Evidence] = {
         "token refresh refused there) against StableDiffusion3Pipeline with prompt embeddings",
     ),
     "cogvideox": Evidence(
-        xdit_layouts=("Ulysses 2", "CFG parallel 2"),
+        xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2"),
         pipelines=("CogVideoXPipeline",),
         tests=("tests/test_families.py", "tests/test_cogvideox.py", "tests/test_parallel_xdit_more.py"),
         note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT: "
