@@ -12,7 +12,9 @@ same pipeline object:
 
 Peers are used through their own installed code: diffusers' cache hooks
 (``diffusers.hooks.apply_first_block_cache`` / ``apply_taylorseer_cache``), cache-dit's
-``cache_dit.enable_cache`` with a ``BlockAdapter``, and xfuser's TeaCache where it applies.
+``cache_dit.enable_cache`` with a ``BlockAdapter`` (DBCache, alone and with its TaylorSeer and
+FoCa calibrators), diffusers' MagCache (ratios from its own calibration mode), and xfuser's
+TeaCache where it applies.
 
 Example:
     >>> m = FewerSteps(2)
@@ -333,6 +335,89 @@ class TaylorSeer(_DiffusersHook):
         apply_taylorseer_cache(transformer, config)
 
 
+class MagCache(_DiffusersHook):
+    """diffusers' MagCache: skip the blocks while the accumulated error of the magnitude ratios
+    (``|1 - prod(ratio)|`` since the last full step) stays under ``threshold``, at most
+    ``max_skip_steps`` in a row, never in the first ``retention_ratio`` of the steps.
+
+    The ratios are checkpoint-dependent, so :meth:`prepare` obtains them the way diffusers
+    documents it: one run with ``MagCacheConfig(calibrate=True)`` on a calibration sample (not an
+    evaluation sample), whose printed ratios are read back and passed as ``mag_ratios``.
+    ``max_skip_steps`` and ``retention_ratio`` are diffusers' defaults (3, 0.2).
+    """
+
+    hook_names = ("mag_cache_leader_block_hook", "mag_cache_block_hook")
+
+    def __init__(self, threshold: float, max_skip_steps: int = 3, retention_ratio: float = 0.2) -> None:
+        super().__init__(
+            name=f"MagCache {threshold:g}",
+            family="magcache",
+            params={
+                "threshold": threshold,
+                "max_skip_steps": max_skip_steps,
+                "retention_ratio": retention_ratio,
+            },
+        )
+        self.threshold, self.max_skip_steps, self.retention_ratio = threshold, max_skip_steps, retention_ratio
+        self.mag_ratios: list[float] | None = None
+        self.steps = 0
+        self._calibrating = False
+
+    def prepare(self, pipe: Any, testbed: Any, steps: int) -> None:
+        import ast
+        import contextlib
+        import io
+
+        self.steps = steps
+        run = testbed.calibration_runs(pipe, steps, 1)[0]
+        printed = io.StringIO()
+        self._calibrating = True
+        try:
+            self.enable(pipe)
+        except Exception as e:  # noqa: BLE001 - the reason goes into the report
+            self._calibrating = False
+            raise MethodRefused(
+                f"diffusers' apply_mag_cache refused this model: {type(e).__name__}: {e}"
+            ) from e
+        try:
+            with contextlib.redirect_stdout(printed), torch.no_grad():
+                run()
+        finally:
+            self.disable(pipe)
+            self._calibrating = False
+        lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
+        if not lists:
+            raise MethodRefused(
+                "MagCache's calibration run printed no ratios (its tail block hook never ran)"
+            )
+        ratios = [float(r) for r in ast.literal_eval(lists[-1])]
+        if len(ratios) != steps:
+            raise MethodRefused(f"MagCache's calibration gave {len(ratios)} ratios for {steps} steps")
+        self.mag_ratios = ratios
+        self.params["mag_ratios"] = [round(r, 4) for r in ratios]
+        self.note = (
+            "mag_ratios from one calibration run (MagCacheConfig(calibrate=True)) on a calibration sample"
+        )
+
+    def _config(self) -> Any:
+        from diffusers.hooks import MagCacheConfig
+
+        if self._calibrating:
+            return MagCacheConfig(calibrate=True, num_inference_steps=self.steps)
+        return MagCacheConfig(
+            threshold=self.threshold,
+            max_skip_steps=self.max_skip_steps,
+            retention_ratio=self.retention_ratio,
+            num_inference_steps=self.steps,
+            mag_ratios=self.mag_ratios,
+        )
+
+    def _apply(self, transformer: nn.Module, config: Any) -> None:
+        from diffusers.hooks import apply_mag_cache
+
+        apply_mag_cache(transformer, config)
+
+
 # ---------------------------------------------------------------------------------------------
 # TeaCache (xfuser) and cache-dit DBCache
 # ---------------------------------------------------------------------------------------------
@@ -426,13 +511,36 @@ class DBCache(Method):
     ``fn``/``threshold`` given here are used.
     """
 
-    def __init__(self, fn: int | None = None, bn: int = 0, threshold: float | None = None) -> None:
+    def __init__(
+        self,
+        fn: int | None = None,
+        bn: int = 0,
+        threshold: float | None = None,
+        calibrator: str | None = None,
+    ) -> None:
         label = "defaults" if fn is None and threshold is None else f"F{fn}B{bn} {threshold:g}"
+        if calibrator not in (None, "taylorseer", "foca"):
+            raise ValueError(f"calibrator must be None, 'taylorseer' or 'foca', got {calibrator!r}")
+        suffix = {None: "", "taylorseer": " +TaylorSeer", "foca": " +FoCa"}[calibrator]
         super().__init__(
-            name=f"DBCache {label}", family="dbcache", params={"Fn": fn, "Bn": bn, "threshold": threshold}
+            name=f"DBCache {label}{suffix}",
+            family="dbcache" + ("" if calibrator is None else f"-{calibrator}"),
+            params={"Fn": fn, "Bn": bn, "threshold": threshold, "calibrator": calibrator},
         )
-        self.fn, self.bn, self.threshold = fn, bn, threshold
+        self.fn, self.bn, self.threshold, self.calibrator = fn, bn, threshold, calibrator
         self._summary: list[Any] = []
+
+    def _calibrator_config(self) -> Any:
+        """cache-dit's calibrators as its README enables them: ``TaylorSeerCalibratorConfig`` with
+        ``taylorseer_order=1`` (its documented default) or ``FoCaCalibratorConfig()`` (no
+        hyper-parameters), on the hidden states and the encoder hidden states."""
+        import cache_dit
+
+        if self.calibrator == "taylorseer":
+            return cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
+        if self.calibrator == "foca":
+            return cache_dit.FoCaCalibratorConfig()
+        return None
 
     def _cache_config(self) -> Any:
         import cache_dit
@@ -547,7 +655,8 @@ class DBCache(Method):
         import cache_dit
 
         self._saved = self._snapshot(pipe)
-        cache_dit.enable_cache(self._adapter(pipe), cache_config=self._cache_config())
+        kw = {} if self.calibrator is None else {"calibrator_config": self._calibrator_config()}
+        cache_dit.enable_cache(self._adapter(pipe), cache_config=self._cache_config(), **kw)
 
     def disable(self, pipe: Any) -> None:
         import cache_dit
@@ -768,4 +877,6 @@ def full_methods(steps: int) -> list[Method]:
     ]
     ms += [TeaCache(t) for t in (0.25, 0.4, 0.6, 0.8, 1.2)]
     ms += [DBCache()] + [DBCache(1, 0, t) for t in (0.08, 0.12, 0.2, 0.3, 0.5)]
+    ms += [DBCache(1, 0, t, calibrator=c) for c in ("taylorseer", "foca") for t in (0.12, 0.3, 0.5)]
+    ms += [MagCache(t) for t in (0.06, 0.12, 0.24, 0.4)]
     return ms + xslim_methods(steps)

@@ -28,7 +28,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-PEER_FAMILIES = ("fewer-steps", "uniform-reuse", "first-block-cache", "taylorseer", "teacache", "dbcache")
+PEER_FAMILIES = (
+    "fewer-steps",
+    "uniform-reuse",
+    "first-block-cache",
+    "taylorseer",
+    "teacache",
+    "dbcache",
+    "dbcache-taylorseer",
+    "dbcache-foca",
+    "magcache",
+)
 Point = tuple[float, float]
 
 

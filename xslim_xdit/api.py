@@ -103,9 +103,17 @@ def enable_xslim(
     and statistics, all under ``config``; the engine of ``transformer`` is returned,
     :func:`get_engines` gives both and :meth:`CacheStatistics.combined` one view of the run.
 
+    When the second expert is first called (the switch step), the caches of the first are freed
+    (:func:`release_caches`): that expert has run its last step, and the run holds one expert's
+    caches at a time. Should the pipeline call it again, it finds nothing cached and runs in full.
+
     Args:
         pipe_or_transformer: a diffusers or xDiT pipeline, or a supported transformer.
-        config: an :class:`XSlimConfig` (default: the online controller with its defaults).
+        config: an :class:`XSlimConfig` (default: the online controller with its defaults), or a
+            :class:`~xslim_xdit.calibration.CalibrationResult` (its schedule, as
+            :meth:`~xslim_xdit.calibration.CalibrationResult.config` gives it; one calibrated on a
+            two-expert pipeline applies to both experts, and is refused on a pipeline whose
+            transformers are others).
         num_inference_steps: steps per run for a bare transformer.
         sync: where ranks agree; default single-device (see :mod:`xslim_xdit.parallel`). A
             second expert gets a copy (same group, its own counters).
@@ -124,8 +132,10 @@ def enable_xslim(
         >>> disable_xslim(m)
     """
     config = XSlimConfig() if config is None else config
+    if _is_calibration(config):
+        config = _calibrated_config(config, pipe_or_transformer)
     if not isinstance(config, XSlimConfig):
-        raise TypeError(f"config must be an XSlimConfig; got {type(config).__name__}")
+        raise TypeError(f"config must be an XSlimConfig or a CalibrationResult; got {type(config).__name__}")
     if num_inference_steps is not None and (
         isinstance(num_inference_steps, bool)
         or not isinstance(num_inference_steps, int)
@@ -173,7 +183,80 @@ def enable_xslim(
             # call (the switch step) finds its caches empty and runs in full.
             _hook_scheduler(engine, pipe.scheduler)
             engine.before_call = _scheduler_check(engine, _weak(pipe))
+    for i, engine in enumerate(engines[1:], start=1):
+        # the switch: the experts before this one have run their last step of the run
+        engine.before_call = _chain(engine.before_call, _release_before(engines[:i]))
     return engines[0]
+
+
+def _is_calibration(config: Any) -> bool:
+    from .calibration.result import CalibrationResult
+
+    return isinstance(config, CalibrationResult)
+
+
+def _calibrated_config(result: Any, pipe_or_transformer: Any) -> XSlimConfig:
+    """The schedule config of a calibration result, after checking that it was calibrated on
+    transformers of the same names (a two-expert result on a two-expert pipeline)."""
+    names = list(result.expert_names)
+    have = list(expert_transformers(pipe_or_transformer))
+    if names and names != have:
+        raise ConfigError(
+            f"this calibration was made on a pipeline whose run {', '.join(names)} serve(s); this one has "
+            f"{', '.join(have)}: calibrate this pipeline, or pass result.config() to apply the schedule anyway"
+        )
+    return result.config()
+
+
+def _chain(*calls: Callable[[], None] | None) -> Callable[[], None]:
+    live = [c for c in calls if c is not None]
+
+    def run() -> None:
+        for c in live:
+            c()
+
+    return run
+
+
+def _release_before(earlier: list[XSlimEngine]) -> Callable[[], None]:
+    """Before a later expert's call: free the caches the earlier experts still hold (once per run:
+    nothing is left after the first time)."""
+    refs = [weakref.ref(e) for e in earlier]
+
+    def release() -> None:
+        for ref in refs:
+            eng = ref()
+            if eng is not None:
+                release_caches(eng)
+
+    return release
+
+
+def release_caches(engine: XSlimEngine) -> int:
+    """Free every tensor ``engine`` caches for its current run (stack and block residuals, token
+    history, probe, token refresh's K/V, per-sample rows), keeping the run itself (step count,
+    controller, statistics): a later call of this run finds nothing cached and runs in full.
+    Returns the bytes freed (:meth:`XSlimEngine.cache_bytes`).
+
+    Example:
+        >>> from xslim_xdit.testing import tiny_model, sample
+        >>> m = tiny_model("dit")
+        >>> eng = enable_xslim(m, XSlimConfig(warmup_steps=1), num_inference_steps=3)
+        >>> _ = sample(m, "dit", steps=3)
+        >>> release_caches(eng) > 0, sum(eng.cache_bytes().values())
+        (True, 0)
+        >>> disable_xslim(m)
+    """
+    held = sum(engine.cache_bytes().values())
+    if not held:
+        return 0
+    engine.branches.clear()
+    if engine.token_ctx is not None:
+        engine.token_ctx.kv.clear()
+        engine.token_ctx.index = engine.token_ctx.flat = None
+    if engine.samples is not None:
+        engine.samples.branches.clear()
+    return held
 
 
 def _own_copy(sync: DecisionSync) -> DecisionSync:

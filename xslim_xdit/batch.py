@@ -14,8 +14,8 @@ output is the one it gets when generated alone with the same seed:
 * in each block, the rows that compute it (full samples, and block-refresh samples whose block
   set holds it) run as one sub-batch (:meth:`~xslim_xdit.adapters.ModelAdapter.select_samples`
   indexes the streams and every per-sample argument); the others reuse their cached residual;
-  the rows are put back in batch order (:class:`SampleExecutor`). When every row computes, the
-  block runs on the batch as it is.
+  the rows are put back in batch order (:class:`~xslim_xdit.batch_executor.SampleExecutor`).
+  When every row computes, the block runs on the batch as it is.
 
 Levels: skip, block refresh and full, per sample. Token refresh is refused with ``per_sample``
 (its K/V cache is one tensor per branch for the whole batch; in the whole-batch path each sample
@@ -38,20 +38,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from .adapters.base import BlockCall
+from .batch_executor import SampleExecutor  # noqa: F401 (re-exported: the executor half)
 from .caches import BranchCaches
-from .config import XSlimConfig
+from .config import ConfigError, XSlimConfig
 from .controller import Controller, StepDecision, StepKind
 from .decision import CallPlan, DecisionRoom, depth_mask
-from .executor import CallTally, _note_between
 from .parallel.sync import DecisionSync
 
 if TYPE_CHECKING:
-    from .engine import XSlimEngine
+    from .adapters.base import ModelAdapter
+    from .stats import StepRecord
+
+
+def refuse_per_sample(adapter: ModelAdapter) -> None:
+    """Raise :class:`~xslim_xdit.config.ConfigError` for a family that per-sample decisions cannot
+    serve: the per-sample executor keeps one stack residual per row for the image stream only, so a
+    skipped row would pass a second stream the output reads (LTX-2's audio) through unchanged (the
+    whole-batch path estimates it)."""
+    if adapter.text_output_used:
+        raise ConfigError(
+            f"family {adapter.name!r}: per_sample=True is not supported (its output reads the "
+            "blocks' second stream, which per-sample skips do not estimate); use per_sample=False"
+        )
 
 
 def sample_groups(batch: int, pairs: str, paired: list[bool] | None = None) -> list[list[int]]:
@@ -100,6 +112,12 @@ class SamplePlan:
         if t is None:
             t = self._index[key] = torch.tensor(rows, device=device)
         return t
+
+    def annotate(self, record: StepRecord) -> None:
+        """Add each row's kind, indicator and block mask to the call's statistics record."""
+        record.sample_kinds = [k.name.lower() for k in self.kinds]
+        record.sample_indicators = list(self.indicators)
+        record.sample_masks = [None if m is None else [int(c) for c in m] for m in self.masks]
 
     @property
     def kinds(self) -> list[StepKind]:
@@ -333,113 +351,3 @@ class SampleRoom:
             decisions.append(d)
             masks.append(lead.masks[r] if d.kind == StepKind.BLOCK else None)
         return SamplePlan(lead.groups, decisions, masks, caches, list(lead.indicators))
-
-
-class SampleExecutor:
-    """The block-level half of per-sample decisions: what a block call does for each row under
-    the call's :class:`SamplePlan` (the whole-batch path is
-    :class:`~xslim_xdit.executor.PlanExecutor`)."""
-
-    def __init__(self, engine: XSlimEngine, run_original: Callable[..., Any]) -> None:
-        self.engine = engine
-        self.run_original = run_original
-
-    def run_block(
-        self, g: int, original: Callable[..., Any], call: BlockCall, plan: CallPlan, tally: CallTally
-    ) -> Any:
-        e = self.engine
-        sp = e.sample_plan
-        assert sp is not None
-        if g < e.seg_start:
-            return tally.probe_out
-        if g == e.seg_start:
-            tally.seg_in = call.img
-        else:
-            _note_between(tally, call.img)
-        img, txt, stack = call.img, call.txt, call.stack
-        batch = img.shape[0]
-        rows = sp.computes(g + e.block_offset)
-        last = g == len(e.blocks) - 1
-        out: Any = None
-        c_img = c_txt = None
-        if len(rows) == batch:  # every row computes: the batch as it is
-            out = self.run_original(g, original, call, img, txt)
-            c_img, c_txt = e.adapter.split_output(stack, out)
-            c_in, t_in = img, txt
-        elif rows:
-            sub = e.adapter.select_samples(call, sp.index(rows, img.device))
-            c_img, c_txt = e.adapter.split_output(
-                stack, self.run_original(g, original, sub, sub.img, sub.txt)
-            )
-            c_in, t_in = sub.img, sub.txt
-        if c_img is not None:
-            tally.blocks_computed += 1
-            tally.tokens_computed += len(rows) * img.shape[1]
-            if e.use_block:
-                d_img = c_img - c_in
-                d_txt = c_txt - t_in if (c_txt is not None and t_in is not None) else None
-                for j, r in enumerate(rows):
-                    cache = sp.caches[r]
-                    cache.record_block(
-                        g, d_img[j : j + 1], None if d_txt is None else d_txt[j : j + 1], e.step
-                    )
-                    if sp.decisions[r].kind == StepKind.FULL:
-                        cache.record_block_magnitude(g, len(e.blocks), c_img[j : j + 1], c_in[j : j + 1])
-        if out is None:
-            out_img, out_txt = self._assemble(g, rows, img, txt, c_img, c_txt, sp)
-            out = e.adapter.make_output(stack, out_img, out_txt)
-        else:
-            out_img = c_img
-        tally.last_out = out_img
-        if last:
-            self._finish(out_img, sp, tally)
-        return out
-
-    def _assemble(
-        self,
-        g: int,
-        rows: list[int],
-        img: torch.Tensor,
-        txt: torch.Tensor | None,
-        c_img: torch.Tensor | None,
-        c_txt: torch.Tensor | None,
-        sp: SamplePlan,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block's output streams in batch order: the computed rows from the sub-batch, the
-        others from their caches (a skipped row gets its stack residual at the first managed
-        block and passes through the others)."""
-        e = self.engine
-        where = {r: j for j, r in enumerate(rows)}
-        imgs, txts = [], []
-        for r in range(img.shape[0]):
-            t_r = None if txt is None else txt[r : r + 1]
-            if r in where:
-                j = where[r]
-                assert c_img is not None
-                imgs.append(c_img[j : j + 1])
-                txts.append(c_txt[j : j + 1] if c_txt is not None else t_r)
-                continue
-            kind, cache = sp.decisions[r].kind, sp.caches[r]
-            i_r = img[r : r + 1]
-            if kind == StepKind.SKIP:
-                imgs.append(i_r + cache.stack_estimate(e.step) if g == e.seg_start else i_r)
-                txts.append(t_r)
-            else:  # a block-refresh row that reuses this block
-                d_img, d_txt = cache.block_estimate(g, e.step)
-                imgs.append(i_r + d_img)
-                txts.append(t_r + d_txt if (t_r is not None and d_txt is not None) else t_r)
-        out_txt = None if txt is None else torch.cat(txts)  # type: ignore[arg-type]
-        return torch.cat(imgs), out_txt
-
-    def _finish(self, out_img: torch.Tensor, sp: SamplePlan, tally: CallTally) -> None:
-        """After the last block: each row that computed anything records its stack residual."""
-        e = self.engine
-        assert tally.seg_in is not None
-        res = out_img - tally.seg_in
-        if tally.between is not None:
-            res = res - tally.between
-        res = res.detach()
-        exact_ok = e.config.extrapolate == "linear"
-        for r, d in enumerate(sp.decisions):
-            if d.kind != StepKind.SKIP:
-                sp.caches[r].record_stack(res[r : r + 1], e.step, exact=exact_ok and d.kind == StepKind.FULL)

@@ -30,27 +30,26 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from .adapters.attention import TokenAttentionHooks, TokenContext
-from .adapters.base import BlockCall, BlockStack, ModelAdapter, adapter_for
-from .batch import SampleExecutor, SamplePlan, SampleRoom
+from .adapters.base import BlockStack, ModelAdapter, adapter_for
+from .batch import SamplePlan, SampleRoom, refuse_per_sample
+from .batch_executor import SampleExecutor
 from .caches import BranchCaches
 from .clock import AmbiguousRunError, StepClock
 from .config import ConfigError, XSlimConfig
 from .controller import make_controller
 from .decision import CallPlan, DecisionRoom, DepthLayout
 from .executor import CallTally, PlanExecutor
-from .hooks import BlockHooks, call_with_weights_placed, shape_key
+from .hooks import BlockHooks, shape_key
 from .observers import EngineObserver, FlopMeter
 from .parallel.fingerprint import run_fingerprint
 from .parallel.sync import DecisionSync, LocalSync
-from .stats import CacheStatistics, StepRecord
+from .stats import CacheStatistics
 
 
 class XSlimRuntimeError(RuntimeError):
@@ -114,13 +113,8 @@ class XSlimEngine:
                 f"{': ' + self.adapter.token_refusal if self.adapter.token_refusal else ''}; use "
                 "polish='block' or 'none', or a schedule without token steps"
             )
-        if config.per_sample and not record and self.adapter.text_output_used:
-            # the per-sample executor keeps one stack residual per row for the image stream only: a
-            # skipped row would pass LTX-2's audio through unchanged (the whole-batch path estimates it)
-            raise ConfigError(
-                f"family {self.adapter.name!r}: per_sample=True is not supported (its output reads the "
-                "blocks' second stream, which per-sample skips do not estimate); use per_sample=False"
-            )
+        if config.per_sample and not record:
+            refuse_per_sample(self.adapter)
         self.seg_start = 1 if config.step_indicator == "first_block_residual" else 0
         self.default_steps = num_inference_steps
         self.block_offset = 0  # first global index of the local blocks (a PipeFusion stage holds a slice)
@@ -248,7 +242,7 @@ class XSlimEngine:
             return self
         for si, blk in self.blocks:
             self._sigs[si] = self._sigs.get(si) or inspect.signature(blk.forward)
-        self._hooks = BlockHooks(self.model, [blk for _, blk in self.blocks], self._block_forward)
+        self._hooks = BlockHooks(self.model, [blk for _, blk in self.blocks], self.executor.block_hook)
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._handles.append(
             self.model.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True)
@@ -256,9 +250,10 @@ class XSlimEngine:
         if self.token_ctx is not None:
             entries = []
             for si, blk in self.blocks:
-                attn, stack = self.adapter.self_attention(blk), self.stacks[si]
-                make = functools.partial(self.adapter.token_processor, attn, stack, self.token_ctx)
-                entries.append((attn, make, stack.attn_text_position))
+                stack = self.stacks[si]
+                for attn in self.adapter.token_attentions(blk):  # self-attention, and any other reading K/V
+                    make = functools.partial(self.adapter.token_processor, attn, stack, self.token_ctx)
+                    entries.append((attn, make, stack.attn_text_position))
             self._token_attention = TokenAttentionHooks(entries, self.token_ctx)
         return self
 
@@ -391,95 +386,11 @@ class XSlimEngine:
             self._abandon_call()
             return
         self._in_call = False
-        plan, tally = self.plan, self.tally
-        if plan is None or tally is None:
+        record = self.executor.record()
+        if record is None:
             return
-        d = plan.decision
-        record = StepRecord(
-            run=self.run_index,
-            step=self.step,
-            branch=self.branch,
-            kind=d.kind.name.lower(),
-            indicator=d.indicator,
-            error=d.error,
-            blocks_computed=tally.blocks_computed,
-            blocks_total=len(self.blocks),  # on this rank (a pipeline stage holds a slice)
-            tokens_computed=tally.tokens_computed,
-            tokens_total=tally.rows_full * len(self.blocks),
-            flops=0,
-            flops_full=0,
-            reason=d.reason,
-            blocks_mask=[int(c) for c in plan.compute] if plan.compute is not None else None,
-            token_count=plan.token_count,
-        )
-        sp = self.sample_plan
-        if sp is not None:
-            record.sample_kinds = [k.name.lower() for k in sp.kinds]
-            record.sample_indicators = list(sp.indicators)
-            record.sample_masks = [None if m is None else [int(c) for c in m] for m in sp.masks]
         for obs in self.observers:
             obs.on_call_end(self, record)
-
-    # ------------------------------------------------------------------ the block hook
-    def _block_forward(self, g: int, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        if not self._in_call:  # a block called outside the model's forward: run as it is
-            return original(*args, **kwargs)
-        si, blk = self.blocks[g]
-        stack = self.stacks[si]
-        call = self.adapter.parse_call(stack, self._sigs[si], args, kwargs)
-        if self.token_ctx is not None:
-            self.token_ctx.n_txt = call.txt.shape[1] if call.txt is not None else 0
-        if g == 0:
-            self._begin_call(blk, original, call)
-        plan, tally = self.plan, self.tally
-        if plan is None or tally is None:
-            return original(*args, **kwargs)
-        executor = self._sample_executor if self.sample_plan is not None else self.executor
-        try:
-            return executor.run_block(g, original, call, plan, tally)
-        except BaseException as e:
-            if not isinstance(e, Exception):  # KeyboardInterrupt: torch calls no post-hook then
-                self._abandon_call()
-            raise
-
-    def _begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
-        if self._token_attention is not None:
-            self._token_attention.refresh()  # a LoRA loaded or a processor set since the last call
-        caches = self.current_caches()
-        if self.token_ctx is not None:
-            self.token_ctx.branch = self.branch
-        img = call.img
-        self.tally = tally = CallTally(rows_full=img.shape[0] * img.shape[1])
-        if self.seg_start:  # first_block_residual: block 0 runs every step, its residual is the probe
-            tally.probe_out = self.executor.run_original(0, original, call, img, call.txt)
-            tally.blocks_computed, tally.tokens_computed = 1, tally.rows_full
-            probe: torch.Tensor | None = self.adapter.split_output(call.stack, tally.probe_out)[0] - img
-        else:
-            probe = self._probe(blk0, call) if self.room.wants_probe else None
-        tick = time.perf_counter()
-        if self.samples is not None:
-            self.sample_plan = self.samples.decide(self.step, self.branch, img, probe)
-            self.plan = self.sample_plan.summary()
-            self.statistics.bookkeeping_seconds += time.perf_counter() - tick
-            return
-        kv_ready = self.token_ctx is not None and self.token_ctx.has_kv(self.branch)
-        self.plan = self.room.decide(
-            self.step, self.branch, caches, img, probe, token_kv_ready=kv_ready, parts=self.image_parts()
-        )
-        self.statistics.bookkeeping_seconds += time.perf_counter() - tick
-
-    def _probe(self, blk0: nn.Module, call: BlockCall) -> torch.Tensor:
-        """Block 0's modulated input, read inside the block's weight-placement hooks."""
-
-        def probe(args: tuple, kwargs: dict) -> torch.Tensor:
-            placed = (
-                call
-                if args is call.args and kwargs is call.kwargs
-                else self.adapter.parse_call(call.stack, call.signature, args, kwargs)
-            )
-            return self.adapter.modulated_input(blk0, placed)
-
-        return call_with_weights_placed(blk0, probe, call.args, call.kwargs)
 
     def image_parts(self) -> list[BranchCaches]:
         """Under PipeFusion's patch phase, the caches of every patch of the image, in patch

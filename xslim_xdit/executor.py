@@ -25,17 +25,21 @@ Example:
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .adapters.attention import gather_rows, splice
 from .adapters.base import BlockCall
 from .caches import BranchCaches
 from .controller import StepKind
 from .decision import CallPlan, image_block_partials
+from .hooks import call_with_weights_placed
+from .stats import StepRecord
 
 if TYPE_CHECKING:
     from .engine import XSlimEngine
@@ -60,12 +64,108 @@ class CallTally:
 
 
 class PlanExecutor:
-    """The block-level half of :class:`~xslim_xdit.engine.XSlimEngine`: what a block call does
-    under the call's :class:`~xslim_xdit.decision.CallPlan`."""
+    """The block-level half of :class:`~xslim_xdit.engine.XSlimEngine`: the block hook (block 0's
+    decision point, then what each block call does under the call's
+    :class:`~xslim_xdit.decision.CallPlan`), and the call's statistics record."""
 
     def __init__(self, engine: XSlimEngine) -> None:
         self.engine = engine
 
+    # ------------------------------------------------------------------ the block hook
+    def block_hook(self, g: int, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """What every managed block runs instead of its forward (:class:`~xslim_xdit.hooks.BlockHooks`)."""
+        e = self.engine
+        if not e._in_call:  # a block called outside the model's forward: run as it is
+            return original(*args, **kwargs)
+        si, blk = e.blocks[g]
+        stack = e.stacks[si]
+        call = e.adapter.parse_call(stack, e._sigs[si], args, kwargs)
+        if e.token_ctx is not None:
+            e.token_ctx.n_txt = call.txt.shape[1] if call.txt is not None else 0
+        if g == 0:
+            self.begin_call(blk, original, call)
+        plan, tally = e.plan, e.tally
+        if plan is None or tally is None:
+            return original(*args, **kwargs)
+        executor = e._sample_executor if e.sample_plan is not None else self
+        try:
+            return executor.run_block(g, original, call, plan, tally)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # KeyboardInterrupt: torch calls no post-hook then
+                e._abandon_call()
+            raise
+
+    def begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
+        """Block 0's decision point: the step probe, then the call's plan (whole batch or per sample)."""
+        e = self.engine
+        if e._token_attention is not None:
+            e._token_attention.refresh()  # a LoRA loaded or a processor set since the last call
+        caches = e.current_caches()
+        if e.token_ctx is not None:
+            e.token_ctx.branch = e.branch
+        img = call.img
+        e.tally = tally = CallTally(rows_full=img.shape[0] * img.shape[1])
+        if e.seg_start:  # first_block_residual: block 0 runs every step, its residual is the probe
+            tally.probe_out = self.run_original(0, original, call, img, call.txt)
+            tally.blocks_computed, tally.tokens_computed = 1, tally.rows_full
+            probe: torch.Tensor | None = e.adapter.split_output(call.stack, tally.probe_out)[0] - img
+        else:
+            probe = self.probe(blk0, call) if e.room.wants_probe else None
+        tick = time.perf_counter()
+        if e.samples is not None:
+            e.sample_plan = e.samples.decide(e.step, e.branch, img, probe)
+            e.plan = e.sample_plan.summary()
+        else:
+            kv_ready = e.token_ctx is not None and e.token_ctx.has_kv(e.branch)
+            e.plan = e.room.decide(
+                e.step, e.branch, caches, img, probe, token_kv_ready=kv_ready, parts=e.image_parts()
+            )
+        e.statistics.bookkeeping_seconds += time.perf_counter() - tick
+
+    def probe(self, blk0: nn.Module, call: BlockCall) -> torch.Tensor:
+        """Block 0's modulated input, read inside the block's weight-placement hooks."""
+        e = self.engine
+
+        def probe(args: tuple, kwargs: dict) -> torch.Tensor:
+            placed = (
+                call
+                if args is call.args and kwargs is call.kwargs
+                else e.adapter.parse_call(call.stack, call.signature, args, kwargs)
+            )
+            return e.adapter.modulated_input(blk0, placed)
+
+        return call_with_weights_placed(blk0, probe, call.args, call.kwargs)
+
+    def record(self) -> StepRecord | None:
+        """The finished call's statistics record (None when no plan ran: no call, or one that
+        never reached block 0); the observers fill in its FLOPs."""
+        e = self.engine
+        plan, tally = e.plan, e.tally
+        if plan is None or tally is None:
+            return None
+        d = plan.decision
+        record = StepRecord(
+            run=e.run_index,
+            step=e.step,
+            branch=e.branch,
+            kind=d.kind.name.lower(),
+            indicator=d.indicator,
+            error=d.error,
+            blocks_computed=tally.blocks_computed,
+            blocks_total=len(e.blocks),  # on this rank (a pipeline stage holds a slice)
+            tokens_computed=tally.tokens_computed,
+            tokens_total=tally.rows_full * len(e.blocks),
+            flops=0,
+            flops_full=0,
+            reason=d.reason,
+            blocks_mask=[int(c) for c in plan.compute] if plan.compute is not None else None,
+            token_count=plan.token_count,
+        )
+        if e.sample_plan is not None:
+            e.sample_plan.annotate(record)
+        return record
+
+    # ------------------------------------------------------------------ a block under the plan
     def run_original(
         self,
         g: int,

@@ -251,6 +251,7 @@ EAGER_MODULES = (
     "xslim_xdit.adapters.base",
     "xslim_xdit.api",
     "xslim_xdit.batch",
+    "xslim_xdit.batch_executor",
     "xslim_xdit.caches",
     "xslim_xdit.clock",
     "xslim_xdit.controller",

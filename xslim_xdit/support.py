@@ -76,8 +76,10 @@ TESTED: dict[str, Evidence] = {
         pipelines=(),
         tests=("tests/test_families.py", "tests/test_ltx2.py", "tests/test_parallel_xdit_more.py"),
         note="transformer level; audio is the blocks' second stream (own stack residual on skip "
-        "steps); token refresh refused (video-to-audio attention reads every video token); "
-        "LTX2Pipeline not tested; xDiT: xfuser's wrapper, bare, step and block levels, with "
+        "steps, computed in full on token steps); token refresh recomputes the selected video "
+        "tokens, their fresh K/V spliced into per-block caches of every video token for the video "
+        "self-attention and the video-to-audio attention (masked attention refused on token "
+        "steps); LTX2Pipeline not tested; xDiT: xfuser's wrapper, bare, step and block levels, with "
         'rope_type="split" (xfuser fails with the default "interleaved")',
     ),
     "pixart": Evidence(
@@ -92,10 +94,12 @@ TESTED: dict[str, Evidence] = {
             "tests/test_families.py",
             "tests/test_family_variants.py",
             "tests/test_wan_pipelines.py",
+            "tests/test_wan_calibration.py",
             "tests/test_parallel_xdit_wan.py",
         ),
         note="pipelines: Wan 2.1 T2V, Wan 2.2 A14B T2V and I2V (two experts, an engine each; "
-        "calibration refused); Wan 2.1 I2V and Wan 2.2 TI2V at transformer level; xDiT: xfuser's "
+        "calibration covers the whole run, the switch step full; the first expert's caches freed "
+        "at the switch); Wan 2.1 I2V and Wan 2.2 TI2V at transformer level; xDiT: xfuser's "
         "Wan wrapper, bare, Wan 2.2's two experts in WanPipeline under Ulysses 2, and in xfuser's "
         "Wan I2V pipeline under CFG parallel 2",
     ),

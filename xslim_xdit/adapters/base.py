@@ -142,6 +142,13 @@ class ModelAdapter(FamilyDescription):
         """The block's self-attention module (the one that gets a K/V cache)."""
         raise NotImplementedError
 
+    def token_attentions(self, block: nn.Module) -> tuple[nn.Module, ...]:
+        """The block's attention modules that get a token processor (each with K/V recorders on
+        its ``to_k``/``to_v``, restored on detach): the self-attention (:meth:`self_attention`),
+        plus, for a family whose other attentions read the image tokens as keys or take image-token
+        queries (LTX-2's audio-video cross-attentions), those."""
+        return (self.self_attention(block),)
+
     def token_processor(self, attn: nn.Module, stack: BlockStack, ctx: Any) -> Callable:
         """A processor computing attention for a subset of tokens against a K/V cache."""
         raise NotImplementedError

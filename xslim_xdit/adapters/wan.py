@@ -17,7 +17,9 @@ blocks default to 0.875) and
 ``transformer_2`` below. ``enable_xslim(pipe)`` gives each its own engine (caches, K/V,
 controller, statistics; :func:`xslim_xdit.get_engines`), both following the shared scheduler's
 steps, so one schedule indexes the whole run; the second expert's first step finds nothing cached
-and runs in full. Calibration refuses such a pipeline. Defaults of the diffusers pipelines: 50
+and runs in full, and the first expert's caches are freed there. ``calibrate(pipe, ...)`` covers
+the whole run (both experts profiled, each one's steps planned against its own, the switch step
+full; the result applies to both). Defaults of the diffusers pipelines: 50
 steps (``WanPipeline``, ``WanImageToVideoPipeline``), guidance 5.
 
 No preset and no rescale polynomial: TeaCache4Wan2.1 publishes polynomials per checkpoint, but for

@@ -104,6 +104,14 @@ def calibrate(
 ) -> CalibrationResult:
     """Profile full runs and return a schedule that reaches ``target_speedup`` (in FLOPs).
 
+    A pipeline whose run two transformers serve (Wan 2.2 A14B's ``transformer`` and
+    ``transformer_2``) is calibrated over the whole run: both experts are profiled in one
+    profile (each row names its ``"expert"``), every expert's first step is planned full (its
+    engine has nothing cached there), a skipped step is scored against its own expert's full
+    steps only (:func:`~xslim_xdit.calibration.plan.segmented_full_steps`), the replays run the
+    whole pipeline, and the result records the experts' steps
+    (:attr:`CalibrationResult.experts`): ``enable_xslim(pipe, result)`` applies it to both.
+
     Args:
         pipe_or_transformer: what X-Slim will be enabled on.
         run: a callable that performs one generation (e.g. ``lambda: pipe(prompt, generator=g)``),
@@ -160,8 +168,10 @@ def calibrate(
     )
     profiles = profile_runs(pipe_or_transformer, runs, num_inference_steps, enable)
     n, profile = profiles.num_steps, profiles.profiles[0]
+    segments = profiles.segments  # two experts: each one's steps (None for one transformer)
+    experts = [{"name": name, "steps": [a, b]} for name, a, b in profiles.experts] if segments else []
     if strategy == "optimal":
-        check_reachable(n, target_speedup, warmup_steps)
+        check_reachable(n, target_speedup, warmup_steps, segments)
         grams = [profile_gram(p) for p in profiles.profiles]
         plans = candidate_plans(
             grams,
@@ -170,6 +180,7 @@ def calibrate(
             max_gap=max_gap,
             extrapolate=extrapolate,
             closed_loop=closed_loop_check,
+            segments=segments,
         )
 
         def replay(full_steps: tuple[int, ...], i: int) -> torch.Tensor | None:
@@ -197,9 +208,14 @@ def calibrate(
             token_ratio=token_ratio,
             block_thresh=block_thresh,
             extrapolate=extrapolate,
+            segments=segments,
+            experts=experts,
         )
+    values = mean_indicator(profiles.profiles, indicator)
+    for a, _ in segments or ():
+        values[a] = None  # a transformer's first step: nothing of its own to compare with, full
     plan = threshold_search(
-        mean_indicator(profiles.profiles, indicator),
+        values,
         target_speedup,
         warn_fraction=warn_fraction,
         warmup_steps=warmup_steps,
@@ -216,6 +232,7 @@ def calibrate(
         block_thresh=block_thresh,
         indicator=indicator,
         extrapolate=extrapolate,
+        experts=experts,
     )
 
 

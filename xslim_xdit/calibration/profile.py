@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..api import disable_xslim, enable_xslim, expert_transformers
+from ..api import disable_xslim, enable_xslim, expert_transformers, get_engines
 from ..config import ConfigError, XSlimConfig
 from ..observers import ProfileRecorder
 from ..parallel.sync import DecisionSync, LocalSync
@@ -51,6 +51,14 @@ class Profiles:
     #: every reference is the run's own return value on this rank (not the transformer's last
     #: output: e.g. PipeFusion's earlier stages, which return nothing)
     holds_output: bool = True
+    #: the transformers that served the run, in run order, each ``(name, start, end)``: its steps
+    #: ``start .. end - 1`` (one entry for one transformer; Wan 2.2 A14B's two experts: two)
+    experts: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def segments(self) -> list[tuple[int, int]] | None:
+        """Each transformer's ``[start, end)`` steps when several served the run, else ``None``."""
+        return [(a, b) for _, a, b in self.experts] if len(self.experts) > 1 else None
 
     @property
     def num_steps(self) -> int:
@@ -74,23 +82,28 @@ def profile_runs(
     :func:`~xslim_xdit.integrations.xfuser.enable_xslim_xdit`, on every rank: each profile is then
     reduced over the ranks, the same on every rank).
 
+    A pipeline with two experts (Wan 2.2 A14B's ``transformer`` and ``transformer_2``) is profiled
+    over the whole run: both engines record into one profile, every row names its expert
+    (``"expert"``) and :attr:`Profiles.experts` says which steps each served.
+
     Raises ``RuntimeError`` when a run never calls the transformer, and
     :class:`~xslim_xdit.config.ConfigError` when the runs made different numbers of calls, or
-    before anything runs on a pipeline with two experts (see :func:`refuse_two_experts`).
+    switched experts at different steps (or back and forth).
     """
-    refuse_two_experts(pipe_or_transformer)
     if enable is None:
         refuse_unshared_ranks(pipe_or_transformer)
     profiles: list[list[ProfileRow]] = []
     references: list[torch.Tensor | None] = []
     holds = True
     sync: DecisionSync = LocalSync()
+    experts: list[list[tuple[str, int, int]]] = []
     for r in runs:
         out = _replay(pipe_or_transformer, None, r, num_inference_steps, profile=True, enable=enable)
         if not out.profile:
             raise RuntimeError("calibration run called the transformer no time: check `run`")
         profiles.append(out.profile)
         references.append(out.final)
+        experts.append(out.experts)
         holds = holds and out.from_run
         sync = out.sync
     n = len(profiles[0])
@@ -98,7 +111,47 @@ def profile_runs(
         raise ConfigError(
             f"the calibration runs made {[len(p) for p in profiles]} transformer calls: they must agree"
         )
-    return Profiles(profiles, references, sync, holds)
+    if any(e != experts[0] for e in experts):
+        raise ConfigError(
+            f"the calibration runs switched transformers at different steps ({experts}): they must agree "
+            "(same step count and boundary)"
+        )
+    return Profiles(profiles, references, sync, holds, experts[0])
+
+
+def expert_segments(engines: dict[str, Any], num_steps: int) -> list[tuple[str, int, int]]:
+    """Which steps of the last run each engine served (first guidance branch), as
+    ``[(name, start, end), ...]`` in run order; only engines that ran. A run whose experts do not
+    each serve one contiguous block of steps, together covering ``0 .. num_steps - 1``, is
+    refused with a :class:`~xslim_xdit.config.ConfigError` (a schedule could not tell whose
+    step is whose).
+
+    Example:
+        >>> class E:
+        ...     def __init__(self, steps):
+        ...         self.statistics = type("S", (), {"run_records": lambda s: [
+        ...             type("R", (), {"step": i, "branch": 0})() for i in steps]})()
+        >>> expert_segments({"transformer": E([0, 1]), "transformer_2": E([2, 3, 4])}, 5)
+        [('transformer', 0, 2), ('transformer_2', 2, 5)]
+    """
+    found = []
+    for name, eng in engines.items():
+        steps = sorted({r.step for r in eng.statistics.run_records() if r.branch == 0})
+        if steps:
+            found.append((name, steps))
+    found.sort(key=lambda e: e[1][0])
+    out, expect = [], 0
+    for name, steps in found:
+        if steps != list(range(steps[0], steps[-1] + 1)) or steps[0] != expect:
+            raise ConfigError(
+                f"calibration: {name} served steps {steps}; each transformer of the pipeline must serve one "
+                "contiguous block of the run's steps (Wan 2.2: transformer, then transformer_2)"
+            )
+        out.append((name, steps[0], steps[-1] + 1))
+        expect = steps[-1] + 1
+    if expect != num_steps:
+        raise ConfigError(f"calibration: the transformers served steps 0 .. {expect - 1} of {num_steps}")
+    return out
 
 
 def refuse_unshared_ranks(pipe_or_transformer: Any) -> None:
@@ -115,25 +168,6 @@ def refuse_unshared_ranks(pipe_or_transformer: Any) -> None:
             "calibrate on an xfuser model with several ranks needs enable=enable_xslim_xdit (or "
             "xslim_xdit.integrations.xfuser.calibrate_xdit), so that the ranks reduce one profile and "
             "pick one plan; the single-device enable_xslim would profile each rank's shard alone"
-        )
-
-
-def refuse_two_experts(pipe_or_transformer: Any) -> None:
-    """Calibration profiles one transformer: a pipeline that switches experts within the run
-    (Wan 2.2 A14B's ``transformer_2``) is refused with a :class:`~xslim_xdit.config.ConfigError`.
-
-    Why not profile both: a profile is one sequence of stack residuals and the planner scores a
-    skip against the previous step's residual; across the switch that is the other model's
-    residual, and the engines run the switch step in full whatever a schedule says there, so a
-    plan would be scored, and its compute counted, on steps that do not run as planned.
-    """
-    experts = expert_transformers(pipe_or_transformer)
-    if len(experts) > 1:
-        raise ConfigError(
-            f"calibration of a pipeline with {len(experts)} transformers ({', '.join(experts)}, Wan 2.2's "
-            "two experts) is not supported: a profile holds one model's residuals. Enable X-Slim with "
-            "the online controller or an explicit Schedule (one schedule indexes the whole run; each "
-            "expert's first step runs in full), or calibrate a pipeline holding one expert"
         )
 
 
@@ -155,6 +189,7 @@ class _Replayed:
     final: torch.Tensor | None
     from_run: bool
     sync: DecisionSync
+    experts: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 def _replay(
@@ -188,20 +223,39 @@ def _replay(
         record=profile,
     )
     try:
-        final, from_run = _final_output(engine.model, run)
+        engines = _engines_of(pipe_or_transformer, engine)
+        models = [e.model for e in engines.values()]
+        final, from_run = _final_output(models, run)
         # after the run, on every rank: the reduction is collective (never inside the forward)
         rows = observers[0].finish() if profile else None
+        experts: list[tuple[str, int, int]] = []
+        if rows:
+            experts = expert_segments(engines, len(rows))
+            for name, a, b in experts if len(experts) > 1 else ():
+                for row in rows[a:b]:
+                    row["expert"] = name  # which transformer computed this step
         if engine.pipeline is not None:
             engine.pipeline.close()  # the decision messages' sends are complete
-        return _Replayed(rows, final, from_run, engine.sync)
+        return _Replayed(rows, final, from_run, engine.sync, experts)
     finally:
         disable_xslim(pipe_or_transformer)
 
 
-def _final_output(model: Any, run: Callable[[], Any]) -> tuple[torch.Tensor | None, bool]:
+def _engines_of(pipe_or_transformer: Any, engine: Any) -> dict[str, Any]:
+    """The engines attached for a replay, by pipeline attribute (``engine``, the one ``enable``
+    returned, alone when the pipeline's transformers cannot be read back)."""
+    try:
+        engines = get_engines(pipe_or_transformer)
+    except TypeError:
+        engines = {}
+    return engines if any(e is engine for e in engines.values()) else {"transformer": engine}
+
+
+def _final_output(models: Any, run: Callable[[], Any]) -> tuple[torch.Tensor | None, bool]:
     """Run ``run`` and return its output as a tensor (a tensor, an array, a list of images or
-    arrays, or an object with ``.images``), else the first tensor of the model's last output
-    (``None`` if neither exists); and whether it is the run's own output."""
+    arrays, or an object with ``.images``), else the first tensor of the last output of the
+    ``models`` (one module, or a list: a two-expert pipeline's transformers; ``None`` if neither
+    exists); and whether it is the run's own output."""
     box: list[torch.Tensor | None] = [None]
 
     def hook(_m: Any, _a: Any, out: Any) -> None:
@@ -214,11 +268,12 @@ def _final_output(model: Any, run: Callable[[], Any]) -> tuple[torch.Tensor | No
                 return
         box[0] = out.detach().clone()
 
-    handle = model.register_forward_hook(hook)
+    handles = [m.register_forward_hook(hook) for m in (models if isinstance(models, list) else [models])]
     try:
         result = run()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     final = _as_tensor(result)
     return (final, True) if final is not None else (box[0], False)
 

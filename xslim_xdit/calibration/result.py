@@ -49,10 +49,22 @@ class CalibrationResult:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     #: how many calibration runs were profiled (``profile`` holds the first one's)
     num_runs: int = 1
+    #: a pipeline whose run several transformers serve (Wan 2.2 A14B): each one's pipeline
+    #: attribute and ``[start, end)`` steps, in run order (``[{"name": "transformer", "steps":
+    #: [0, 4]}, {"name": "transformer_2", "steps": [4, 8]}]``); empty for one transformer.
+    #: :func:`~xslim_xdit.api.enable_xslim` applies the schedule to every one of them and refuses
+    #: a pipeline whose transformers are others.
+    experts: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.block_thresh, list):  # one per block stack: a tuple, as in XSlimConfig
             self.block_thresh = tuple(self.block_thresh)
+        _check_experts(self.experts, self.schedule)
+
+    @property
+    def expert_names(self) -> list[str]:
+        """The pipeline attributes of the transformers the result was calibrated on (empty: one)."""
+        return [e["name"] for e in self.experts]
 
     def config(self, **overrides: Any) -> XSlimConfig:
         """A schedule-mode config that replays this schedule (rescaled to any step count)."""
@@ -96,6 +108,7 @@ class CalibrationResult:
             "extrapolate": self.extrapolate,
             "candidates": self.candidates,
             "num_runs": self.num_runs,
+            "experts": self.experts,
             "estimated_flops_fraction": self.estimated_fraction,
             "profile": self.profile,
         }
@@ -138,6 +151,11 @@ class CalibrationResult:
                 err = c.get("closed_loop_error")
                 err_s = f"{err:.4g}" if isinstance(err, (int, float)) else "-"
                 lines.append(f"candidate {j}: full steps {c.get('full_steps')}, closed-loop error {err_s}")
+        if self.experts:
+            lines.append(
+                "experts: "
+                + ", ".join(f"{e['name']} steps {e['steps'][0]}-{e['steps'][1] - 1}" for e in self.experts)
+            )
         kinds = [self.schedule.kind_of(i) for i in range(n)]
         frac = self.estimated_fraction
         speed = f"{1.0 / frac:.2f}x" if isinstance(frac, float) and frac > 0 else "-"
@@ -201,6 +219,7 @@ _KEYS = (
     "extrapolate",
     "candidates",
     "num_runs",
+    "experts",
     "estimated_flops_fraction",
     "profile",
 )
@@ -281,4 +300,38 @@ def _from_dict(d: Any) -> CalibrationResult:
         extrapolate=_choice("extrapolate", d.get("extrapolate", "linear"), ("linear", "none")),
         candidates=_list("candidates", d.get("candidates", [])),
         num_runs=num_runs,
+        experts=_list("experts", d.get("experts", [])),
     )
+
+
+def _check_experts(experts: Any, schedule: Schedule) -> None:
+    """``experts`` as :attr:`CalibrationResult.experts` holds them: objects with a ``name`` and
+    ``steps`` ``[start, end)``, one after the other, covering the schedule's steps, every start a
+    full step of the schedule (that transformer has nothing cached there). Errors name the key."""
+    if not isinstance(experts, list):
+        raise ConfigError(f"experts must be a list; got {experts!r}")
+    if not experts:
+        return
+    expect = 0
+    for i, e in enumerate(experts):
+        ok = isinstance(e, dict) and set(e) == {"name", "steps"} and isinstance(e["name"], str)
+        steps = e.get("steps") if isinstance(e, dict) else None
+        ok = ok and isinstance(steps, list) and len(steps) == 2
+        ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in steps)  # type: ignore[union-attr]
+        if not ok:
+            raise ConfigError(
+                f"experts[{i}] must be an object with keys name (a pipeline attribute) and steps ([start, end]); got {e!r}"
+            )
+        start, end = steps  # type: ignore[misc]
+        if start != expect or end <= start:
+            raise ConfigError(
+                f"experts[{i}].steps must be [start, end) after the previous expert's (start {expect}); got {steps!r}"
+            )
+        if start not in schedule.full_steps:
+            raise ConfigError(
+                f"experts[{i}] ({e['name']}) starts at step {start}, which the schedule must run in full "
+                "(that transformer has nothing cached there); add it to schedule.full_steps"
+            )
+        expect = end
+    if expect != schedule.num_steps:
+        raise ConfigError(f"experts cover steps 0 .. {expect - 1}; the schedule has {schedule.num_steps}")

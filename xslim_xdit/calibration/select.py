@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import Schedule
 from ..planner import Extrapolate, skip_errors_of
-from .plan import Gram, ThresholdPlan
+from .plan import Gram, Segments, ThresholdPlan, segmented_skip_errors
 from .result import CalibrationResult
 
 
@@ -56,9 +56,13 @@ def optimal_result(
     token_ratio: float,
     block_thresh: float,
     extrapolate: Extrapolate,
+    segments: Segments | None = None,
+    experts: list[dict[str, Any]] | None = None,
 ) -> CalibrationResult:
     """The result of ``strategy="optimal"``: candidate ``best``'s full steps. Each step of
-    ``profile`` (the first run's, whose Gram matrix is ``gram``) gets its ``planned_skip_error``.
+    ``profile`` (the first run's, whose Gram matrix is ``gram``) gets its ``planned_skip_error``
+    (with ``segments``, a run served by several transformers, against its own transformer's full
+    steps; ``experts`` names them in the result).
 
     Example:
         >>> line = [[float(i), 1.0] for i in range(4)]
@@ -70,7 +74,12 @@ def optimal_result(
     """
     n = len(profile)
     full = tuple(candidates[best]["full_steps"])
-    for p, err in zip(profile, skip_errors_of(gram, full, extrapolate), strict=True):
+    errors = (
+        segmented_skip_errors(gram, full, segments, extrapolate)
+        if segments is not None and len(segments) > 1
+        else skip_errors_of(gram, full, extrapolate)
+    )
+    for p, err in zip(profile, errors, strict=True):
         p["planned_skip_error"] = err
     return CalibrationResult(
         schedule=Schedule(num_steps=n, full_steps=full),
@@ -86,6 +95,7 @@ def optimal_result(
         extrapolate=extrapolate,
         candidates=candidates,
         num_runs=num_runs,
+        experts=list(experts or []),
     )
 
 
@@ -99,8 +109,10 @@ def threshold_result(
     block_thresh: float,
     indicator: str,
     extrapolate: Extrapolate,
+    experts: list[dict[str, Any]] | None = None,
 ) -> CalibrationResult:
-    """The result of ``strategy="threshold"``: the searched schedule and thresholds.
+    """The result of ``strategy="threshold"``: the searched schedule and thresholds (``experts``:
+    the transformers that served the run, when several did).
 
     Example:
         >>> from xslim_xdit.calibration.plan import ThresholdPlan
@@ -123,4 +135,5 @@ def threshold_result(
         strategy="threshold",
         extrapolate=extrapolate,
         num_runs=num_runs,
+        experts=list(experts or []),
     )

@@ -1,0 +1,116 @@
+"""``xslim-xdit info``: the package version, the supported families and levels, the installed
+packages and the accelerator.
+
+Example:
+    >>> d = info_dict()
+    >>> sorted(d)
+    ['accelerator', 'families', 'packages', 'version']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+PROG = "xslim-xdit"
+_PACKAGES = ("torch", "diffusers", "transformers", "xfuser")
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _accelerator() -> dict[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        kind = "rocm" if getattr(torch.version, "hip", None) else "cuda"
+        return {
+            "available": True,
+            "kind": kind,
+            "devices": [torch.cuda.get_device_name(i) for i in range(n)],
+        }
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return {"available": True, "kind": "mps", "devices": ["mps"]}
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return {"available": True, "kind": "xpu", "devices": [f"xpu:{i}" for i in range(xpu.device_count())]}
+    return {"available": False, "kind": None, "devices": []}
+
+
+def info_dict() -> dict[str, Any]:
+    """What ``xslim-xdit info --json`` prints: version, families, packages, accelerator.
+
+    Example:
+        >>> d = info_dict()
+        >>> sorted(d), {"dit", "flux"} <= {f["family"] for f in d["families"]}
+        (['accelerator', 'families', 'packages', 'version'], True)
+    """
+    from .. import __version__
+    from ..adapters import registered_adapters
+    from ..support import support_table
+
+    presets = {cls.name: sorted(cls.presets) for cls in registered_adapters()}
+    families = []
+    for row in support_table():
+        d = row.to_dict()
+        d["presets"] = presets.get(row.family, [])
+        families.append(d)
+    return {
+        "version": __version__,
+        "families": families,
+        "packages": {name: _installed(name) for name in _PACKAGES},
+        "accelerator": _accelerator(),
+    }
+
+
+def _info_text(d: dict[str, Any]) -> str:
+    def listed(items: Sequence[str]) -> str:
+        return ", ".join(items) if items else "none"
+
+    lines = [f"{PROG} {d['version']}", "model families (levels; tested on CPU with tiny models):"]
+    for f in d["families"]:
+        lines.append(f"  {f['family']}: {listed(f['model_classes'])}")
+        lines.append(f"    levels: {listed(f['levels'])}")
+        lines.append(f"    xDiT layouts tested: {listed(f['xdit_layouts'])}")
+        lines.append(f"    diffusers pipelines tested: {listed(f['pipelines'])}")
+        lines.append(f"    presets: {listed(f['presets'])}")
+        if f["note"]:
+            lines.append(f"    note: {f['note']}")
+    pk = d["packages"]
+    lines.append("packages: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in pk.items()))
+    acc = d["accelerator"]
+    if acc["available"]:
+        lines.append(
+            f"accelerator: {acc['kind']}, {len(acc['devices'])} device(s): {', '.join(acc['devices'])}"
+        )
+    else:
+        lines.append("accelerator: none (CPU only)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    d = info_dict()
+    print(json.dumps(d, indent=2) if args.json else _info_text(d))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """The ``info`` subparser."""
+    p = sub.add_parser(
+        "info",
+        help="version, supported models and levels, installed packages, accelerator",
+        description="The package version; per model family its transformer classes, reuse levels, "
+        "the xDiT layouts and diffusers pipelines tested; torch / diffusers / transformers / xfuser "
+        "versions (xfuser is not imported); whether an accelerator is present.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable JSON")
+    p.set_defaults(subparser=p)
