@@ -79,8 +79,9 @@ TESTED: dict[str, Evidence] = {
         "steps, computed in full on token steps); token refresh recomputes the selected video "
         "tokens, their fresh K/V spliced into per-block caches of every video token for the video "
         "self-attention and the video-to-audio attention (masked attention refused on token "
-        "steps); LTX2Pipeline not tested; xDiT: xfuser's wrapper, bare, step and block levels, with "
-        'rope_type="split" (xfuser fails with the default "interleaved")',
+        "steps); LTX2Pipeline not tested; xDiT: xfuser's wrapper, bare, step and block levels (token "
+        'refresh fails under it, docs/parallel.md), with rope_type="split" (xfuser fails with the '
+        'default "interleaved")',
     ),
     "pixart": Evidence(
         xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
