@@ -7,7 +7,9 @@
   it, which is how the engine learns the guidance branch.
 * The transformer gets a forward pre-hook and a forward hook (torch's, removed by handle).
 * A scheduler's ``set_timesteps`` and ``step`` are wrapped per instance; the attribute that was
-  in the instance's ``__dict__`` (or its absence) is put back on removal.
+  in the instance's ``__dict__`` (or its absence) is put back on removal. A deep copy of the
+  scheduler (``LTX2Pipeline`` steps its audio latents with one) gets the methods unhooked, bound
+  to the copy: the hooks report the attached scheduler's steps only, and the copy steps itself.
 * Under ``torch.compile`` X-Slim's own modules are in dynamo's skip rules
   (:func:`keep_out_of_compiled_graphs`, applied when this module is imported).
 
@@ -200,7 +202,11 @@ class SchedulerHooks:
             return out
 
         self.patches.append(
-            AttributePatch(scheduler, "set_timesteps", _wraps(set_timesteps_hooked, set_timesteps))
+            AttributePatch(
+                scheduler,
+                "set_timesteps",
+                _InstanceMethodHook(scheduler, set_timesteps_hooked, set_timesteps),
+            )
         )
         set_begin_index = getattr(scheduler, "set_begin_index", None)
         if callable(set_begin_index):
@@ -212,7 +218,11 @@ class SchedulerHooks:
                 return out
 
             self.patches.append(
-                AttributePatch(scheduler, "set_begin_index", _wraps(set_begin_index_hooked, set_begin_index))
+                AttributePatch(
+                    scheduler,
+                    "set_begin_index",
+                    _InstanceMethodHook(scheduler, set_begin_index_hooked, set_begin_index),
+                )
             )
         if on_step is not None:
             step = scheduler.step
@@ -222,7 +232,9 @@ class SchedulerHooks:
                 on_step()
                 return out
 
-            self.patches.append(AttributePatch(scheduler, "step", _wraps(step_hooked, step)))
+            self.patches.append(
+                AttributePatch(scheduler, "step", _InstanceMethodHook(scheduler, step_hooked, step))
+            )
 
     def remove(self) -> None:
         for patch in reversed(self.patches):
@@ -230,10 +242,49 @@ class SchedulerHooks:
         self.patches.clear()
 
 
-def _wraps(wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -> Callable[..., Any]:
-    import functools
+class _InstanceMethodHook:
+    """``wrapper`` standing in for ``owner``'s method ``wrapped`` in the instance's ``__dict__``.
 
-    return functools.wraps(wrapped)(wrapper)
+    A deep copy of the owner would share a plain function there, and the copy's calls would run the
+    hook and the owner's method; here the copy gets ``wrapped`` itself, bound to the copy when it
+    is the owner's bound method (the class's method, unhooked).
+
+    Example:
+        >>> import copy
+        >>> class Counter:
+        ...     n = 0
+        ...     def step(self):
+        ...         self.n += 1
+        >>> c, seen = Counter(), []
+        >>> def hooked():
+        ...     Counter.step(c)
+        ...     seen.append(1)
+        >>> c.step = _InstanceMethodHook(c, hooked, c.step)
+        >>> twin = copy.deepcopy(c)
+        >>> twin.step()
+        >>> c.step()
+        >>> twin.n, c.n, len(seen)
+        (1, 1, 1)
+    """
+
+    def __init__(self, owner: Any, wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -> None:
+        import functools
+
+        functools.update_wrapper(self, wrapped)
+        self._owner, self._wrapper, self._wrapped = owner, wrapper, wrapped
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapper(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        import copy
+        import types
+
+        wrapped = self._wrapped
+        twin = memo.get(id(self._owner))  # the owner's copy, registered before its __dict__ is copied
+        if twin is not None and getattr(wrapped, "__self__", None) is self._owner:
+            return types.MethodType(wrapped.__func__, twin)
+        return copy.deepcopy(wrapped, memo)
 
 
 def shape_key(args: tuple, kwargs: dict) -> tuple:

@@ -73,15 +73,20 @@ TESTED: dict[str, Evidence] = {
     ),
     "ltx2": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2"),
-        pipelines=(),
-        tests=("tests/test_families.py", "tests/test_ltx2.py", "tests/test_parallel_xdit_more.py"),
-        note="transformer level; audio is the blocks' second stream (own stack residual on skip "
-        "steps, computed in full on token steps); token refresh recomputes the selected video "
-        "tokens, their fresh K/V spliced into per-block caches of every video token for the video "
-        "self-attention and the video-to-audio attention (masked attention refused on token "
-        "steps); LTX2Pipeline not tested; xDiT: xfuser's wrapper, bare, step and block levels (token "
-        'refresh fails under it, docs/parallel.md), with rope_type="split" (xfuser fails with the '
-        'default "interleaved")',
+        pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
+        tests=(
+            "tests/test_families.py",
+            "tests/test_ltx2.py",
+            "tests/test_ltx2_pipeline.py",
+            "tests/test_parallel_xdit_more.py",
+        ),
+        note="audio is the blocks' second stream (own stack residual on skip steps, computed in full "
+        "on token steps); token refresh recomputes the selected video tokens, their fresh K/V spliced "
+        "into per-block caches of every video token for the video self-attention and the "
+        "video-to-audio attention (masked attention refused on token steps); pipelines: batched CFG, "
+        "and CFG with STG and modality guidance (three branches), prompt embeddings through its "
+        "connectors; xDiT: xfuser's wrapper, bare, step and block levels (token refresh fails under "
+        'it, docs/parallel.md), with rope_type="split" (xfuser fails with the default "interleaved")',
     ),
     "pixart": Evidence(
         xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
@@ -106,38 +111,51 @@ TESTED: dict[str, Evidence] = {
     ),
     "sd3": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2", "PipeFusion 2"),
-        pipelines=(),
-        tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_parallel_xdit_more.py"),
-        note="transformer level (SD3, SD3.5); token refresh refused on SD3.5 dual-attention blocks; "
-        "xDiT: xFuserStableDiffusion3Pipeline (every level under Ulysses 2; PipeFusion synchronous, "
-        "token refresh refused there) against StableDiffusion3Pipeline with prompt embeddings",
+        pipelines=("StableDiffusion3Pipeline",),
+        tests=(
+            "tests/test_families.py",
+            "tests/test_family_variants.py",
+            "tests/test_sd3_pipeline.py",
+            "tests/test_parallel_xdit_more.py",
+        ),
+        note="SD3, SD3.5 Large and Medium (batched CFG; skip-layer guidance a branch of its own); token "
+        "refresh refused on SD3.5 dual-attention blocks; pipelines run with prompt embeddings; xDiT: "
+        "xFuserStableDiffusion3Pipeline (every level under Ulysses 2; PipeFusion synchronous, token "
+        "refresh refused there)",
     ),
     "cogvideox": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2"),
-        pipelines=("CogVideoXPipeline",),
-        tests=("tests/test_families.py", "tests/test_cogvideox.py", "tests/test_parallel_xdit_more.py"),
+        pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline"),
+        tests=(
+            "tests/test_families.py",
+            "tests/test_cogvideox.py",
+            "tests/test_cogvideox_i2v_pipeline.py",
+            "tests/test_parallel_xdit_more.py",
+        ),
         note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT: "
         "xFuserCogVideoXPipeline, step and block levels (token refresh refused under xfuser's "
         "attention wrapper)",
     ),
     "hunyuan_video": Evidence(
         xdit_layouts=("Ulysses 2",),
-        pipelines=(),
-        tests=("tests/test_xdit_pipelines.py",),
-        note="xDiT has no HunyuanVideo pipeline class: its transformer wrapper, bare, with an Euler loop",
+        pipelines=("HunyuanVideoPipeline",),
+        tests=("tests/test_xdit_pipelines.py", "tests/test_hunyuan_pipelines.py"),
+        note="pipeline: embedded guidance, and true CFG (two branches), prompt embeddings given; xDiT has "
+        "no HunyuanVideo pipeline class: its transformer wrapper, bare, with an Euler loop",
     ),
     "qwen_image": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2"),
-        pipelines=("QwenImagePipeline",),
+        pipelines=("QwenImagePipeline", "QwenImageEditPipeline"),
         tests=(
             "tests/test_families.py",
             "tests/test_image_families.py",
             "tests/test_image_pipelines.py",
+            "tests/test_qwen_edit_pipeline.py",
             "tests/test_parallel_xdit_image.py",
         ),
-        note="Qwen-Image-Edit's reference tokens always fresh (transformer level); pipelines run with "
-        "prompt embeddings; xDiT: the transformer wrapper, bare, step and block levels (token "
-        "refresh refused under sequence parallelism)",
+        note="Qwen-Image-Edit's reference tokens always fresh; pipelines run with prompt embeddings (true "
+        "CFG, two branches); xDiT: the transformer wrapper, bare, step and block levels (token refresh "
+        "refused under sequence parallelism)",
     ),
     "flux2": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2", "PipeFusion 2"),
@@ -161,10 +179,15 @@ TESTED: dict[str, Evidence] = {
     ),
     "hunyuan_video15": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2"),
-        pipelines=(),
-        tests=("tests/test_families.py", "tests/test_hunyuan_video15.py", "tests/test_parallel_xdit_more.py"),
-        note="transformer level (T2V, I2V); HunyuanVideo15Pipeline (Qwen2.5-VL and ByT5 encoders) not "
-        "tested; xDiT: xfuser's wrapper, bare, every level",
+        pipelines=("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
+        tests=(
+            "tests/test_families.py",
+            "tests/test_hunyuan_video15.py",
+            "tests/test_hunyuan_pipelines.py",
+            "tests/test_parallel_xdit_more.py",
+        ),
+        note="pipelines run with prompt embeddings (Qwen2.5-VL and ByT5 not built), CFG by the guider "
+        "(two branches), I2V with a tiny SigLIP image encoder; xDiT: xfuser's wrapper, bare, every level",
     ),
     "dit": Evidence(
         xdit_layouts=(),

@@ -1,7 +1,11 @@
 """HunyuanVideo (``HunyuanVideoTransformer3DModel``): 20 double-stream then 40 single-stream blocks.
 Blocks return ``(image, text)``; the joint sequence is ``[img, txt]`` (the single-stream processor
 concatenates it itself before ``to_k``), with RoPE on the video tokens only and a key mask for the
-padded text."""
+padded text.
+
+``HunyuanVideoPipeline`` (diffusers 0.42): 50 steps by default (the presets' step count), embedded
+guidance (guidance-distilled: one call per step); with a negative prompt and ``true_cfg_scale > 1``
+a second call per step in ``cache_context("uncond")``, a branch with caches of its own."""
 
 from __future__ import annotations
 

@@ -10,7 +10,16 @@ Timesteps are the flow-matching scheduler's, in [0, 1000].
 
 Token refresh is refused on dual-attention blocks: ``attn2`` has no K/V cache, so its queries for
 the selected tokens would attend among themselves only. Skip and block levels serve every variant.
-No preset and no rescale polynomial: none is published for SD3.
+
+``StableDiffusion3Pipeline`` batches classifier-free guidance into one call per step (one branch).
+Its skip-layer guidance (SD3.5 Medium: ``skip_guidance_layers``) adds, on the steps it covers, a
+second call without ``cache_context``: the scheduler's steps make it the step's branch 1, with
+caches of its own, whose first call runs in full. A call that leaves out block 0 is not decided
+(the decision is taken at block 0): it runs as the plain model and is not recorded; one that
+leaves out the last block never completes a cache, so it always runs in full.
+
+No preset and no rescale polynomial: none is published for SD3 or SD3.5 (the pipeline's default is
+28 steps).
 """
 
 from __future__ import annotations
