@@ -63,6 +63,7 @@ TESTED: dict[str, Evidence] = {
         tests=(
             "tests/test_parallel_xdit.py",
             "tests/test_parallel_pipefusion.py",
+            "tests/test_xdit_async_four_ranks.py",
             "tests/test_xdit_pipelines.py",
             "tests/test_controlnet.py",
             "tests/test_img2img.py",
@@ -71,15 +72,21 @@ TESTED: dict[str, Evidence] = {
         note="token refresh is refused under PipeFusion",
     ),
     "ltx2": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2", "Ring 2"),
         pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
-        tests=("tests/test_families.py", "tests/test_ltx2.py", "tests/test_ltx2_pipeline.py"),
+        tests=(
+            "tests/test_families.py",
+            "tests/test_ltx2.py",
+            "tests/test_ltx2_pipeline.py",
+            "tests/test_parallel_xdit_more.py",
+        ),
         note="audio is the blocks' second stream (own stack residual on skip steps, computed in full "
         "on token steps); token refresh recomputes the selected video tokens, their fresh K/V spliced "
         "into per-block caches of every video token for the video self-attention and the "
         "video-to-audio attention (masked attention refused on token steps); pipelines: batched CFG, "
         "and CFG with STG and modality guidance (three branches), prompt embeddings through its "
-        "connectors; xDiT not tested",
+        "connectors; xDiT: xfuser's wrapper, bare, step and block levels (token refresh fails under "
+        'it, docs/parallel.md), with rope_type="split" (xfuser fails with the default "interleaved")',
     ),
     "pixart": Evidence(
         xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
@@ -103,18 +110,31 @@ TESTED: dict[str, Evidence] = {
         "Wan I2V pipeline under CFG parallel 2",
     ),
     "sd3": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2", "PipeFusion 2"),
         pipelines=("StableDiffusion3Pipeline",),
-        tests=("tests/test_families.py", "tests/test_family_variants.py", "tests/test_sd3_pipeline.py"),
+        tests=(
+            "tests/test_families.py",
+            "tests/test_family_variants.py",
+            "tests/test_sd3_pipeline.py",
+            "tests/test_parallel_xdit_more.py",
+        ),
         note="SD3, SD3.5 Large and Medium (batched CFG; skip-layer guidance a branch of its own); token "
-        "refresh refused on SD3.5 dual-attention blocks; pipelines run with prompt embeddings; xDiT not "
-        "tested",
+        "refresh refused on SD3.5 dual-attention blocks; pipelines run with prompt embeddings; xDiT: "
+        "xFuserStableDiffusion3Pipeline (every level under Ulysses 2; PipeFusion synchronous, token "
+        "refresh refused there)",
     ),
     "cogvideox": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2"),
         pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline"),
-        tests=("tests/test_families.py", "tests/test_cogvideox.py", "tests/test_cogvideox_i2v_pipeline.py"),
-        note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT not tested",
+        tests=(
+            "tests/test_families.py",
+            "tests/test_cogvideox.py",
+            "tests/test_cogvideox_i2v_pipeline.py",
+            "tests/test_parallel_xdit_more.py",
+        ),
+        note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT: "
+        "xFuserCogVideoXPipeline, step and block levels (token refresh refused under xfuser's "
+        "attention wrapper)",
     ),
     "hunyuan_video": Evidence(
         xdit_layouts=("Ulysses 2",),
@@ -154,15 +174,20 @@ TESTED: dict[str, Evidence] = {
         xdit_layouts=(),
         pipelines=("ZImagePipeline",),
         tests=("tests/test_families.py", "tests/test_image_pipelines.py"),
-        note="omni mode refused; pipelines run with prompt embeddings; xDiT not tested (token refresh "
-        "refused under sequence parallelism)",
+        note="omni mode refused; pipelines run with prompt embeddings; xDiT: xfuser's Z-Image wrapper "
+        "refused at every level (it re-shards the unified sequence after the noise refiner)",
     ),
     "hunyuan_video15": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2", "Ring 2"),
         pipelines=("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
-        tests=("tests/test_families.py", "tests/test_hunyuan_video15.py", "tests/test_hunyuan_pipelines.py"),
+        tests=(
+            "tests/test_families.py",
+            "tests/test_hunyuan_video15.py",
+            "tests/test_hunyuan_pipelines.py",
+            "tests/test_parallel_xdit_more.py",
+        ),
         note="pipelines run with prompt embeddings (Qwen2.5-VL and ByT5 not built), CFG by the guider "
-        "(two branches), I2V with a tiny SigLIP image encoder; xDiT not tested",
+        "(two branches), I2V with a tiny SigLIP image encoder; xDiT: xfuser's wrapper, bare, every level",
     ),
     "dit": Evidence(
         xdit_layouts=(),
