@@ -130,6 +130,9 @@ class ModelAdapter(FamilyDescription):
     text_output_used: bool = False
     #: why the family has no token level (no :meth:`token_processor`), for the error that refuses it
     token_refusal: str = ""
+    #: why the token level cannot run with the sequence sharded (xDiT's Ulysses / Ring), if so:
+    #: ``enable_xslim_xdit`` refuses it there before any work starts
+    token_sequence_parallel_refusal: str = ""
 
     def token_refusal_for(self, model: nn.Module) -> str:
         """Why token refresh cannot run on this particular model ("" when it can): checked when

@@ -95,6 +95,9 @@ class CogVideoXTokenProcessor(_TokenProcessor):
 @register_adapter
 class CogVideoXAdapter(ModelAdapter):
     name = "cogvideox"
+    #: xfuser's attention wrapper passes ``latte_temporal_attention`` to the processor and its
+    #: CogVideoX processor gathers the sequence itself; X-Slim's token path there is untested
+    token_sequence_parallel_refusal = "not tested with xfuser's CogVideoX attention processors"
     model_class_names = ("CogVideoXTransformer3DModel",)
     tiny_config = MappingProxyType(
         dict(

@@ -69,6 +69,13 @@ _AUDIO_TOKENS = 5  # of the tiny inputs
 @register_adapter
 class LTX2Adapter(ModelAdapter):
     name = "ltx2"
+    #: measured under xfuser's LTX-2 wrapper: its video-to-audio processor gathers the whole video
+    #: before computing keys, so the full steps cache every video token's K/V, while a token step
+    #: sees only this rank's RoPE tables (a shape error at the first token step)
+    token_sequence_parallel_refusal = (
+        "the video-to-audio attention's cached keys cover the whole video but each rank holds "
+        "only its shard's RoPE tables"
+    )
     model_class_names = ("LTX2VideoTransformer3DModel",)
     text_output_used = True  # the audio prediction is an output
     tiny_config = MappingProxyType(

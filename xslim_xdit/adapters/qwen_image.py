@@ -170,6 +170,7 @@ def _image_tokens(shapes: Any) -> list[int]:
 @register_adapter
 class QwenImageAdapter(ModelAdapter):
     name = "qwen_image"
+    token_sequence_parallel_refusal = "not tested with xfuser's Qwen-Image wrapper"
     model_class_names = ("QwenImageTransformer2DModel",)
     tiny_config = MappingProxyType(
         dict(

@@ -135,6 +135,7 @@ class ZImageTokenProcessor(_TokenProcessor):
 @register_adapter
 class ZImageAdapter(ModelAdapter):
     name = "z_image"
+    token_sequence_parallel_refusal = "xfuser's Z-Image wrapper shards the sequence in a way not supported"
     model_class_names = ("ZImageTransformer2DModel",)
     tiny_config = MappingProxyType(
         dict(

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from ..api import XSlimPipelineWrapper, enable_xslim, get_engines
+from ..api import XSlimPipelineWrapper, disable_xslim, enable_xslim, get_engines
 from ..calibration.result import CalibrationResult
-from ..config import XSlimConfig
+from ..config import ConfigError, XSlimConfig
 from ..engine import XSlimEngine
 from ..observers import EngineObserver
 from ..parallel.failure import WATCHDOG_SLACK_S, watchdog_arm, watchdog_disarm
@@ -232,6 +232,8 @@ def enable_xslim_xdit(
 
     Raises:
         NotImplementedError: token refresh under PipeFusion.
+        ConfigError: token refresh under sequence parallelism for a family that cannot serve it
+            there (its adapter's ``token_sequence_parallel_refusal``), before any work starts.
     """
     if not isinstance(config, XSlimConfig):
         raise TypeError(f"config must be an XSlimConfig; got {type(config).__name__}")
@@ -249,6 +251,20 @@ def enable_xslim_xdit(
     group, ranks = generation_group(timeout_s)
     sync = GroupSync(group, timeout_s=timeout_s) if len(ranks) > 1 else LocalSync()
     first = enable_xslim(pipe_or_transformer, config, sync=sync, **passed)
+    if layout["sp"] > 1:
+        refused = {
+            e.adapter.name: e.adapter.token_sequence_parallel_refusal
+            for e in get_engines(pipe_or_transformer).values()
+            if e.use_token and e.adapter.token_sequence_parallel_refusal
+        }
+        if refused:
+            disable_xslim(pipe_or_transformer)  # nothing has run yet: leave the model as it was
+            name, why = next(iter(refused.items()))
+            raise ConfigError(
+                f"family {name!r}: token refresh (level 'token') under sequence parallelism "
+                f"(ulysses_degree x ring_degree = {layout['sp']}) is not supported: {why}; use "
+                "polish='block' or 'none', or a schedule without token steps"
+            )
     # every expert of a two-expert pipeline (Wan 2.2 A14B) runs sharded alike
     for engine in get_engines(pipe_or_transformer).values():
         engine.sequence_shards = layout["sp"]

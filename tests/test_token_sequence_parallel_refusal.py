@@ -1,0 +1,76 @@
+"""Token refresh under sequence parallelism for a family that cannot serve it there (LTX-2,
+CogVideoX, Qwen-Image, Z-Image) is refused by ``enable_xslim_xdit`` itself, before any work
+starts, and the model is left as it was; families that serve it are not refused.
+
+One process: torch.distributed is initialised with a single gloo rank, and xfuser's layout is
+replaced by one that reports a sequence-parallel degree of 2 (the refusal reads only the layout,
+so no xfuser runtime is needed)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import types
+
+import pytest
+import torch
+from family_suite import _restorable_state
+
+from xslim_xdit import XSlimConfig
+from xslim_xdit.config import ConfigError
+from xslim_xdit.integrations import xfuser as xfuser_integration
+from xslim_xdit.testing import tiny_model
+
+
+@pytest.fixture()
+def sharded_layout(monkeypatch: pytest.MonkeyPatch):
+    store = tempfile.NamedTemporaryFile(delete=False)
+    store.close()
+    os.unlink(store.name)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    layout = {
+        "world": 1,
+        "rank": 0,
+        "sp": 2,
+        "ulysses": 2,
+        "ring": 1,
+        "pp": 1,
+        "cfg": 1,
+        "dp": 1,
+        "dp_rank": 0,
+    }
+    monkeypatch.setattr(xfuser_integration, "xdit_layout", lambda: dict(layout))
+    monkeypatch.setattr(xfuser_integration, "generation_group", lambda timeout_s=None: (None, [0]))
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["ltx2", "cogvideox", "qwen_image", "z_image"])
+def test_refused_before_any_work(sharded_layout, family: str) -> None:
+    model = tiny_model(family)
+    before = _restorable_state(model)
+    with pytest.raises(ConfigError, match=rf"family '{family}': token refresh .* sequence parallelism"):
+        xfuser_integration.enable_xslim_xdit(model, XSlimConfig(polish="auto"), num_inference_steps=6)
+    assert _restorable_state(model) == before
+    # without the token level the same layout is served
+    engine = xfuser_integration.enable_xslim_xdit(model, XSlimConfig(polish="block"), num_inference_steps=6)
+    assert engine.sequence_shards == 2
+    xfuser_integration.disable_xslim(model)
+    assert _restorable_state(model) == before
+
+
+def test_a_family_that_serves_it_is_not_refused(sharded_layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    # FLUX's token path under Ulysses is tested with ranks (tests/test_parallel_xdit.py); here only
+    # that the refusal does not fire. Importing xfuser needs its CPU compatibility layer, so the
+    # two functions the gather set-up reads come from a stand-in module.
+    fake = types.ModuleType("xfuser.core.distributed")
+    fake.get_sp_group = lambda: types.SimpleNamespace(device_group=None)
+    fake.get_runtime_state = lambda: types.SimpleNamespace(split_text_embed_in_sp=False)
+    monkeypatch.setitem(sys.modules, "xfuser.core.distributed", fake)
+    model = tiny_model("flux")
+    engine = xfuser_integration.enable_xslim_xdit(model, XSlimConfig(polish="auto"), num_inference_steps=6)
+    assert engine.use_token and engine.token_ctx.gather is not None
+    xfuser_integration.disable_xslim(model)
