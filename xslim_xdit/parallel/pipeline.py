@@ -24,6 +24,10 @@ import torch
 from .failure import EXIT_GRACE_S, arm_exit_guard
 from .sync import DecisionSync, XSlimCollectiveError
 
+#: families whose token processor hands its K/V to PipeFusion's patch buffer (the joint processor,
+#: ``TokenContext.kv_buffer``, as FLUX's xfuser processor does); token refresh is refused for others
+TOKEN_REFRESH_FAMILIES = ("flux",)
+
 
 @dataclass
 class PipelineChannel:
@@ -68,20 +72,20 @@ class PipelineChannel:
         first, n = self.block_ranges[-1]
         return first + n
 
-    def _send(self, t: torch.Tensor, dst_stage: int) -> None:
+    def _send(self, t: torch.Tensor, dst_stage: int, tag: int = 0) -> None:
         import torch.distributed as dist
 
         self._reap()
         t = t.to(self.device).contiguous()
-        work = dist.isend(t, dst=self.ranks[dst_stage], group=self.group)
+        work = dist.isend(t, dst=self.ranks[dst_stage], group=self.group, tag=tag)
         self._pending.append((work, t))
         self.messages += 1
 
-    def _recv(self, like: torch.Tensor, src_stage: int) -> torch.Tensor:
+    def _recv(self, like: torch.Tensor, src_stage: int, tag: int = 0) -> torch.Tensor:
         import torch.distributed as dist
 
         t = torch.empty_like(like, device=self.device)
-        work = dist.irecv(t, src=self.ranks[src_stage], group=self.group)
+        work = dist.irecv(t, src=self.ranks[src_stage], group=self.group, tag=tag)
         what = f"X-Slim pipeline receive from rank {self.ranks[src_stage]} (stage {src_stage})"
         if self.timeout_s is None:
             work.wait()
@@ -240,3 +244,81 @@ class PipelineSync(DecisionSync):
         """A new run: nothing is due from the last one."""
         self._statistics_due = False
         self._remote = []
+
+
+class PipelineTokens:
+    """Token refresh across PipeFusion's stages: every stage refreshes the tokens one device would.
+
+    One device scores a token by the change of the *whole depth's* stack residual since the
+    token history (``BranchCaches.token_history``); a stage holds only its blocks' part of it. Both
+    the residual and the history are sums over the stages' parts (each stage's input is the last
+    one's output; the history moves on the same rows everywhere), so the whole depth's change is
+    the sum of every stage's ``residual - history``. After each call that records a stack residual
+    (full, block and token steps; not on the run's last step) every later stage sends its change
+    ``(batch, tokens, channels)`` to the first stage (tag 1); the first stage receives them at its
+    next call of the same patch (``call_start``: the messages come in call order) and scores on
+    the sum (``whole_change``); on a token step it selects and sends the token index to every later
+    stage (tag 2), which receive it instead of selecting (``receive_index``).
+
+    Cost: one residual-sized message per later stage and computed call (the size of the
+    activations PipeFusion sends anyway), one index per later stage and token call.
+    """
+
+    TAG_CHANGE = 1
+    TAG_INDEX = 2
+
+    def __init__(self, channel: PipelineChannel) -> None:
+        self.channel = channel
+        self._due: set[int] = set()  # branches whose later stages' changes are in flight
+        self._remote: dict[int, torch.Tensor] = {}  # per branch: the later stages' summed change
+        self.branch = 0
+
+    @property
+    def selects(self) -> bool:
+        """This stage selects the tokens (the first); the others receive them."""
+        return self.channel.is_first
+
+    def start_run(self) -> None:
+        self._due.clear()
+        self._remote.clear()
+        self.branch = 0
+
+    def call_start(self, branch: int, residual: torch.Tensor | None) -> None:
+        """A call of ``branch`` starts; ``residual``: this stage's current stack residual of the
+        branch (the later stages' changes have its shape and dtype)."""
+        self.branch = branch
+        if not self.channel.is_first or branch not in self._due:
+            return
+        self._due.discard(branch)
+        assert residual is not None
+        total: torch.Tensor | None = None
+        for s in range(1, self.channel.num_stages):
+            part = self.channel._recv(residual, s, self.TAG_CHANGE)
+            total = part if total is None else total + part
+        assert total is not None
+        self._remote[branch] = total.to(residual.device)
+
+    def call_end(self, change: torch.Tensor, last_step: bool) -> None:
+        """A call recorded a stack residual; ``change``: this stage's ``residual - history``."""
+        if last_step:
+            return  # nothing decides after the run's last step
+        if self.channel.is_first:
+            self._due.add(self.branch)
+        else:
+            self.channel._send(change.detach(), 0, self.TAG_CHANGE)
+
+    def whole_change(self, own: torch.Tensor) -> torch.Tensor:
+        """First stage: the whole depth's change of the current branch (its own plus the later
+        stages' last ones)."""
+        remote = self._remote.get(self.branch)
+        if remote is None or remote.shape != own.shape:
+            return own
+        return own + remote.to(own.dtype)
+
+    def send_index(self, index: torch.Tensor) -> None:
+        for s in range(1, self.channel.num_stages):
+            self.channel._send(index.to(torch.int64), s, self.TAG_INDEX)
+
+    def receive_index(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        like = torch.zeros(shape, dtype=torch.int64)
+        return self.channel._recv(like, 0, self.TAG_INDEX).to(device)
