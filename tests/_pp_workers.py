@@ -23,6 +23,8 @@ CONFIGS = {
     "token": dict(
         mode="schedule", schedule=Schedule(STEPS, (0, 1, 4, 7), token_steps=(2, 5, 6)), token_ratio=0.5
     ),
+    # every step forced full with every level on: the token processors only delegate
+    "forced_full": dict(warn=1e-12, crit=2e-12, polish="auto"),
     "token_online": dict(
         warn=0.12, crit=0.3, polish="token", warmup_steps=2, partial_reset=0.5, token_ratio=0.5
     ),
@@ -120,3 +122,24 @@ def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: in
         return res
     finally:
         dist.destroy_process_group()
+
+
+def global_token_sets(sets: list[tuple], sizes: list[int] | None) -> dict[int, list[list[int]]]:
+    """Per step, each sample's refreshed tokens over the whole image: a PipeFusion patch's
+    positions (one call per patch: branch = patch) moved to the patch's rows."""
+    by_step: dict[int, list[tuple[int, list[list[int]]]]] = {}
+    for step, branch, idx in sets:
+        by_step.setdefault(step, []).append((branch, idx))
+    out: dict[int, list[list[int]]] = {}
+    for step, calls in by_step.items():
+        if len(calls) == 1:
+            out[step] = calls[0][1]
+            continue
+        assert sizes is not None
+        rows = [[] for _ in calls[0][1]]
+        for branch, idx in sorted(calls):
+            start = sum(sizes[:branch])
+            for r, sample in enumerate(idx):
+                rows[r] += [start + i for i in sample]
+        out[step] = rows
+    return out

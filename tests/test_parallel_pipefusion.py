@@ -1,13 +1,16 @@
 """X-Slim under xDiT's PipeFusion (2 stages, xfuser's own xFuserFluxPipeline, CPU, gloo): the first
 stage decides, the decision travels to the next stage point to point, and block selection uses
-the whole depth, so both stages make the single device's decisions."""
+the whole depth, so both stages make the single device's decisions. Token refresh: the first
+stage selects each patch's tokens on the whole depth's residual change, the K/V go through
+PipeFusion's patch buffer, and both stages refresh the single device's tokens (with the patches
+as its token groups)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from _dist import run_ranks
-from _pp_workers import STEPS, pipefusion, single_device
+from _pp_workers import STEPS, global_token_sets, pipefusion, single_device
 
 pytestmark = pytest.mark.multiproc
 
@@ -81,3 +84,53 @@ def test_four_ranks_ulysses_by_pipefusion(tmp_path):
         # 1 + t/h (measured 2.3e-2 with per-block slopes, 2.1e-2 before them).
         own = (r["plain"] - ref["plain"]).abs().max().item()
         assert (r["x"] - ref["x"]).abs().max().item() <= 1.25 * own + 1e-3
+
+
+@pytest.mark.parametrize("patches", [1, 2])
+def test_pipefusion_token_refresh_sync_phase_matches_single_device(tmp_path, patches):
+    """Synchronous PipeFusion (xDiT's warm-up covers every step): every call holds the whole image.
+    With 2 patches xfuser keeps its K/V buffer and each token step replaces it with the spliced
+    K/V; with 1 patch it keeps none. Both stages refresh the single device's tokens."""
+    stages = run_ranks(pipefusion, 2, tmp_path, "token", STEPS, patches, timeout=300)
+    sizes = stages[0]["patch_tokens"] if patches > 1 else None
+    ref = single_device("token", token_group_sizes=sizes)
+    assert stages[0]["log"] == stages[1]["log"] == ref["log"]
+    assert {k for k, _, _ in ref["log"]} == {"full", "token", "skip"}
+    assert stages[0]["sets"] == stages[1]["sets"] == ref["sets"]  # the same tokens, step by step
+    # each stage computes its blocks' share of the single device's rows
+    assert [t[:3] for t in stages[0]["tokens"]] == [t[:3] for t in ref["tokens"]]
+    assert sum(t[3] for s in stages for t in s["tokens"]) == sum(t[3] for t in ref["tokens"])
+    torch.testing.assert_close(stages[1]["x"], ref["x"], rtol=0, atol=1e-4)  # measured 7.2e-7
+
+
+@pytest.mark.parametrize(("which", "patches"), [("token", 2), ("token", 4), ("token_online", 2)])
+def test_pipefusion_token_refresh_async_matches_single_device(tmp_path, which, patches):
+    """The asynchronous patch phase (1 pipeline warm-up step): each patch call refreshes its
+    patch's share of the tokens, its K/V land in xfuser's buffer for the later patches. Both
+    stages' logs (token counts summed over the step's patches) and every step's token set equal
+    the single device's with the patches as token groups (and the lagged indicator, online).
+    The latents cannot be equal: PipeFusion's later patches read one-step-old rows of the others."""
+    stages = run_ranks(pipefusion, 2, tmp_path, which, 1, patches, timeout=300)
+    sizes = stages[0]["patch_tokens"]
+    assert len(sizes) == patches
+    ref = single_device(which, token_group_sizes=sizes, lagged_indicator=True)
+    assert stages[0]["log"] == stages[1]["log"] == ref["log"], (stages[0]["calls"], ref["calls"])
+    assert "token" in {k for k, _, _ in ref["log"]}
+    assert stages[0]["sets"] == stages[1]["sets"]
+    assert global_token_sets(stages[0]["sets"], sizes) == global_token_sets(ref["sets"], None)
+    # every call computed its patch's rows: the step's calls add up to the single device's call
+    steps = {}
+    for s, _, _, computed in stages[0]["tokens"] + stages[1]["tokens"]:
+        steps[s] = steps.get(s, 0) + computed
+    assert steps == {s: computed for s, _, _, computed in ref["tokens"]}
+    # measured 7.4e-3 to 7.9e-3, with PipeFusion's own difference (no caching) 3.7e-3 to 4.5e-3
+    own = (stages[1]["plain"] - ref["plain"]).abs().max().item()
+    assert (stages[1]["x"] - ref["x"]).abs().max().item() <= 3 * own + 1e-3
+
+
+def test_pipefusion_forced_full_with_token_refresh_is_bit_identical(tmp_path):
+    """Every level on and every step forced full (asynchronous, 2 patches): the token processors
+    only delegate to xfuser's, so the output is plain PipeFusion's, bit for bit."""
+    stages = run_ranks(pipefusion, 2, tmp_path, "forced_full", 1, 2, timeout=300)
+    assert {k for s in stages for k, _, _ in s["log"]} == {"full"}
+    assert torch.equal(stages[1]["x"], stages[1]["plain"])
