@@ -14,6 +14,12 @@ tokens), and the processors below:
 Unselected tokens keep the K/V of the last step that computed them. Text tokens are always
 fresh: their K/V are recomputed every refresh. When no refresh is active every processor
 delegates to the model's original processor, so full steps are untouched.
+
+Under sequence parallelism the keys and values are gathered across the shards
+(``TokenContext.gather``); under PipeFusion the joint processor hands the call's image K/V to
+PipeFusion's patch buffer and attends to the whole image it returns (``TokenContext.kv_buffer``).
+The shared state (:class:`TokenContext`), the K/V recorders, :class:`TokenAttentionHooks` and the
+row helpers live in :mod:`xslim_xdit.adapters.token_context` and are re-exported here.
 """
 
 from __future__ import annotations
