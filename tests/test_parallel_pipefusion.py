@@ -134,3 +134,25 @@ def test_pipefusion_forced_full_with_token_refresh_is_bit_identical(tmp_path):
     stages = run_ranks(pipefusion, 2, tmp_path, "forced_full", 1, 2, timeout=300)
     assert {k for s in stages for k, _, _ in s["log"]} == {"full"}
     assert torch.equal(stages[1]["x"], stages[1]["plain"])
+
+
+def test_token_refresh_under_pipefusion_is_refused_where_unsupported():
+    """Families whose token processor does not write PipeFusion's buffer (DiT here) are refused,
+    and so is a stage wired without the patch groups and the buffer."""
+    from xslim_xdit import XSlimConfig, disable_xslim, enable_xslim
+    from xslim_xdit.parallel.pipeline import PipelineChannel
+    from xslim_xdit.testing import tiny_model
+
+    m = tiny_model("dit")
+    eng = enable_xslim(m, XSlimConfig(polish="token"), num_inference_steps=4)
+    channel = PipelineChannel(None, [0, 1], 0, [(0, len(eng.blocks)), (len(eng.blocks), 1)])
+    with pytest.raises(NotImplementedError, match="supported for flux, not 'dit'"):
+        eng.set_pipeline(
+            channel, [(0, len(eng.blocks) + 1)], token_groups=lambda: (None, None), kv_buffer=print
+        )
+    disable_xslim(m)
+    m = tiny_model("flux")
+    eng = enable_xslim(m, XSlimConfig(polish="token"), num_inference_steps=4)
+    with pytest.raises(NotImplementedError, match="token groups"):
+        eng.set_pipeline(channel, [(0, len(eng.blocks) + 1)])
+    disable_xslim(m)
