@@ -102,6 +102,16 @@ def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: in
             plain = xpipe(generator=torch.Generator().manual_seed(3), **_call())
         eng = enable_xslim_xdit(xpipe, XSlimConfig(**CONFIGS[which]))
         spy = _TokenSpy(eng)
+        buffered = []  # token calls whose K/V went through PipeFusion's buffer: (rows in, rows back)
+        if eng.token_ctx is not None and eng.token_ctx.kv_buffer is not None:
+            kv_buffer = eng.token_ctx.kv_buffer
+
+            def counted(attn: Any, k: torch.Tensor, v: torch.Tensor) -> tuple:
+                k2, v2 = kv_buffer(attn, k, v)
+                buffered.append((k.shape[1], k2.shape[1]))
+                return k2, v2
+
+            eng.token_ctx.kv_buffer = counted
         with torch.no_grad():
             out = xpipe(generator=torch.Generator().manual_seed(3), **_call())
         from xfuser.core.distributed import get_runtime_state
@@ -112,6 +122,7 @@ def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: in
             "tokens": _tokens(eng),
             "sets": spy.sets,
             "patch_tokens": list(get_runtime_state().pp_patches_token_num or []),
+            "buffered": buffered,
             "x": None if out is None else out.images,
             "plain": None if plain is None else plain.images,
             "messages": eng.pipeline.messages,

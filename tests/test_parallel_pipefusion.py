@@ -118,6 +118,9 @@ def test_pipefusion_token_refresh_async_matches_single_device(tmp_path, which, p
     assert "token" in {k for k, _, _ in ref["log"]}
     assert stages[0]["sets"] == stages[1]["sets"]
     assert global_token_sets(stages[0]["sets"], sizes) == global_token_sets(ref["sets"], None)
+    # each token call's patch K/V went into xfuser's buffer and the whole image came back
+    for stage in stages:
+        assert stage["buffered"] and set(stage["buffered"]) == {(n, sum(sizes)) for n in sizes}
     # every call computed its patch's rows: the step's calls add up to the single device's call
     steps = {}
     for s, _, _, computed in stages[0]["tokens"] + stages[1]["tokens"]:
