@@ -126,7 +126,7 @@ def test_pipefusion_token_refresh_async_matches_single_device(tmp_path, which, p
     for s, _, _, computed in stages[0]["tokens"] + stages[1]["tokens"]:
         steps[s] = steps.get(s, 0) + computed
     assert steps == {s: computed for s, _, _, computed in ref["tokens"]}
-    # measured 7.4e-3 to 7.9e-3, with PipeFusion's own difference (no caching) 3.7e-3 to 4.5e-3
+    # measured 7.4e-3 to 8.5e-3, with PipeFusion's own difference (no caching) 3.7e-3 to 4.5e-3
     own = (stages[1]["plain"] - ref["plain"]).abs().max().item()
     assert (stages[1]["x"] - ref["x"]).abs().max().item() <= 3 * own + 1e-3
 

@@ -57,65 +57,6 @@ class XSlimRuntimeError(RuntimeError):
     """The engine was used in a way it cannot serve (the message says what to do)."""
 
 
-class _StageTokenChanges(EngineObserver):
-    """A PipeFusion stage's side of :class:`~xslim_xdit.parallel.pipeline.PipelineTokens`: at a
-    call's start the first stage takes the later stages' residual changes of that patch; after a
-    call that recorded a stack residual each stage hands over its own change."""
-
-    def __init__(self, tokens: Any) -> None:
-        self.tokens = tokens
-        self._whole: torch.Tensor | None = None  # the last whole-image residual, at the switch to patches
-        self._whole_exact: tuple[Any, int] | None = None  # and its full-step track (values, step)
-
-    def on_run_start(self, engine: XSlimEngine, num_steps: int) -> None:
-        self.tokens.start_run()
-        self._whole = self._whole_exact = None
-
-    def on_call_start(self, engine: XSlimEngine, key: Any) -> None:
-        caches = engine.branches.get(engine.branch)
-        residual = None if caches is None else caches.residual
-        sizes, part = self._groups(engine)
-        if engine.branch == 0:
-            whole = part is not None and residual is not None and residual.shape[1] == sum(sizes)
-            self._whole = residual if whole else None
-            self._whole_exact = (caches.exact.values, caches.exact.step) if whole and caches else None
-        if self._whole_exact is not None and part is not None:
-            # The switch to patches: the patch's full-step track starts from its rows of the last
-            # whole-image full step, so the extrapolation slope of the next steps is one device's
-            # (without it the token steps right after the switch estimate without a slope)
-            values, step = self._whole_exact
-            track = engine.current_caches().exact
-            if values is not None and (track.values is None or track.values[0].shape[1] != sizes[part]):
-                start = sum(sizes[:part])
-                track.values = (values[0][:, start : start + sizes[part]],) + (None,) * (len(values) - 1)
-                track.step = step
-        self.tokens.call_start(engine.branch, residual)
-
-    @staticmethod
-    def _groups(engine: XSlimEngine) -> tuple[list[int], int | None]:
-        spec = engine.room.token_group_sizes
-        sizes, part = spec() if callable(spec) else (spec, None)
-        return list(sizes or ()), part
-
-    def on_call_end(self, engine: XSlimEngine, record: StepRecord) -> None:
-        if record.kind == "skip":
-            return
-        caches = engine.current_caches()
-        if self._whole is not None and (
-            caches.token_history is None or caches.token_history.shape != caches.residual.shape
-        ):
-            # The switch from whole images to patches: the token history of this patch is its
-            # rows of the last whole-image residual, as one device's history holds them
-            sizes, part = self._groups(engine)
-            if part is not None:
-                start = sum(sizes[:part])
-                caches.token_history = self._whole[:, start : start + sizes[part]]
-        current, history = caches.residual, caches.token_history
-        assert current is not None
-        change = current - history if history is not None and history.shape == current.shape else current
-        self.tokens.call_end(change, engine.step >= (engine.num_steps or 0) - 1)
-
-
 class XSlimEngine:
     """Attach X-Slim to one transformer.
 
@@ -314,7 +255,7 @@ class XSlimEngine:
             self.room.token_group_sizes = token_groups
             self.room.pipeline_tokens = tokens
             self.token_ctx.kv_buffer = kv_buffer
-            self.observers.append(_StageTokenChanges(tokens))
+            self.observers.append(tokens)  # its call events: the changes travel, the switch is seeded
 
     # ------------------------------------------------------------------ attach / detach
     @property

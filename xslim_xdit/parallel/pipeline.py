@@ -256,12 +256,17 @@ class PipelineTokens:
     the sum of every stage's ``residual - history``. After each call that records a stack residual
     (full, block and token steps; not on the run's last step) every later stage sends its change
     ``(batch, tokens, channels)`` to the first stage (tag 1); the first stage receives them at its
-    next call of the same patch (``call_start``: the messages come in call order) and scores on
-    the sum (``whole_change``); on a token step it selects and sends the token index to every later
-    stage (tag 2), which receive it instead of selecting (``receive_index``).
+    next call of the same patch (the messages come in call order) and scores on the sum
+    (:meth:`whole_change`); on a token step it selects and sends the token index to every later
+    stage (tag 2), which receive it instead of selecting (:meth:`receive_index`).
 
-    Cost: one residual-sized message per later stage and computed call (the size of the
-    activations PipeFusion sends anyway), one index per later stage and token call.
+    At the switch from whole images to patches each patch's token history and full-step track
+    start from its rows of the last whole-image ones, as one device's hold them.
+
+    It is one of the engine's observers (the call events, duck-typed: this module sits below
+    :mod:`xslim_xdit.observers`); ``XSlimEngine.set_pipeline`` installs it. Cost: one
+    residual-sized message per later stage and computed call (the size of the activations
+    PipeFusion sends anyway), one index per later stage and token call.
     """
 
     TAG_CHANGE = 1
@@ -272,41 +277,85 @@ class PipelineTokens:
         self._due: set[int] = set()  # branches whose later stages' changes are in flight
         self._remote: dict[int, torch.Tensor] = {}  # per branch: the later stages' summed change
         self.branch = 0
+        self._whole: torch.Tensor | None = None  # the last whole-image residual, at the switch
+        self._whole_exact: tuple[Any, int] | None = None  # and its full-step track (values, step)
 
     @property
     def selects(self) -> bool:
         """This stage selects the tokens (the first); the others receive them."""
         return self.channel.is_first
 
-    def start_run(self) -> None:
+    # ------------------------------------------------------------------ the engine's call events
+    def on_run_start(self, engine: Any, num_steps: int) -> None:
         self._due.clear()
         self._remote.clear()
         self.branch = 0
+        self._whole = self._whole_exact = None
 
-    def call_start(self, branch: int, residual: torch.Tensor | None) -> None:
-        """A call of ``branch`` starts; ``residual``: this stage's current stack residual of the
-        branch (the later stages' changes have its shape and dtype)."""
-        self.branch = branch
+    def around_block(self, engine: Any, key: Any, run: Any) -> Any:
+        return run()
+
+    def on_stack_residual(self, engine: Any, caches: Any, residual: torch.Tensor) -> None:
+        pass
+
+    def on_call_start(self, engine: Any, key: Any) -> None:
+        """A call of ``engine.branch`` (the patch) starts: seed the patch's tracks at the switch
+        to patches; the first stage receives the later stages' changes of the patch's last call."""
+        self.branch = branch = engine.branch
+        caches = engine.branches.get(branch)
+        residual = None if caches is None else caches.residual
+        sizes, part = _groups(engine)
+        if branch == 0:
+            whole = part is not None and residual is not None and residual.shape[1] == sum(sizes)
+            self._whole = residual if whole else None
+            self._whole_exact = (caches.exact.values, caches.exact.step) if whole else None
+        if self._whole_exact is not None and part is not None:
+            # the patch's full-step track starts from its rows of the last whole-image full step,
+            # so the extrapolation slope of the steps after the switch is one device's
+            values, step = self._whole_exact
+            track = engine.current_caches().exact
+            if values is not None and (track.values is None or track.values[0].shape[1] != sizes[part]):
+                start = sum(sizes[:part])
+                track.values = (values[0][:, start : start + sizes[part]],) + (None,) * (len(values) - 1)
+                track.step = step
         if not self.channel.is_first or branch not in self._due:
             return
         self._due.discard(branch)
         assert residual is not None
         total: torch.Tensor | None = None
         for s in range(1, self.channel.num_stages):
-            part = self.channel._recv(residual, s, self.TAG_CHANGE)
-            total = part if total is None else total + part
+            part_change = self.channel._recv(residual, s, self.TAG_CHANGE)
+            total = part_change if total is None else total + part_change
         assert total is not None
         self._remote[branch] = total.to(residual.device)
 
-    def call_end(self, change: torch.Tensor, last_step: bool) -> None:
-        """A call recorded a stack residual; ``change``: this stage's ``residual - history``."""
-        if last_step:
+    def on_call_end(self, engine: Any, record: Any) -> None:
+        """A call ended: after one that recorded a stack residual, each later stage sends its
+        ``residual - history`` (the first stage expects them at the patch's next call)."""
+        if record.kind == "skip":
+            return
+        caches = engine.current_caches()
+        current = caches.residual
+        assert current is not None
+        if self._whole is not None and (
+            caches.token_history is None or caches.token_history.shape != current.shape
+        ):
+            # the switch to patches: this patch's token history is its rows of the last
+            # whole-image residual, as one device's history holds them
+            sizes, part = _groups(engine)
+            if part is not None:
+                start = sum(sizes[:part])
+                caches.token_history = self._whole[:, start : start + sizes[part]]
+        history = caches.token_history
+        if engine.step >= (engine.num_steps or 0) - 1:
             return  # nothing decides after the run's last step
         if self.channel.is_first:
             self._due.add(self.branch)
         else:
+            change = current - history if history is not None and history.shape == current.shape else current
             self.channel._send(change.detach(), 0, self.TAG_CHANGE)
 
+    # ------------------------------------------------------------------ the decision room's side
     def whole_change(self, own: torch.Tensor) -> torch.Tensor:
         """First stage: the whole depth's change of the current branch (its own plus the later
         stages' last ones)."""
@@ -322,3 +371,10 @@ class PipelineTokens:
     def receive_index(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
         like = torch.zeros(shape, dtype=torch.int64)
         return self.channel._recv(like, 0, self.TAG_INDEX).to(device)
+
+
+def _groups(engine: Any) -> tuple[list[int], int | None]:
+    """The image's token groups and the part the current call holds (``DecisionRoom.token_group_sizes``)."""
+    spec = engine.room.token_group_sizes
+    sizes, part = spec() if callable(spec) else (spec, None)
+    return list(sizes or ()), part
