@@ -159,3 +159,27 @@ def test_token_refresh_under_pipefusion_is_refused_where_unsupported():
     with pytest.raises(NotImplementedError, match="token groups"):
         eng.set_pipeline(channel, [(0, len(eng.blocks) + 1)])
     disable_xslim(m)
+
+
+def test_explicit_token_groups_select_within_each_group():
+    """``DecisionRoom.token_group_sizes``: the patches' sizes as token groups (a single device
+    reproducing PipeFusion), and a patch call holding one group; the count is the whole image's."""
+    from xslim_xdit.caches import BranchCaches
+    from xslim_xdit.config import XSlimConfig
+    from xslim_xdit.decision import DecisionRoom, DepthLayout
+    from xslim_xdit.parallel import LocalSync
+
+    room = DecisionRoom(XSlimConfig(token_ratio=0.5), LocalSync(), DepthLayout.flat(2), False, True)
+    whole = BranchCaches(linear=False)
+    whole.record_stack(torch.arange(8.0).reshape(1, 8, 1), 0, exact=True)  # score = position
+    room.token_group_sizes = [3, 5]
+    assert room._select_tokens(whole).tolist() == [[1, 2, 5, 6, 7]]  # 2 of 3, 3 of 5
+    assert room._token_whole == 5
+    patch = BranchCaches(linear=False)
+    patch.record_stack(torch.arange(5.0).reshape(1, 5, 1), 0, exact=True)
+    room.token_group_sizes = lambda: ([3, 5], 1)  # the call holds group 1 only
+    assert room._select_tokens(patch).tolist() == [[2, 3, 4]]
+    assert room._token_whole == 5  # the record counts the whole image's tokens
+    room.token_group_sizes = lambda: ([3, 5], 0)
+    with pytest.raises(RuntimeError, match="do not cover"):
+        room._select_tokens(patch)
