@@ -21,7 +21,7 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor |
 GatherFn = Callable[[torch.Tensor, str], torch.Tensor]
 #: ``kv_buffer(attn, k, v)`` with the image keys and values of the call (after norm and RoPE,
 #: ``(batch, rows, heads, dim)``): the image keys and values to attend to. PipeFusion's patch
-#: K/V buffer (:func:`xslim_xdit.parallel.pipeline.patch_kv_buffer`): the call's rows are written
+#: K/V buffer (``_patch_kv_buffer`` in :mod:`xslim_xdit.integrations.xfuser`): the call's rows are written
 #: into the whole image's buffer, which comes back.
 KVBufferFn = Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
