@@ -19,6 +19,15 @@ CONFIGS = {
     "schedule": dict(
         mode="schedule", schedule=Schedule(STEPS, (0, 1, 4, 7), block_steps=(2, 5)), block_thresh=2.0
     ),
+    # token refresh under PipeFusion (FLUX): a schedule with every kind, and the online controller
+    "token": dict(
+        mode="schedule", schedule=Schedule(STEPS, (0, 1, 4, 7), token_steps=(2, 5, 6)), token_ratio=0.5
+    ),
+    # every step forced full with every level on: the token processors only delegate
+    "forced_full": dict(warn=1e-12, crit=2e-12, polish="auto"),
+    "token_online": dict(
+        warn=0.12, crit=0.3, polish="token", warmup_steps=2, partial_reset=0.5, token_ratio=0.5
+    ),
 }
 
 
@@ -31,18 +40,40 @@ def _calls(eng: Any) -> list[tuple]:
     return [(r.step, r.branch, r.kind, r.indicator) for r in eng.statistics.run_records()]
 
 
-def single_device(which: str, **overrides: Any) -> dict:
-    """The single device's run of config ``which`` (``overrides``: more config fields)."""
+def _tokens(eng: Any) -> list[tuple]:
+    """Per transformer call: ``(step, branch, token count of the step, tokens this call computed)``."""
+    return [(r.step, r.branch, r.token_count, r.tokens_computed) for r in eng.statistics.run_records()]
+
+
+class _TokenSpy:
+    """Records every token set the room selects, per call: ``(step, branch, index)``."""
+
+    def __init__(self, eng: Any) -> None:
+        self.eng, self.sets = eng, []
+        self.orig = eng.room._select_tokens
+        eng.room._select_tokens = self
+
+    def __call__(self, caches: Any) -> torch.Tensor:
+        idx = self.orig(caches)
+        self.sets.append((self.eng.step, self.eng.branch, idx.tolist()))
+        return idx
+
+
+def single_device(which: str, token_group_sizes: list[int] | None = None, **overrides: Any) -> dict:
+    """The single device's run of config ``which`` (``overrides``: more config fields;
+    ``token_group_sizes``: explicit token groups, PipeFusion's patches)."""
     pipe = tiny_flux_embeds_pipeline()
     with torch.no_grad():
         plain = pipe(generator=torch.Generator().manual_seed(3), **_call()).images
     eng = enable_xslim(pipe, XSlimConfig(**{**CONFIGS[which], **overrides}))
+    eng.room.token_group_sizes = token_group_sizes
+    spy = _TokenSpy(eng)
     with torch.no_grad():
         out = pipe(generator=torch.Generator().manual_seed(3), **_call()).images
     log = eng.statistics.decision_log()
-    calls = _calls(eng)
+    calls, tokens = _calls(eng), _tokens(eng)
     disable_xslim(pipe)
-    return {"log": log, "x": out, "plain": plain, "calls": calls}
+    return {"log": log, "x": out, "plain": plain, "calls": calls, "tokens": tokens, "sets": spy.sets}
 
 
 def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: int, ulysses: int = 1) -> dict:
@@ -70,11 +101,28 @@ def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: in
         with torch.no_grad():
             plain = xpipe(generator=torch.Generator().manual_seed(3), **_call())
         eng = enable_xslim_xdit(xpipe, XSlimConfig(**CONFIGS[which]))
+        spy = _TokenSpy(eng)
+        buffered = []  # token calls whose K/V went through PipeFusion's buffer: (rows in, rows back)
+        if eng.token_ctx is not None and eng.token_ctx.kv_buffer is not None:
+            kv_buffer = eng.token_ctx.kv_buffer
+
+            def counted(attn: Any, k: torch.Tensor, v: torch.Tensor) -> tuple:
+                k2, v2 = kv_buffer(attn, k, v)
+                buffered.append((k.shape[1], k2.shape[1]))
+                return k2, v2
+
+            eng.token_ctx.kv_buffer = counted
         with torch.no_grad():
             out = xpipe(generator=torch.Generator().manual_seed(3), **_call())
+        from xfuser.core.distributed import get_runtime_state
+
         res = {
             "log": eng.statistics.decision_log(),
             "calls": _calls(eng),
+            "tokens": _tokens(eng),
+            "sets": spy.sets,
+            "patch_tokens": list(get_runtime_state().pp_patches_token_num or []),
+            "buffered": buffered,
             "x": None if out is None else out.images,
             "plain": None if plain is None else plain.images,
             "messages": eng.pipeline.messages,
@@ -85,3 +133,24 @@ def pipefusion(rank: int, world: int, which: str, warmup_steps: int, patches: in
         return res
     finally:
         dist.destroy_process_group()
+
+
+def global_token_sets(sets: list[tuple], sizes: list[int] | None) -> dict[int, list[list[int]]]:
+    """Per step, each sample's refreshed tokens over the whole image: a PipeFusion patch's
+    positions (one call per patch: branch = patch) moved to the patch's rows."""
+    by_step: dict[int, list[tuple[int, list[list[int]]]]] = {}
+    for step, branch, idx in sets:
+        by_step.setdefault(step, []).append((branch, idx))
+    out: dict[int, list[list[int]]] = {}
+    for step, calls in by_step.items():
+        if len(calls) == 1:
+            out[step] = calls[0][1]
+            continue
+        assert sizes is not None
+        rows = [[] for _ in calls[0][1]]
+        for branch, idx in sorted(calls):
+            start = sum(sizes[:branch])
+            for r, sample in enumerate(idx):
+                rows[r] += [start + i for i in sample]
+        out[step] = rows
+    return out

@@ -32,8 +32,9 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -160,6 +161,17 @@ class DecisionRoom:
         self._lag_rows: list[torch.Tensor] = []  # its probes, one per image part, in call order
         self._lag_prev: torch.Tensor | None = None  # the whole probe of the step before it
         self._lag_value: float | None = None  # the indicator of step _lag_step - 1
+        #: explicit token groups (None: ``config.token_groups`` equal chunks): the whole image's
+        #: group sizes, or ``() -> (sizes, part)`` where ``part`` is the group the call holds
+        #: (PipeFusion's patch; None: the whole image). PipeFusion sets the patches' sizes; a single
+        #: device given the same sizes selects the same tokens (docs/parallel.md).
+        self.token_group_sizes: (
+            Sequence[int] | Callable[[], tuple[Sequence[int] | None, int | None]] | None
+        ) = None
+        self._token_whole: int | None = None
+        #: PipeFusion with token refresh (:class:`~xslim_xdit.parallel.pipeline.PipelineTokens`):
+        #: the first stage scores on the whole depth's change and sends the index on; None: here
+        self.pipeline_tokens: Any = None
         #: reduce the step indicator with :meth:`~xslim_xdit.parallel.DecisionSync.sum_exact`
         #: (calibration's recording mode: the value is written into the profile, so every rank
         #: must hold the same bytes; decisions never need it, the kind is agreed as an integer)
@@ -233,7 +245,8 @@ class DecisionRoom:
         if decision.kind == StepKind.TOKEN:
             plan.token_index = self._select_tokens(caches)
             plan.token_flat = flat_rows(plan.token_index, img.shape[1])
-            plan.token_count = int(plan.token_index.shape[1]) * self.sequence_shards
+            whole = self._token_whole if self._token_whole is not None else int(plan.token_index.shape[1])
+            plan.token_count = whole * self.sequence_shards
         return plan
 
     # ------------------------------------------------------------------ the steps of a decision
@@ -324,27 +337,58 @@ class DecisionRoom:
         agreed = self.sync.agree([int(c) for c in compute], device=sums.device)
         return [bool(c) for c in agreed]
 
+    def _token_groups(self, n: int) -> tuple[list[int], list[int], int]:
+        """This call's token groups over its ``n`` image tokens: their sizes, the tokens each
+        refreshes, and the tokens refreshed over the whole image (a PipeFusion patch holds one
+        group of the image; the record counts the whole image's, as one device's call does)."""
+        spec, part = self.token_group_sizes, None
+        if callable(spec):
+            spec, part = spec()
+        if spec is None:
+            counts = tokens_per_group(n, self.config.token_ratio, self.config.token_groups)
+            sizes = [n // len(counts) + (1 if g < n % len(counts) else 0) for g in range(len(counts))]
+            return sizes, counts, sum(counts)
+        sizes = [int(x) for x in spec]
+        counts = [tokens_per_group(x, self.config.token_ratio)[0] for x in sizes]
+        if part is None and sum(sizes) == n:
+            return sizes, counts, sum(counts)
+        if part is not None and 0 <= part < len(sizes) and sizes[part] == n:
+            return [n], [counts[part]], sum(counts)
+        raise RuntimeError(f"token groups {sizes} (part {part}) do not cover this call's {n} image tokens")
+
     def _select_tokens(self, caches: BranchCaches) -> torch.Tensor:
         """Per sample, the image tokens whose stack residual changed most (top ``token_ratio``
-        within each of ``token_groups`` contiguous chunks), sorted."""
+        within each token group: ``token_groups`` contiguous chunks, or
+        :attr:`token_group_sizes`), sorted (the tokens refreshed over the whole image, which a
+        PipeFusion patch's record counts, go to ``_token_whole``)."""
+        self._token_whole = None
         current = caches.residual
         assert current is not None
+        stages = self.pipeline_tokens
+        if stages is not None and not stages.selects:  # a later PipeFusion stage: the first selects
+            sizes, counts, self._token_whole = self._token_groups(current.shape[1])
+            return stages.receive_index((current.shape[0], sum(counts)), current.device)
         history = caches.token_history
         if history is not None and history.shape == current.shape:
-            score = (current - history).abs().mean(-1)
+            change = current - history
         else:  # only one computed step so far: refresh where the residual is largest
-            score = current.abs().mean(-1)
+            change = current
+        if stages is not None:  # the whole depth's change: the later stages' parts added
+            change = stages.whole_change(change)
+        score = change.abs().mean(-1)
         n = score.shape[1]
         ref = self.reference
         if ref is not None and ref.shape[0] == n and not bool(ref.all()):
             return self._select_output_tokens(score, ref.to(score.device))
-        counts = tokens_per_group(n, self.config.token_ratio, self.config.token_groups)
+        sizes, counts, self._token_whole = self._token_groups(n)
         parts, start = [], 0
-        for g, k in enumerate(counts):
-            size = n // len(counts) + (1 if g < n % len(counts) else 0)
+        for size, k in zip(sizes, counts, strict=True):
             parts.append(score[:, start : start + size].float().topk(k, dim=1).indices + start)
             start += size
-        return torch.cat(parts, 1).sort(dim=1).values
+        index = torch.cat(parts, 1).sort(dim=1).values
+        if stages is not None:
+            stages.send_index(index)
+        return index
 
     def _select_output_tokens(self, score: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """:meth:`_select_tokens` with reference-image tokens (``ref``): within each chunk the top

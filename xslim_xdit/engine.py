@@ -33,6 +33,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adapters.attention import TokenAttentionHooks, TokenContext
@@ -194,6 +195,9 @@ class XSlimEngine:
         global_stacks: list[tuple[int, int]],
         patch_info: Callable[[], tuple[int, int]] | None = None,
         num_patches: int = 1,
+        token_groups: Callable[[], tuple[Sequence[int] | None, int | None]] | None = None,
+        kv_buffer: Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        | None = None,
     ) -> None:
         """Run as one stage of a PipeFusion pipeline (see :mod:`xslim_xdit.parallel.pipeline`).
 
@@ -201,19 +205,28 @@ class XSlimEngine:
         the local blocks are ``channel.block_ranges[channel.stage]``. ``patch_info`` tells which
         patch a call holds (``(index, count)``, ``(0, 1)`` outside the patch phase);
         ``num_patches`` > 1 turns on the lagged indicator unless the config says otherwise
-        (``XSlimConfig.lagged_indicator``).
+        (``XSlimConfig.lagged_indicator``). Token refresh (FLUX only) needs ``token_groups``
+        (``() -> (sizes, part)``: the patches' image-token counts, None without patches, and the
+        patch the call holds, None for the whole image) and ``kv_buffer`` (PipeFusion's patch K/V
+        buffer, ``TokenContext.kv_buffer``); ``enable_xslim_xdit`` passes both.
         """
-        from .parallel.pipeline import PipelineSync
+        from .parallel.pipeline import TOKEN_REFRESH_FAMILIES, PipelineSync, PipelineTokens
 
         if self.per_sample:
             raise NotImplementedError(
                 "per_sample decisions under PipeFusion are not supported: the stages forward one "
                 "decision per call; use per_sample=False"
             )
-        if self.use_token:
+        if self.use_token and self.adapter.name not in TOKEN_REFRESH_FAMILIES:
             raise NotImplementedError(
-                "token refresh under PipeFusion is not supported: xfuser's patch K/V buffers would be "
-                "bypassed; use polish='block' or 'none' (or a schedule without token steps)"
+                f"token refresh under PipeFusion is supported for {', '.join(TOKEN_REFRESH_FAMILIES)}, not "
+                f"{self.adapter.name!r} (its token processor does not write PipeFusion's patch K/V "
+                "buffers); use polish='block' or 'none', or a schedule without token steps"
+            )
+        if self.use_token and (token_groups is None or kv_buffer is None):
+            raise NotImplementedError(
+                "token refresh under PipeFusion needs the patches' token groups and PipeFusion's K/V "
+                "buffer (token_groups=, kv_buffer=; enable_xslim_xdit passes both)"
             )
         first, n = channel.block_ranges[channel.stage]
         if n != len(self.blocks):
@@ -229,6 +242,15 @@ class XSlimEngine:
         if self.config.lagged_indicator is None and num_patches > 1:
             # patch 0 decides the step before the later patches of the step exist (docs/parallel.md)
             self.room.lagged = True
+        if self.token_ctx is not None:
+            # tokens are selected within each patch (one device: the same groups) on the whole
+            # depth's residual change, by the first stage; the patch's K/V go through PipeFusion's
+            # buffer (docs/parallel.md, "Token refresh under PipeFusion")
+            tokens = PipelineTokens(channel)
+            self.room.token_group_sizes = token_groups
+            self.room.pipeline_tokens = tokens
+            self.token_ctx.kv_buffer = kv_buffer
+            self.observers.append(tokens)  # its call events: the changes travel, the switch is seeded
 
     # ------------------------------------------------------------------ attach / detach
     @property

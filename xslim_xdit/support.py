@@ -69,7 +69,10 @@ TESTED: dict[str, Evidence] = {
             "tests/test_img2img.py",
             "tests/test_kontext.py",
         ),
-        note="token refresh is refused under PipeFusion",
+        note=(
+            "token refresh under PipeFusion through xfuser's patch K/V buffer (synchronous and "
+            "asynchronous patches); not with Ulysses/Ring inside the stages"
+        ),
     ),
     "ltx2": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2"),

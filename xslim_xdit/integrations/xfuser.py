@@ -197,6 +197,38 @@ def _num_patches() -> int:
     return int(get_runtime_state().num_pipeline_patch or 1)
 
 
+def _patch_token_groups() -> tuple[list[int] | None, int | None]:
+    """Token refresh under PipeFusion: the image-token counts of xfuser's patches (its
+    ``pp_patches_token_start_end_idx_global``; None with one patch) and the patch the current call
+    holds (None outside the patch phase: the call holds the whole image). Tokens are selected
+    within each patch, so a single device given these sizes as token groups selects the same."""
+    from xfuser.core.distributed import get_runtime_state
+
+    state = get_runtime_state()
+    if int(state.num_pipeline_patch or 1) <= 1:
+        return None, None
+    sizes = [int(end) - int(start) for start, end in state.pp_patches_token_start_end_idx_global]
+    return sizes, (int(state.pipeline_patch_idx) if state.patch_mode else None)
+
+
+def _patch_kv_buffer(attn: Any, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token step's image K/V of the call (every row of its patch, the refreshed ones spliced
+    in, after norm and RoPE) through PipeFusion's buffer, as xfuser's FLUX processor passes its
+    own: in the patch phase they are written at the patch's rows and the whole image's buffer
+    comes back (the other patches' rows as they last wrote them); outside it they replace the
+    buffer. With one patch PipeFusion keeps no buffer: the call's own K/V."""
+    from xfuser.core.cache_manager.cache_manager import get_cache_manager
+    from xfuser.core.distributed import get_runtime_state
+
+    manager = get_cache_manager()
+    if int(get_runtime_state().num_pipeline_patch or 1) <= 1 or not manager.has_cache_entry(attn):
+        return key, value
+    key, value = manager.update_and_get_kv_cache(
+        new_kv=[key, value], layer=attn, slice_dim=1, layer_type="attn"
+    )
+    return key, value
+
+
 def _global_stacks(transformer: Any, engine: XSlimEngine) -> list[tuple[int, int]]:
     """The whole model's stacks as global block ranges (xfuser records them before splitting)."""
     blocks_idx = getattr(transformer, "blocks_idx", None)
@@ -231,7 +263,8 @@ def enable_xslim_xdit(
     them: :func:`calibrate_xdit`).
 
     Raises:
-        NotImplementedError: token refresh under PipeFusion.
+        NotImplementedError: token refresh under sequence parallelism x PipeFusion, or under
+            PipeFusion for a family other than FLUX.
         ConfigError: token refresh under sequence parallelism for a family that cannot serve it
             there (its adapter's ``token_sequence_parallel_refusal``), before any work starts.
     """
@@ -241,10 +274,11 @@ def enable_xslim_xdit(
     if not torch.distributed.is_initialized():
         return enable_xslim(pipe_or_transformer, config, **passed)
     layout = xdit_layout()
-    if layout["pp"] > 1 and "token" in config.levels:
+    if layout["pp"] > 1 and layout["sp"] > 1 and "token" in config.levels:
         raise NotImplementedError(
-            "token refresh under PipeFusion (pipefusion_parallel_degree > 1) is not supported: xfuser's "
-            "patch K/V buffers would be bypassed; use polish='block' or 'none', or a schedule without token steps"
+            "token refresh under sequence parallelism x PipeFusion is not supported (xfuser's patch K/V "
+            "buffer is then sharded over the sequence ranks); use polish='block' or 'none', or a schedule "
+            "without token steps, or PipeFusion alone"
         )
     if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or timeout_s <= 0:
         raise ValueError(f"timeout_s must be a number of seconds > 0; got {timeout_s!r}")
@@ -277,6 +311,8 @@ def enable_xslim_xdit(
                 _global_stacks(transformer, engine),
                 patch_info=_patch_info,
                 num_patches=_num_patches(),
+                token_groups=_patch_token_groups,
+                kv_buffer=_patch_kv_buffer,
             )
         if engine.samples is not None and layout["cfg"] > 1:
             # each rank holds one guidance branch: its row i is sample i (xfuser splits the

@@ -24,6 +24,10 @@ import torch
 from .failure import EXIT_GRACE_S, arm_exit_guard
 from .sync import DecisionSync, XSlimCollectiveError
 
+#: families whose token processor hands its K/V to PipeFusion's patch buffer (the joint processor,
+#: ``TokenContext.kv_buffer``, as FLUX's xfuser processor does); token refresh is refused for others
+TOKEN_REFRESH_FAMILIES = ("flux",)
+
 
 @dataclass
 class PipelineChannel:
@@ -68,20 +72,20 @@ class PipelineChannel:
         first, n = self.block_ranges[-1]
         return first + n
 
-    def _send(self, t: torch.Tensor, dst_stage: int) -> None:
+    def _send(self, t: torch.Tensor, dst_stage: int, tag: int = 0) -> None:
         import torch.distributed as dist
 
         self._reap()
         t = t.to(self.device).contiguous()
-        work = dist.isend(t, dst=self.ranks[dst_stage], group=self.group)
+        work = dist.isend(t, dst=self.ranks[dst_stage], group=self.group, tag=tag)
         self._pending.append((work, t))
         self.messages += 1
 
-    def _recv(self, like: torch.Tensor, src_stage: int) -> torch.Tensor:
+    def _recv(self, like: torch.Tensor, src_stage: int, tag: int = 0) -> torch.Tensor:
         import torch.distributed as dist
 
         t = torch.empty_like(like, device=self.device)
-        work = dist.irecv(t, src=self.ranks[src_stage], group=self.group)
+        work = dist.irecv(t, src=self.ranks[src_stage], group=self.group, tag=tag)
         what = f"X-Slim pipeline receive from rank {self.ranks[src_stage]} (stage {src_stage})"
         if self.timeout_s is None:
             work.wait()
@@ -240,3 +244,137 @@ class PipelineSync(DecisionSync):
         """A new run: nothing is due from the last one."""
         self._statistics_due = False
         self._remote = []
+
+
+class PipelineTokens:
+    """Token refresh across PipeFusion's stages: every stage refreshes the tokens one device would.
+
+    One device scores a token by the change of the *whole depth's* stack residual since the
+    token history (``BranchCaches.token_history``); a stage holds only its blocks' part of it. Both
+    the residual and the history are sums over the stages' parts (each stage's input is the last
+    one's output; the history moves on the same rows everywhere), so the whole depth's change is
+    the sum of every stage's ``residual - history``. After each call that records a stack residual
+    (full, block and token steps; not on the run's last step) every later stage sends its change
+    ``(batch, tokens, channels)`` to the first stage (tag 1); the first stage receives them at its
+    next call of the same patch (the messages come in call order) and scores on the sum
+    (:meth:`whole_change`); on a token step it selects and sends the token index to every later
+    stage (tag 2), which receive it instead of selecting (:meth:`receive_index`).
+
+    At the switch from whole images to patches each patch's token history and full-step track
+    start from its rows of the last whole-image ones, as one device's hold them.
+
+    It is one of the engine's observers (the call events, duck-typed: this module sits below
+    :mod:`xslim_xdit.observers`); ``XSlimEngine.set_pipeline`` installs it. Cost: one
+    residual-sized message per later stage and computed call (the size of the activations
+    PipeFusion sends anyway), one index per later stage and token call.
+    """
+
+    TAG_CHANGE = 1
+    TAG_INDEX = 2
+
+    def __init__(self, channel: PipelineChannel) -> None:
+        self.channel = channel
+        self._due: set[int] = set()  # branches whose later stages' changes are in flight
+        self._remote: dict[int, torch.Tensor] = {}  # per branch: the later stages' summed change
+        self.branch = 0
+        self._whole: torch.Tensor | None = None  # the last whole-image residual, at the switch
+        self._whole_exact: tuple[Any, int] | None = None  # and its full-step track (values, step)
+
+    @property
+    def selects(self) -> bool:
+        """This stage selects the tokens (the first); the others receive them."""
+        return self.channel.is_first
+
+    # ------------------------------------------------------------------ the engine's call events
+    def on_run_start(self, engine: Any, num_steps: int) -> None:
+        self._due.clear()
+        self._remote.clear()
+        self.branch = 0
+        self._whole = self._whole_exact = None
+
+    def around_block(self, engine: Any, key: Any, run: Any) -> Any:
+        return run()
+
+    def on_stack_residual(self, engine: Any, caches: Any, residual: torch.Tensor) -> None:
+        pass
+
+    def on_call_start(self, engine: Any, key: Any) -> None:
+        """A call of ``engine.branch`` (the patch) starts: seed the patch's tracks at the switch
+        to patches; the first stage receives the later stages' changes of the patch's last call."""
+        self.branch = branch = engine.branch
+        caches = engine.branches.get(branch)
+        residual = None if caches is None else caches.residual
+        sizes, part = _groups(engine)
+        if branch == 0:
+            whole = part is not None and residual is not None and residual.shape[1] == sum(sizes)
+            self._whole = residual if whole else None
+            self._whole_exact = (caches.exact.values, caches.exact.step) if whole else None
+        if self._whole_exact is not None and part is not None:
+            # the patch's full-step track starts from its rows of the last whole-image full step,
+            # so the extrapolation slope of the steps after the switch is one device's
+            values, step = self._whole_exact
+            track = engine.current_caches().exact
+            if values is not None and (track.values is None or track.values[0].shape[1] != sizes[part]):
+                start = sum(sizes[:part])
+                track.values = (values[0][:, start : start + sizes[part]],) + (None,) * (len(values) - 1)
+                track.step = step
+        if not self.channel.is_first or branch not in self._due:
+            return
+        self._due.discard(branch)
+        assert residual is not None
+        total: torch.Tensor | None = None
+        for s in range(1, self.channel.num_stages):
+            part_change = self.channel._recv(residual, s, self.TAG_CHANGE)
+            total = part_change if total is None else total + part_change
+        assert total is not None
+        self._remote[branch] = total.to(residual.device)
+
+    def on_call_end(self, engine: Any, record: Any) -> None:
+        """A call ended: after one that recorded a stack residual, each later stage sends its
+        ``residual - history`` (the first stage expects them at the patch's next call)."""
+        if record.kind == "skip":
+            return
+        caches = engine.current_caches()
+        current = caches.residual
+        assert current is not None
+        if self._whole is not None and (
+            caches.token_history is None or caches.token_history.shape != current.shape
+        ):
+            # the switch to patches: this patch's token history is its rows of the last
+            # whole-image residual, as one device's history holds them
+            sizes, part = _groups(engine)
+            if part is not None:
+                start = sum(sizes[:part])
+                caches.token_history = self._whole[:, start : start + sizes[part]]
+        history = caches.token_history
+        if engine.step >= (engine.num_steps or 0) - 1:
+            return  # nothing decides after the run's last step
+        if self.channel.is_first:
+            self._due.add(self.branch)
+        else:
+            change = current - history if history is not None and history.shape == current.shape else current
+            self.channel._send(change.detach(), 0, self.TAG_CHANGE)
+
+    # ------------------------------------------------------------------ the decision room's side
+    def whole_change(self, own: torch.Tensor) -> torch.Tensor:
+        """First stage: the whole depth's change of the current branch (its own plus the later
+        stages' last ones)."""
+        remote = self._remote.get(self.branch)
+        if remote is None or remote.shape != own.shape:
+            return own
+        return own + remote.to(own.dtype)
+
+    def send_index(self, index: torch.Tensor) -> None:
+        for s in range(1, self.channel.num_stages):
+            self.channel._send(index.to(torch.int64), s, self.TAG_INDEX)
+
+    def receive_index(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        like = torch.zeros(shape, dtype=torch.int64)
+        return self.channel._recv(like, 0, self.TAG_INDEX).to(device)
+
+
+def _groups(engine: Any) -> tuple[list[int], int | None]:
+    """The image's token groups and the part the current call holds (``DecisionRoom.token_group_sizes``)."""
+    spec = engine.room.token_group_sizes
+    sizes, part = spec() if callable(spec) else (spec, None)
+    return list(sizes or ()), part
