@@ -50,6 +50,7 @@ from .hooks import BlockHooks, shape_key
 from .observers import EngineObserver, FlopMeter
 from .parallel.fingerprint import run_fingerprint
 from .parallel.sync import DecisionSync, LocalSync
+from .stage import join_pipeline
 from .stats import CacheStatistics
 
 
@@ -210,47 +211,15 @@ class XSlimEngine:
         patch the call holds, None for the whole image) and ``kv_buffer`` (PipeFusion's patch K/V
         buffer, ``TokenContext.kv_buffer``); ``enable_xslim_xdit`` passes both.
         """
-        from .parallel.pipeline import TOKEN_REFRESH_FAMILIES, PipelineSync, PipelineTokens
-
-        if self.per_sample:
-            raise NotImplementedError(
-                "per_sample decisions under PipeFusion are not supported: the stages forward one "
-                "decision per call; use per_sample=False"
-            )
-        if self.use_token and self.adapter.name not in TOKEN_REFRESH_FAMILIES:
-            raise NotImplementedError(
-                f"token refresh under PipeFusion is supported for {', '.join(TOKEN_REFRESH_FAMILIES)}, not "
-                f"{self.adapter.name!r} (its token processor does not write PipeFusion's patch K/V "
-                "buffers); use polish='block' or 'none', or a schedule without token steps"
-            )
-        if self.use_token and (token_groups is None or kv_buffer is None):
-            raise NotImplementedError(
-                "token refresh under PipeFusion needs the patches' token groups and PipeFusion's K/V "
-                "buffer (token_groups=, kv_buffer=; enable_xslim_xdit passes both)"
-            )
-        first, n = channel.block_ranges[channel.stage]
-        if n != len(self.blocks):
-            raise XSlimRuntimeError(f"stage {channel.stage} holds {len(self.blocks)} blocks, expected {n}")
-        self.pipeline = channel
-        self.block_offset = first
-        if first > 0:
-            self.seg_start = 0  # the probe block lives on the first stage
-        managed_from = 1 if self.config.step_indicator == "first_block_residual" else 0
-        self.room.layout = DepthLayout(tuple(tuple(s) for s in global_stacks), managed_from)  # type: ignore[misc]
-        self.room.sync = PipelineSync(self.room.sync, channel)
-        self.patch_info = patch_info
-        if self.config.lagged_indicator is None and num_patches > 1:
-            # patch 0 decides the step before the later patches of the step exist (docs/parallel.md)
-            self.room.lagged = True
-        if self.token_ctx is not None:
-            # tokens are selected within each patch (one device: the same groups) on the whole
-            # depth's residual change, by the first stage; the patch's K/V go through PipeFusion's
-            # buffer (docs/parallel.md, "Token refresh under PipeFusion")
-            tokens = PipelineTokens(channel)
-            self.room.token_group_sizes = token_groups
-            self.room.pipeline_tokens = tokens
-            self.token_ctx.kv_buffer = kv_buffer
-            self.observers.append(tokens)  # its call events: the changes travel, the switch is seeded
+        join_pipeline(
+            self,
+            channel,
+            global_stacks,
+            patch_info=patch_info,
+            num_patches=num_patches,
+            token_groups=token_groups,
+            kv_buffer=kv_buffer,
+        )
 
     # ------------------------------------------------------------------ attach / detach
     @property

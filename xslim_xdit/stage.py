@@ -1,0 +1,77 @@
+"""An engine joins a PipeFusion pipeline as one stage: the wiring between the engine, its
+decision room and :mod:`xslim_xdit.parallel.pipeline` (the channel, the first stage's decision
+forwarded, the token exchange), kept out of :mod:`xslim_xdit.engine` (docs/parallel.md,
+"PipeFusion").
+
+Example:
+    >>> from xslim_xdit.stage import join_pipeline
+    >>> callable(join_pipeline)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .decision import DepthLayout
+from .parallel.pipeline import TOKEN_REFRESH_FAMILIES, PipelineSync, PipelineTokens
+
+
+class StageMismatchError(RuntimeError):
+    """The stage's blocks are not the ones the pipeline's block ranges give it."""
+
+
+def join_pipeline(
+    engine: Any,
+    channel: Any,
+    global_stacks: list[tuple[int, int]],
+    *,
+    patch_info: Callable[[], tuple[int, int]] | None = None,
+    num_patches: int = 1,
+    token_groups: Callable[[], tuple[Sequence[int] | None, int | None]] | None = None,
+    kv_buffer: Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
+    """Make ``engine`` one stage of a PipeFusion pipeline (what
+    :meth:`xslim_xdit.engine.XSlimEngine.set_pipeline` does; its docstring has the arguments)."""
+    if engine.per_sample:
+        raise NotImplementedError(
+            "per_sample decisions under PipeFusion are not supported: the stages forward one "
+            "decision per call; use per_sample=False"
+        )
+    if engine.use_token and engine.adapter.name not in TOKEN_REFRESH_FAMILIES:
+        raise NotImplementedError(
+            f"token refresh under PipeFusion is supported for {', '.join(TOKEN_REFRESH_FAMILIES)}, not "
+            f"{engine.adapter.name!r} (its token processor does not write PipeFusion's patch K/V "
+            "buffers); use polish='block' or 'none', or a schedule without token steps"
+        )
+    if engine.use_token and (token_groups is None or kv_buffer is None):
+        raise NotImplementedError(
+            "token refresh under PipeFusion needs the patches' token groups and PipeFusion's K/V "
+            "buffer (token_groups=, kv_buffer=; enable_xslim_xdit passes both)"
+        )
+    first, n = channel.block_ranges[channel.stage]
+    if n != len(engine.blocks):
+        raise StageMismatchError(f"stage {channel.stage} holds {len(engine.blocks)} blocks, expected {n}")
+    engine.pipeline = channel
+    engine.block_offset = first
+    if first > 0:
+        engine.seg_start = 0  # the probe block lives on the first stage
+    managed_from = 1 if engine.config.step_indicator == "first_block_residual" else 0
+    engine.room.layout = DepthLayout(tuple(tuple(s) for s in global_stacks), managed_from)  # type: ignore[misc]
+    engine.room.sync = PipelineSync(engine.room.sync, channel)
+    engine.patch_info = patch_info
+    if engine.config.lagged_indicator is None and num_patches > 1:
+        # patch 0 decides the step before the later patches of the step exist (docs/parallel.md)
+        engine.room.lagged = True
+    if engine.token_ctx is not None:
+        # tokens are selected within each patch (one device: the same groups) on the whole
+        # depth's residual change, by the first stage; the patch's K/V go through PipeFusion's
+        # buffer (docs/parallel.md, "Token refresh under PipeFusion")
+        tokens = PipelineTokens(channel)
+        engine.room.token_group_sizes = token_groups
+        engine.room.pipeline_tokens = tokens
+        engine.token_ctx.kv_buffer = kv_buffer
+        engine.observers.append(tokens)  # its call events: the changes travel, the switch is seeded
