@@ -295,10 +295,55 @@ class VideoTestbed(_DigitsClassesTestbed):
         return d
 
 
+class WanVideoTestbed(VideoTestbed):
+    """The Wan-architecture testbed: ``WanTransformer3DModel`` (4 blocks, width 128, patch
+    ``(1, 2, 2)``) on the video testbed's moving-digit clips, the class as 4 text tokens it
+    cross-attends to, UniPC with a static flow shift, true CFG as two calls per step in
+    ``cache_context("cond")`` / ``("uncond")`` (:mod:`benchmarks.testbeds.wan_testbed`)."""
+
+    name = "wan_video"
+    module_name = "benchmarks.testbeds.wan_testbed"
+    pipeline_attr = "MovingDigitsWanPipeline"
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(
+            model="WanTransformer3DModel (4 blocks, width 128, patch (1, 2, 2), 4 frames x 64 tokens, "
+            "4 class tokens cross-attended), velocity prediction",
+            sampler=f"UniPCMultistepScheduler (flow sigmas, flow_shift {self.module.DEFAULT_FLOW_SHIFT}), "
+            "true CFG as two transformer calls per step (cache_context cond / uncond), as WanPipeline",
+        )
+        return d
+
+
+class Flux2Testbed(FluxTestbed):
+    """The FLUX.2-architecture testbed: ``Flux2Transformer2DModel`` (2 double-stream + 4
+    single-stream blocks, width 128, 64 image + 4 class tokens, 4-axis RoPE), FLUX.2's
+    step-dependent shift, true CFG as two calls per step in ``cache_context("cond")`` /
+    ``("uncond")`` (:mod:`benchmarks.testbeds.flux2_testbed`)."""
+
+    name = "flux2"
+    module_name = "benchmarks.testbeds.flux2_testbed"
+    pipeline_attr = "DigitsFlux2Pipeline"
+
+    def describe(self) -> dict[str, Any]:
+        d = _DigitsClassesTestbed.describe(self)
+        d.update(
+            model="Flux2Transformer2DModel (2 double-stream + 4 single-stream blocks, width 128, "
+            "64 image tokens + 4 class tokens through the text path, no guidance embedding), velocity prediction",
+            sampler="FlowMatchEulerDiscreteScheduler with FLUX.2's empirical mu (by step count), "
+            "true CFG as two transformer calls per step (cache_context cond / uncond), as Flux2KleinPipeline",
+            data="scikit-learn digits, 16x16, patchified 2x2 and packed as Flux2Pipeline, 10 classes",
+        )
+        return d
+
+
 #: Registered testbeds: name -> class.
 TESTBEDS: dict[str, type[Testbed]] = {
     "digits": DigitsTestbed,
     "flux": FluxTestbed,
     "flux_steep": FluxSteepTestbed,
     "video": VideoTestbed,
+    "wan_video": WanVideoTestbed,
+    "flux2": Flux2Testbed,
 }
