@@ -50,7 +50,20 @@ def counted(fn: Any) -> tuple[Any, int]:
     return out, int(mode.get_total_flops())
 
 
-def ruler(testbed: EmojiFluxTestbed, pipe: Any, n: int, steps: int = 50, seed: int = 0) -> dict[str, Any]:
+def save_grid(images: dict[str, torch.Tensor], path: Path) -> None:
+    """One row of samples per method (``[0, 1]``, ``(N, 3, 32, 32)``), x3 nearest upscaled, as a PNG."""
+    from PIL import Image
+
+    rows = [torch.cat(list(x), dim=2) for x in images.values()]  # (3, 32, 32 N)
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).mul(255).round().byte().numpy()
+    img = Image.fromarray(grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(path)
+
+
+def ruler(
+    testbed: EmojiFluxTestbed, pipe: Any, n: int, steps: int = 50, seed: int = 0, png: Path | None = None
+) -> dict[str, Any]:
     """The ruler rows of one sampler setting: ``{label: {psnr, psnr_min, accuracy, fraction, published}}``."""
     conds = testbed.conditions(n)
     t0 = time.time()
@@ -58,6 +71,7 @@ def ruler(testbed: EmojiFluxTestbed, pipe: Any, n: int, steps: int = 50, seed: i
     rows: dict[str, Any] = {
         "full": {"accuracy": testbed.sample_quality(ref, conds)["accuracy"], "seconds": time.time() - t0}
     }
+    grid = {"full": ref}
     for label, published, factory in RULER:
         m = factory()
         t0 = time.time()
@@ -71,6 +85,7 @@ def ruler(testbed: EmojiFluxTestbed, pipe: Any, n: int, steps: int = 50, seed: i
         except Exception as e:  # noqa: BLE001 - a refused or crashed peer is a result too
             rows[label] = {"published": published, "error": f"{type(e).__name__}: {e}"}
             continue
+        grid[label] = out
         p = psnr_per_image(out, ref)
         rows[label] = {
             "method": m.name,
@@ -82,6 +97,8 @@ def ruler(testbed: EmojiFluxTestbed, pipe: Any, n: int, steps: int = 50, seed: i
             "fraction": flops / ref_flops,
             "seconds": time.time() - t0,
         }
+    if png is not None:
+        save_grid(grid, png)
     return rows
 
 
@@ -118,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None, help="append the results here (JSON lines)")
+    p.add_argument("--png", type=Path, default=None, help="sample grid (a row per method), per setting")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     testbed = EmojiFluxTestbed()
@@ -131,7 +149,11 @@ def main(argv: list[str] | None = None) -> None:
         for g in args.guidance:
             testbed.guidance_scale = default_guidance if g is None else g
             t0 = time.time()
-            rows = ruler(testbed, pipe, args.n, args.steps, args.seed)
+            png = None
+            if args.png is not None:
+                png = args.png.with_name(f"{args.png.stem}_shift{pipe.scheduler.config['max_shift']:g}"
+                                         f"_g{testbed.guidance_scale:g}{args.png.suffix}")  # fmt: skip
+            rows = ruler(testbed, pipe, args.n, args.steps, args.seed, png)
             setting = {
                 "ckpt": str(args.ckpt),
                 "max_shift": pipe.scheduler.config["max_shift"],
