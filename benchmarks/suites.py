@@ -338,6 +338,114 @@ class Flux2Testbed(FluxTestbed):
         return d
 
 
+class EmojiFluxTestbed(Testbed):
+    """The emoji FLUX testbed (issue 13): ``FluxTransformer2DModel`` (2 double-stream + 4
+    single-stream blocks, width 192) on 32x32 RGB colour emoji packed to 256 tokens x 12 channels,
+    8 coarse classes (faces, people, animals/nature, food, travel/places, objects, symbols, flags)
+    as the prompt through the text path, FLUX's sampler with FLUX.1's ``max_shift`` 1.15, true CFG
+    batched in one forward (:mod:`benchmarks.testbeds.emoji_flux`). Samples are scored with the
+    emoji classifier (:mod:`benchmarks.testbeds.emoji_classifier`) against the real emoji.
+
+    ``checkpoint=None`` loads the committed checkpoint; ``"random"`` an untrained model (CI).
+    """
+
+    name = "emoji_flux"
+
+    def __init__(self) -> None:
+        self.module: Any = importlib.import_module("benchmarks.testbeds.emoji_flux")
+        self.guidance_scale = self.module.DEFAULT_GUIDANCE_SCALE
+        self._classifier: Any = None
+
+    def load(self, checkpoint: str | None) -> Any:
+        m = self.module
+        if checkpoint == "random":
+            torch.manual_seed(0)
+            self.checkpoint_note = "random weights (untrained): quality numbers are meaningless"
+            return m.EmojiFluxPipeline(
+                m.make_transformer().eval(), m.make_scheduler(), m.make_text_encoder().eval()
+            )
+        path = Path(checkpoint) if checkpoint else m.DEFAULT_CHECKPOINT
+        if not (path / "transformer").is_dir():
+            raise FileNotFoundError(f"no emoji_flux checkpoint at {path} (or pass --checkpoint random)")
+        self.checkpoint_note = str(path)
+        return m.EmojiFluxPipeline.from_checkpoint(path)
+
+    def conditions(self, n: int) -> list[Any]:
+        from benchmarks.testbeds.emoji import NUM_CLASSES
+
+        return [i % NUM_CLASSES for i in range(n)]
+
+    def generate(self, pipe: Any, conditions: list[Any], steps: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return pipe(
+            torch.tensor(conditions),
+            num_inference_steps=steps,
+            guidance_scale=self.guidance_scale,
+            generator=gen,
+            progress=False,
+        )
+
+    def _clf(self) -> Any:
+        if self._classifier is None:
+            from benchmarks.testbeds.emoji_classifier import load_classifier
+
+            self._classifier = load_classifier()
+        return self._classifier
+
+    def _real(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from benchmarks.testbeds.emoji import load_emoji_images
+
+        x, y = load_emoji_images(split)
+        return (x + 1) / 2, y
+
+    def sample_quality(self, images: torch.Tensor, conditions: list[Any]) -> dict[str, float]:
+        from benchmarks.metrics import frechet_distance
+        from benchmarks.testbeds.emoji_classifier import classify
+
+        logits, feats = classify(images, self._clf())
+        _, real_feats = classify(self._real("test")[0], self._clf())
+        acc = float((logits.argmax(1) == torch.tensor(conditions)).float().mean())
+        return {"accuracy": acc, "frechet_distance": frechet_distance(feats, real_feats)}
+
+    def floors(self, n: int, seed: int = 0) -> dict[str, float]:
+        """``n`` real train emoji (class-balanced as the samples, drawn with ``seed``) scored like
+        samples, and the train split against the test split."""
+        from benchmarks.metrics import frechet_distance
+        from benchmarks.testbeds.emoji_classifier import classify
+
+        tr, y_tr = self._real("train")
+        te, y_te = self._real("test")
+        gen = torch.Generator().manual_seed(seed)
+        conds = torch.tensor(self.conditions(n))
+        idx = torch.stack(
+            [
+                torch.nonzero(y_tr == c)[torch.randint(0, int((y_tr == c).sum()), (1,), generator=gen)][0, 0]
+                for c in conds.tolist()
+            ]
+        )
+        q = self.sample_quality(tr[idx], conds.tolist())
+        logits_t, feats_t = classify(te, self._clf())
+        _, feats_tr = classify(tr, self._clf())
+        return {
+            "accuracy_real_n": q["accuracy"],
+            "frechet_distance_real_n": q["frechet_distance"],
+            "accuracy_real_test": float((logits_t.argmax(1) == y_te).float().mean()),
+            "frechet_distance_train_vs_test": frechet_distance(feats_tr, feats_t),
+            "n": float(n),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(
+            model="FluxTransformer2DModel (2 double-stream + 4 single-stream blocks, width 192, "
+            "256 image tokens + 4 class tokens through the text path), velocity prediction",
+            sampler="FlowMatchEulerDiscreteScheduler with FLUX's dynamic time shift (max_shift "
+            f"{self.module.DEFAULT_MAX_SHIFT}), true CFG batched [cond; uncond] in one forward",
+            data="Noto Color Emoji, 32x32 RGB, packed 2x2 as FLUX packs latents, 8 coarse classes",
+        )
+        return d
+
+
 #: Registered testbeds: name -> class.
 TESTBEDS: dict[str, type[Testbed]] = {
     "digits": DigitsTestbed,
@@ -346,4 +454,5 @@ TESTBEDS: dict[str, type[Testbed]] = {
     "video": VideoTestbed,
     "wan_video": WanVideoTestbed,
     "flux2": Flux2Testbed,
+    "emoji_flux": EmojiFluxTestbed,
 }

@@ -1,0 +1,155 @@
+"""A FLUX-architecture model on 32x32 RGB colour emoji: the emoji FLUX testbed (issue 13, point 1).
+
+The digits FLUX testbed (:mod:`benchmarks.testbeds.flux_testbed`) is too easy for cache methods:
+each digit class is a narrow distribution of smooth 16x16 images on a flat background, so its
+flow trajectories are nearly straight and features barely change between adjacent steps
+(``docs/testbeds.md``). This one keeps the architecture and the sampler and changes the data and
+the size: the 2251 emoji of :mod:`benchmarks.testbeds.emoji` (detailed, multimodal RGB images)
+with only 8 coarse classes as the condition (faces, people, animals/nature, food, travel/places,
+objects, symbols, flags), packed 2x2 as FLUX packs latents (256 tokens x 12 channels), and a
+wider and deeper :class:`diffusers.FluxTransformer2DModel`.
+
+The class goes through the TEXT path (:class:`~benchmarks.testbeds.class_tokens.ClassTokenEncoder`,
+class :data:`NULL_CLASS` is the empty prompt); sampling is FLUX's (flow-matching Euler,
+dynamic time shift with ``mu = max_shift`` at this model's 256 tokens, true CFG batched in ONE
+transformer forward per step) through :class:`EmojiFluxPipeline`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+from benchmarks.testbeds.class_tokens import ClassTokenEncoder
+from benchmarks.testbeds.emoji import IMAGE_SIZE, NUM_CLASSES
+from benchmarks.testbeds.flux_testbed import DigitsFluxPipeline, calculate_shift, image_ids, pack, unpack
+
+NULL_CLASS = NUM_CLASSES
+"""Class index of the empty prompt used by classifier-free guidance."""
+TEXT_TOKENS = 4
+"""Length of the learned class-token sequence."""
+CHANNELS = 3
+"""RGB."""
+TOKENS = (IMAGE_SIZE // 2) ** 2
+"""Image tokens (256)."""
+DEFAULT_GUIDANCE_SCALE = 4.0
+"""Guidance scale of the testbed."""
+DEFAULT_MAX_SHIFT = 1.15
+"""FLUX ``max_shift`` (= ``mu`` at 256 tokens); FLUX.1's own value (shift factor 3.16)."""
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "emoji_flux"
+"""Folder of the committed checkpoint (``transformer/``, ``text_encoder/``, ``scheduler/``)."""
+
+
+def emoji_image_ids() -> torch.Tensor:
+    """FLUX ``img_ids`` of the 16x16 token grid."""
+    return image_ids(IMAGE_SIZE, IMAGE_SIZE)
+
+
+def text_ids(num_tokens: int = TEXT_TOKENS) -> torch.Tensor:
+    """FLUX ``txt_ids`` ``(L, 3)``: all zero."""
+    return torch.zeros(num_tokens, 3)
+
+
+def make_transformer(
+    width: int = 192,
+    double_blocks: int = 2,
+    single_blocks: int = 4,
+    head_dim: int = 64,
+    text_dim: int = 64,
+    pooled_dim: int = 64,
+) -> FluxTransformer2DModel:
+    """An untrained FLUX transformer for packed 32x32 RGB images (12 channels per token)."""
+    if width % head_dim or head_dim % 8:
+        raise ValueError(f"width {width} must be a multiple of head_dim {head_dim}, itself a multiple of 8")
+    axes = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * CHANNELS,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
+        attention_head_dim=head_dim,
+        num_attention_heads=width // head_dim,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=pooled_dim,
+        guidance_embeds=False,
+        axes_dims_rope=axes,
+    )
+
+
+def make_text_encoder(text_dim: int = 64, pooled_dim: int = 64) -> ClassTokenEncoder:
+    """The learned class-token "text encoder" (8 classes + the null class)."""
+    return ClassTokenEncoder(NUM_CLASSES, TEXT_TOKENS, text_dim, pooled_dim)
+
+
+def make_scheduler(
+    max_shift: float = DEFAULT_MAX_SHIFT, base_shift: float = 0.5
+) -> FlowMatchEulerDiscreteScheduler:
+    """FLUX's sampler config with the shift's sequence-length range scaled to 256 tokens
+    (``base_image_seq_len`` 16, ``max_image_seq_len`` 256: ``mu = max_shift`` here)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=base_shift,
+        max_shift=max_shift,
+        base_image_seq_len=16,
+        max_image_seq_len=TOKENS,
+        time_shift_type="exponential",
+    )
+
+
+class EmojiFluxPipeline(DigitsFluxPipeline):
+    """:class:`~benchmarks.testbeds.flux_testbed.DigitsFluxPipeline` at 32x32 RGB (emoji classes).
+
+    Initial noise ``randn(B, 3, 32, 32)`` packed to 256 tokens x 12; otherwise the digits FLUX
+    pipeline's loop: ``sigmas = linspace(1, 1/n, n)``, ``mu`` from the sequence length, one
+    ``set_timesteps`` per call, ONE transformer call per step on ``[cond; uncond]``.
+    """
+
+    default_checkpoint = DEFAULT_CHECKPOINT
+    null_class = NULL_CLASS
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | torch.Tensor,
+        num_inference_steps: int = 50,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pt",
+        progress: bool = True,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor | np.ndarray:
+        """Generate emoji of the given coarse classes; ``(B, 3, 32, 32)`` in ``[0, 1]`` (``"np"``:
+        channels last). Arguments as :meth:`DigitsFluxPipeline.__call__`."""
+        labels, latents = self._prepare(
+            class_labels, output_type, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator, latents
+        )
+        device, dtype = self._execution_device, self.transformer.dtype
+        latents = pack(latents)
+        prompt_embeds, pooled, txt_ids = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
+        img_ids = emoji_image_ids().to(device, dtype)
+
+        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            kwargs = {
+                "hidden_states": model_input,
+                "timestep": t.expand(model_input.shape[0]).to(dtype) / 1000,
+                "pooled_projections": pooled,
+                "encoder_hidden_states": prompt_embeds,
+                "txt_ids": txt_ids,
+                "img_ids": img_ids,
+            }
+            return self.transformer(**kwargs, **self._extra_transformer_kwargs(kwargs), return_dict=False)[0]
+
+        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        cfg = self.scheduler.config
+        mu = calculate_shift(
+            latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift
+        )
+        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+        latents = self._denoise(latents, guidance_scale, progress, predict)
+        return self._output(unpack(latents.float(), IMAGE_SIZE, IMAGE_SIZE), output_type)
