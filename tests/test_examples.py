@@ -27,10 +27,35 @@ CAL_DIR = Path(tempfile.mkdtemp(prefix="xslim-cal-"))  # the calibration JSONs t
 XSLIM = ["--xslim", "--xslim-polish", "block", "--xslim-warmup", "2"]
 
 
+def _distinct_ports(n: int) -> list[int]:
+    """``n`` free ports, all different: every socket is held open until all are chosen (ports
+    taken one at a time, each released before the next, can come back twice, and the
+    simultaneous launches below then fail with EADDRINUSE)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+_PORTS: list[int] = []
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The next of this module's distinct ports (a world of one gets one too: its rendezvous is
+    a TCP store, and the examples would otherwise each pick a port at start-up, racing the rest)."""
+    if not _PORTS:
+        _PORTS.extend(_distinct_ports(16))
+    return _PORTS.pop()
+
+
+def _one_process_env() -> dict[str, str]:
+    return dict(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    )
 
 
 def _env() -> dict[str, str]:
@@ -96,7 +121,9 @@ def runs() -> dict[str, tuple[int, str]]:
         key: subprocess.Popen(
             cmd,
             cwd=ROOT,
-            env=_env(),
+            env=_env()
+            if "torch.distributed.run" in cmd or key.endswith("-help")
+            else {**_env(), **_one_process_env()},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
