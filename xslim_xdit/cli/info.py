@@ -27,23 +27,20 @@ def _installed(name: str) -> str | None:
 
 
 def _accelerator() -> dict[str, Any]:
+    """The accelerator torch sees, of any kind (CUDA, ROCm, XPU, MPS, ...): through
+    ``torch.accelerator`` and the kind's device module, not a device literal."""
     import torch
 
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        kind = "rocm" if getattr(torch.version, "hip", None) else "cuda"
-        return {
-            "available": True,
-            "kind": kind,
-            "devices": [torch.cuda.get_device_name(i) for i in range(n)],
-        }
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return {"available": True, "kind": "mps", "devices": ["mps"]}
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        return {"available": True, "kind": "xpu", "devices": [f"xpu:{i}" for i in range(xpu.device_count())]}
-    return {"available": False, "kind": None, "devices": []}
+    if not torch.accelerator.is_available():
+        return {"available": False, "kind": None, "devices": []}
+    kind = torch.accelerator.current_accelerator().type
+    module = torch.get_device_module(kind)
+    count = torch.accelerator.device_count()
+    names = getattr(module, "get_device_name", None)
+    devices = [names(i) if names is not None else f"{kind}:{i}" for i in range(count)]
+    if getattr(torch.version, "hip", None):
+        kind = "rocm"  # a ROCm build's accelerator presents itself as CUDA
+    return {"available": True, "kind": kind, "devices": devices}
 
 
 def info_dict() -> dict[str, Any]:
