@@ -206,7 +206,9 @@ def add_parser(sub: Any) -> None:
         default="latent",
         help="the pipeline's output_type; the closed-loop check compares these outputs (default latent)",
     )
-    p.add_argument("--device", default=None, help="torch device (default: the accelerator torch finds, else cpu)")
+    p.add_argument(
+        "--device", default=None, help="torch device (default: the accelerator torch finds, else cpu)"
+    )
     p.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
