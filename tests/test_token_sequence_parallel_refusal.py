@@ -17,7 +17,7 @@ import pytest
 import torch
 from family_suite import _restorable_state
 
-from xslim_xdit import XSlimConfig
+from xslim_xdit import XSlimConfig, disable_xslim
 from xslim_xdit.config import ConfigError
 from xslim_xdit.integrations import xfuser as xfuser_integration
 from xslim_xdit.testing import tiny_model
@@ -58,7 +58,7 @@ def test_refused_before_any_work(sharded_layout, family: str) -> None:
     # without the token level the same layout is served
     engine = xfuser_integration.enable_xslim_xdit(model, XSlimConfig(polish="block"), num_inference_steps=6)
     assert engine.sequence_shards == 2
-    xfuser_integration.disable_xslim(model)
+    disable_xslim(model)
     assert _restorable_state(model) == before
 
 
@@ -73,4 +73,4 @@ def test_a_family_that_serves_it_is_not_refused(sharded_layout, monkeypatch: pyt
     model = tiny_model("flux")
     engine = xfuser_integration.enable_xslim_xdit(model, XSlimConfig(polish="auto"), num_inference_steps=6)
     assert engine.use_token and engine.token_ctx.gather is not None
-    xfuser_integration.disable_xslim(model)
+    disable_xslim(model)

@@ -32,10 +32,12 @@ from typing import Any
 
 import torch
 
-from ..api import XSlimPipelineWrapper, disable_xslim, enable_xslim, get_engines
+from ..adapters.base import adapter_for
+from ..api import XSlimPipelineWrapper, enable_xslim, get_engines
 from ..calibration.result import CalibrationResult
 from ..config import ConfigError, XSlimConfig
 from ..engine import XSlimEngine
+from ..experts import expert_transformers
 from ..observers import EngineObserver
 from ..parallel.failure import WATCHDOG_SLACK_S, watchdog_arm, watchdog_disarm
 from ..parallel.groups import SequenceParallelGather
@@ -280,25 +282,22 @@ def enable_xslim_xdit(
             "buffer is then sharded over the sequence ranks); use polish='block' or 'none', or a schedule "
             "without token steps, or PipeFusion alone"
         )
+    if layout["sp"] > 1 and "token" in config.levels:
+        # refused before anything is attached or any group is created
+        for transformer in expert_transformers(pipe_or_transformer).values():
+            adapter = adapter_for(transformer)
+            if adapter.token_sequence_parallel_refusal:
+                raise ConfigError(
+                    f"family {adapter.name!r}: token refresh (level 'token') under sequence parallelism "
+                    f"(ulysses_degree x ring_degree = {layout['sp']}) is not supported: "
+                    f"{adapter.token_sequence_parallel_refusal}; use polish='block' or 'none', or a "
+                    "schedule without token steps"
+                )
     if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or timeout_s <= 0:
         raise ValueError(f"timeout_s must be a number of seconds > 0; got {timeout_s!r}")
     group, ranks = generation_group(timeout_s)
     sync = GroupSync(group, timeout_s=timeout_s) if len(ranks) > 1 else LocalSync()
     first = enable_xslim(pipe_or_transformer, config, sync=sync, **passed)
-    if layout["sp"] > 1:
-        refused = {
-            e.adapter.name: e.adapter.token_sequence_parallel_refusal
-            for e in get_engines(pipe_or_transformer).values()
-            if e.use_token and e.adapter.token_sequence_parallel_refusal
-        }
-        if refused:
-            disable_xslim(pipe_or_transformer)  # nothing has run yet: leave the model as it was
-            name, why = next(iter(refused.items()))
-            raise ConfigError(
-                f"family {name!r}: token refresh (level 'token') under sequence parallelism "
-                f"(ulysses_degree x ring_degree = {layout['sp']}) is not supported: {why}; use "
-                "polish='block' or 'none', or a schedule without token steps"
-            )
     # every expert of a two-expert pipeline (Wan 2.2 A14B) runs sharded alike
     for engine in get_engines(pipe_or_transformer).values():
         engine.sequence_shards = layout["sp"]
