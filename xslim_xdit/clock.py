@@ -54,11 +54,16 @@ class StepClock:
     def __init__(self) -> None:
         #: the pipeline's scheduler counts steps (set by :meth:`follow_scheduler`)
         self.scheduler_driven = False
+        #: the current call's ``cache_context`` name (``"cond"``, ``"uncond"``, ...), or None:
+        #: which guidance branch the call holds, whatever its index (under CFG parallelism each
+        #: rank's only branch is its branch 0, so the index cannot say)
+        self.name: str | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.step = -1
         self.branch = 0
+        self.name = None
         self._steps_done = 0  # scheduler.step() calls since the run started
         self._calls_this_step = 0
         self._names: dict[str, int] = {}
@@ -109,6 +114,7 @@ class StepClock:
             branch = self._calls_this_step
         self._calls_this_step += 1
         self.step, self.branch, self._last_t, self._fresh = step, branch, timestep, False
+        self.name = None if name is None else str(name)
         return new_run, step, branch
 
     def _check_first_steps(self) -> None:

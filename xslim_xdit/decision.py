@@ -12,8 +12,10 @@ the schedule through the controller, the decision of the previous pipeline stage
   controller;
 * takes the block set (whole depth, from reduced block statistics) and the token set.
 
-Later guidance branches of a step follow the step's first branch. Under PipeFusion the first
-stage decides and the later stages receive, all behind the same sync interface.
+Later guidance branches of a step follow the step's first branch. Under CFG parallelism with one
+branch per rank, the rank holding that first (lead) branch supplies the statistics
+(:attr:`DecisionRoom.branch_name`). Under PipeFusion the first stage decides and the later stages
+receive, all behind the same sync interface.
 
 Example:
     >>> import torch
@@ -42,7 +44,7 @@ from .adapters.attention import flat_rows
 from .caches import BranchCaches
 from .config import XSlimConfig
 from .controller import Controller, StepDecision, StepKind, select_blocks, tokens_per_group
-from .parallel.sync import DecisionSync
+from .parallel.sync import LEAD_BRANCHES, DecisionSync, sum_from_lead_branch
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,14 @@ class DecisionRoom:
         #: (calibration's recording mode: the value is written into the profile, so every rank
         #: must hold the same bytes; decisions never need it, the kind is agreed as an integer)
         self.exact_sums = False
+        #: ``() -> name`` of the current call's guidance branch (its ``cache_context`` name), or
+        #: None (the default): set under CFG parallelism (the xDiT integration: the clock's name),
+        #: so that the statistics of the rank holding a branch in :attr:`lead_branches` decide,
+        #: as the single device's first call of a step does (``docs/parallel.md``). Override it
+        #: where a pipeline names its ranks' branches alike (e.g. by CFG rank).
+        self.branch_name: Callable[[], str | None] | None = None
+        #: the branch names a single device calls first in each step
+        self.lead_branches: frozenset[str] = LEAD_BRANCHES
 
     def start_run(self, controller: Controller) -> None:
         self.controller = controller
@@ -273,8 +283,15 @@ class DecisionRoom:
         sums = torch.stack(
             [(probe - previous).abs().sum(dtype=torch.float64), previous.abs().sum(dtype=torch.float64)]
         )
-        sums = self.sync.sum_exact(sums) if self.exact_sums else self.sync.sum_partials(sums)
+        sums = self._reduce(sums, self.sync.sum_exact if self.exact_sums else self.sync.sum_partials)
         return float(sums[0] / sums[1]) if float(sums[1]) > 0 else None
+
+    def _reduce(self, partials: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``reduce(partials)``; with :attr:`branch_name` set, from the lead branch's ranks when
+        the group's calls hold different guidance branches (CFG parallel, separate calls)."""
+        if self.branch_name is None:
+            return reduce(partials)
+        return sum_from_lead_branch(partials, reduce, self.branch_name(), self.lead_branches)
 
     def _decide_here(
         self,
@@ -328,7 +345,7 @@ class DecisionRoom:
             )
         local = image_block_partials(caches, parts)
         local = self.sync.whole_depth_block_partials(local)
-        sums = self.sync.sum_block_partials(local.clone())
+        sums = self._reduce(local.clone(), self.sync.sum_block_partials)
         if sums.shape[0] != self.layout.total_blocks:
             raise RuntimeError(
                 f"block statistics cover {sums.shape[0]} blocks, the model has {self.layout.total_blocks}"

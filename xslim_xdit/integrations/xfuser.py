@@ -313,6 +313,10 @@ def enable_xslim_xdit(
                 token_groups=_patch_token_groups,
                 kv_buffer=_patch_kv_buffer,
             )
+        if layout["cfg"] > 1:
+            # a pipeline that calls each branch separately puts one per rank: the rank holding the
+            # branch one device calls first ("cond") decides the step, as one device's first call
+            engine.room.branch_name = lambda clock=engine.clock: clock.name
         if engine.samples is not None and layout["cfg"] > 1:
             # each rank holds one guidance branch: its row i is sample i (xfuser splits the
             # batched [uncond, cond] halves over the CFG ranks), and the reduction adds the branches

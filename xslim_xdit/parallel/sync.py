@@ -8,7 +8,7 @@ on. On one device both are identities.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -122,6 +122,57 @@ class DecisionSync:
 
 class LocalSync(DecisionSync):
     """Single device, no torch.distributed: every call is an identity."""
+
+
+#: the guidance branches a single device calls first in each step: every diffusers pipeline that
+#: calls its branches separately opens ``cache_context("cond")`` before ``("uncond")`` (Wan,
+#: Qwen-Image, FLUX, HunyuanVideo, CogView4, ...), the guider-driven ones ``"pred_cond"`` first
+LEAD_BRANCHES: frozenset[str] = frozenset({"cond", "pred_cond"})
+
+
+def sum_from_lead_branch(
+    partials: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+    branch: str | None,
+    lead_branches: frozenset[str] = LEAD_BRANCHES,
+) -> torch.Tensor:
+    """``reduce`` (an exact sum over the decision group) of ``partials``, counting only the ranks
+    that hold the lead guidance branch when the group's calls hold different named branches.
+
+    A single device that calls each guidance branch separately decides a step at its first call,
+    the lead branch (:data:`LEAD_BRANCHES`), from that branch's statistics alone; under CFG
+    parallelism (one branch per rank, e.g. xfuser's Wan I2V pipeline) every rank's call is the
+    first of its step. So the partial sums travel twice in one reduction: as they are, and zeroed
+    on every rank whose ``branch`` (its ``cache_context`` name) is not a lead branch, with two
+    counters (ranks holding a lead branch, ranks holding another named branch). When both
+    counters are positive the lead-only sums are returned (the lead's values plus zeros: the
+    single device's, exactly, without SP); otherwise (one device, SP alone, batched guidance,
+    unnamed calls) the plain sums. Every rank gets the same sums, so no agreement is needed.
+    Every rank of the group must call it alike (the payload is ``2 * numel + 2`` float64).
+
+    Example:
+        >>> def with_cond_rank(packed):  # the other rank holds "cond", with partial sums [5, 2]
+        ...     return packed + torch.tensor([5.0, 2.0, 5.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+        >>> sum_from_lead_branch(torch.tensor([3.0, 2.0]), with_cond_rank, "uncond").tolist()
+        [5.0, 2.0]
+        >>> sum_from_lead_branch(torch.tensor([3.0, 2.0]), LocalSync().sum_partials, "uncond").tolist()
+        [3.0, 2.0]
+    """
+    flat = partials.detach().to(torch.float64).reshape(-1)
+    lead = branch is not None and branch in lead_branches
+    other = branch is not None and not lead
+    packed = torch.cat(
+        [
+            flat,
+            flat if lead else torch.zeros_like(flat),  # zeros, not a product: inf * 0 is NaN
+            torch.tensor([float(lead), float(other)], dtype=torch.float64, device=flat.device),
+        ]
+    )
+    total = reduce(packed)
+    n = flat.numel()
+    separate_branches = float(total[-2]) > 0 and float(total[-1]) > 0
+    chosen = total[n : 2 * n] if separate_branches else total[:n]
+    return chosen.reshape(partials.shape).to(partials.device)
 
 
 def _comm_device(group: object, device: torch.device | None) -> torch.device:
