@@ -12,6 +12,7 @@ under CFG parallel 2 (its only Wan pipeline with CFG parallelism).
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,13 +37,23 @@ PIPE_SCHEDULE = dict(
 )
 #: online on the I2V pipeline (8 steps, an expert switch at step 4)
 I2V_ONLINE = dict(warn=0.12, crit=0.26, polish="auto", warmup_steps=1, token_ratio=0.5)
+#: issue #11, block polish under CFG parallel: with the negative prompt embeddings x 30 the two
+#: branches rank their blocks differently; these thresholds chose other masks under CFG parallel
+#: than on one device before the lead-branch rule (docs/parallel.md)
+I2V_BLOCK = dict(warn=0.12, crit=0.26, polish="block", warmup_steps=1, block_first_n=0)
+I2V_BLOCK_THRESHOLDS = (0.9, 1.1)
+I2V_BLOCK_CASES = tuple(f"i2v_block_{t}" for t in I2V_BLOCK_THRESHOLDS)
+NEGATIVE_SCALE = 30.0
 #: the layouts of the bare transformer, in the order one launch runs them
 LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2)}
 
 
 def config(which: str, sp: int) -> XSlimConfig:
     """The run's config; ``sp`` token groups make the single device select tokens within each
-    rank's shard, as the ranks do (contiguous chunks of the flattened video tokens)."""
+    rank's shard, as the ranks do (contiguous chunks of the flattened video tokens).
+    ``"i2v_block_<thresh>"``: :data:`I2V_BLOCK` with that ``block_thresh``."""
+    if which.startswith("i2v_block_"):
+        return XSlimConfig(block_thresh=float(which.removeprefix("i2v_block_")), **I2V_BLOCK)
     table = {"online": ONLINE, "schedule": SCHEDULE, "pipeline": PIPE_SCHEDULE, "i2v_online": I2V_ONLINE}
     return XSlimConfig(token_groups=sp, **table[which])
 
@@ -70,9 +81,10 @@ def _run_pipe(call: Any) -> torch.Tensor:
     ).frames
 
 
-def _run_i2v(call: Any) -> torch.Tensor:
+def _run_i2v(call: Any, negative_scale: float = 1.0) -> torch.Tensor:
     """Wan 2.2 A14B I2V's call (prompt embeddings given: the I2V pipeline's prompt cleaning
-    needs ftfy), as tests/test_wan_pipelines.py makes it."""
+    needs ftfy), as tests/test_wan_pipelines.py makes it; ``negative_scale`` scales the negative
+    prompt embeddings (x 30: the branches' per-block magnitudes rank differently)."""
     import PIL.Image
 
     from xslim_xdit.testing.pipelines import TINY_WAN_CALL_KWARGS
@@ -81,7 +93,7 @@ def _run_i2v(call: Any) -> torch.Tensor:
     return call(
         image=PIL.Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()),
         prompt_embeds=torch.randn(1, 8, 16, generator=g),
-        negative_prompt_embeds=torch.randn(1, 8, 16, generator=g),
+        negative_prompt_embeds=torch.randn(1, 8, 16, generator=g) * negative_scale,
         num_inference_steps=PIPE_STEPS,
         output_type="latent",
         generator=torch.Generator().manual_seed(0),
@@ -89,16 +101,27 @@ def _run_i2v(call: Any) -> torch.Tensor:
     ).frames
 
 
-def _pipe_result(pipe: Any, cfg: XSlimConfig, wrapper: type, run: Any = None) -> dict[str, Any]:
+def _pipe_result(
+    pipe: Any, cfg: XSlimConfig, wrapper: type, run: Any = None, lead_rule: bool = True
+) -> dict[str, Any]:
     """Plain run, then a run through ``wrapper(pipe, cfg)`` (X-Slim's pipeline wrapper, or its
-    xDiT one): both experts' decision logs."""
+    xDiT one): both experts' decision logs. ``lead_rule=False``: the rooms are not told the
+    calls' guidance branches (the summed rule from before issue #11's lead-branch rule)."""
     run = run or _run_pipe
     plain = run(pipe)
     wrapped = wrapper(pipe, cfg)
-    x = run(wrapped)
     engines = get_engines(pipe)
+    if not lead_rule:
+        for e in engines.values():
+            e.room.branch_name = None
+    x = run(wrapped)
     res = {
         "logs": {name: e.statistics.decision_log() for name, e in engines.items()},
+        # the step indicator each decision read (branch 0: one device's first branch, a rank's own)
+        "indicators": {
+            name: [r.indicator for r in e.statistics.run_records() if r.branch == 0]
+            for name, e in engines.items()
+        },
         # transformer calls per expert: two per step on one device (both guidance branches), one
         # per rank under CFG parallel
         "calls": {name: len(e.statistics.run_records()) for name, e in engines.items()},
@@ -119,13 +142,20 @@ def single_device_pipeline(sp: int) -> dict[str, Any]:
     return _pipe_result(pipe, config("pipeline", sp), XSlimPipelineWrapper)
 
 
+def _i2v_run_for(which: str) -> Any:
+    """The I2V call of case ``which``: the block-polish cases scale the negative embeddings."""
+    if which.startswith("i2v_block_"):
+        return functools.partial(_run_i2v, negative_scale=NEGATIVE_SCALE)
+    return _run_i2v
+
+
 def single_device_i2v(which: str) -> dict[str, Any]:
     """Wan 2.2 A14B I2V's two experts in diffusers' ``WanImageToVideoPipeline`` on one device."""
     from xslim_xdit.testing.pipelines import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline(experts=2, image_to_video=True)
     pipe.set_progress_bar_config(disable=True)
-    return _pipe_result(pipe, config(which, 1), XSlimPipelineWrapper, _run_i2v)
+    return _pipe_result(pipe, config(which, 1), XSlimPipelineWrapper, _i2v_run_for(which))
 
 
 def _xfuser_wan(model: torch.nn.Module) -> torch.nn.Module:
@@ -218,9 +248,16 @@ def wan_cases(rank: int, world: int) -> dict[str, Any]:
         pipe.set_progress_bar_config(disable=True)
         from xfuser.core.distributed import get_classifier_free_guidance_world_size
 
-        for which in ("pipeline", "i2v_online"):
-            out[f"cfg2/{which}"] = _pipe_result(pipe, config(which, 1), XSlimXFuserWrapper, _run_i2v)
+        for which in ("pipeline", "i2v_online", *I2V_BLOCK_CASES):
+            out[f"cfg2/{which}"] = _pipe_result(
+                pipe, config(which, 1), XSlimXFuserWrapper, _i2v_run_for(which)
+            )
             out[f"cfg2/{which}"]["cfg_degree"] = get_classifier_free_guidance_world_size()
+        # the summed rule once, to show the block cases tell the two rules apart
+        which = I2V_BLOCK_CASES[0]
+        out[f"cfg2/{which}/summed"] = _pipe_result(
+            pipe, config(which, 1), XSlimXFuserWrapper, _i2v_run_for(which), lead_rule=False
+        )
         return out
     finally:
         dist.destroy_process_group()
