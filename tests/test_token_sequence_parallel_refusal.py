@@ -1,5 +1,5 @@
 """Token refresh under sequence parallelism for a family that cannot serve it there (LTX-2,
-CogVideoX, Qwen-Image, Z-Image) is refused by ``enable_xslim_xdit`` itself, before any work
+Qwen-Image, Z-Image) is refused by ``enable_xslim_xdit`` itself, before any work
 starts, and the model is left as it was; families that serve it are not refused.
 
 One process: torch.distributed is initialised with a single gloo rank, and xfuser's layout is
@@ -48,7 +48,7 @@ def sharded_layout(monkeypatch: pytest.MonkeyPatch):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("family", ["ltx2", "cogvideox", "qwen_image", "z_image"])
+@pytest.mark.parametrize("family", ["ltx2", "qwen_image", "z_image"])
 def test_refused_before_any_work(sharded_layout, family: str) -> None:
     model = tiny_model(family)
     before = _restorable_state(model)
@@ -62,15 +62,18 @@ def test_refused_before_any_work(sharded_layout, family: str) -> None:
     assert _restorable_state(model) == before
 
 
-def test_a_family_that_serves_it_is_not_refused(sharded_layout, monkeypatch: pytest.MonkeyPatch) -> None:
-    # FLUX's token path under Ulysses is tested with ranks (tests/test_parallel_xdit.py); here only
-    # that the refusal does not fire. Importing xfuser needs its CPU compatibility layer, so the
+@pytest.mark.parametrize("family", ["flux", "cogvideox"])
+def test_a_family_that_serves_it_is_not_refused(
+    sharded_layout, monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    # Their token paths under Ulysses and Ring are tested with ranks (tests/test_parallel_xdit.py,
+    # tests/test_parallel_xdit_sp_token.py); here only that the refusal does not fire. Importing xfuser needs its CPU compatibility layer, so the
     # two functions the gather set-up reads come from a stand-in module.
     fake = types.ModuleType("xfuser.core.distributed")
     fake.get_sp_group = lambda: types.SimpleNamespace(device_group=None)
     fake.get_runtime_state = lambda: types.SimpleNamespace(split_text_embed_in_sp=False)
     monkeypatch.setitem(sys.modules, "xfuser.core.distributed", fake)
-    model = tiny_model("flux")
+    model = tiny_model(family)
     engine = xfuser_integration.enable_xslim_xdit(model, XSlimConfig(polish="auto"), num_inference_steps=6)
     assert engine.use_token and engine.token_ctx.gather is not None
     disable_xslim(model)

@@ -1,0 +1,142 @@
+"""Rank functions for token refresh under xDiT's sequence parallelism (Ulysses 2, Ring 2) for the
+families whose token level needed work there, on CPU with gloo, and the single-device references:
+
+- CogVideoX through xfuser's ``xFuserCogVideoXPipeline`` (the pipeline splits the latents by rows
+  and the text by tokens; xfuser's attention wrapper passes ``latte_temporal_attention=False`` to
+  the processor): one latent frame, so that a rank's rows are one contiguous chunk of the flattened
+  video tokens and a single device with ``token_groups=2`` selects within the same groups (with
+  several frames a rank holds the same rows of every frame, which no contiguous groups describe).
+
+Each layout runs a plain pipeline call, then X-Slim with a schedule (every level), online (token
+polish) and forced full with every level offered. Every case records the decision log, the token
+sets each token step selected (``_select_tokens``'s index: within the rank's shard on a rank) and
+the output. One launch runs every case.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xslim_xdit import Schedule, XSlimConfig, disable_xslim, enable_xslim
+from xslim_xdit.engine import XSlimEngine
+
+#: (Ulysses, Ring) degrees, in the order one launch runs them
+LAYOUTS = {"ulysses2": (2, 1), "ring2": (1, 2)}
+#: CogVideoX's pipeline steps and configs (on one device: schedule FFBTSF, online FFSTTF)
+COG_STEPS = 6
+COG_CONFIGS = {
+    "schedule": dict(mode="schedule", schedule=Schedule(COG_STEPS, (0, 1, 5), (2,), (3,)), token_ratio=0.5),
+    "online": dict(warn=0.15, crit=0.35, polish="token", warmup_steps=2, partial_reset=0.3, token_ratio=0.5),
+    # every step forced full with every level offered: the token processors only delegate
+    "forced": dict(warn=1e-12, crit=2e-12, polish="auto"),
+}
+
+
+def record_token_sets(engine: XSlimEngine) -> list[torch.Tensor]:
+    """The token sets every token step of ``engine`` selects, in call order (test instrumentation:
+    the decision room's selection wrapped on this engine only)."""
+    picks: list[torch.Tensor] = []
+    select = engine.room._select_tokens
+
+    def recorded(caches: Any) -> torch.Tensor:
+        index = select(caches)
+        picks.append(index.detach().clone())
+        return index
+
+    engine.room._select_tokens = recorded  # type: ignore[method-assign]
+    return picks
+
+
+def _cog_call(pipe: Any) -> torch.Tensor | None:
+    """The tiny CogVideoX call with one latent frame (8 x 8 latents: 16 video tokens, 6 text
+    tokens, batched CFG); None on a rank that returns no output."""
+    from xslim_xdit.testing.cogvideox_pipelines import TINY_COGVIDEOX_CALL_KWARGS
+
+    kwargs = dict(TINY_COGVIDEOX_CALL_KWARGS, num_frames=1)
+    out = pipe(
+        "a cat",
+        negative_prompt="a dog",
+        num_inference_steps=COG_STEPS,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
+    # xfuser's CogVideoX pipeline returns frames [None] (one per sample) on the ranks without output
+    return None if isinstance(out.frames, list) and all(f is None for f in out.frames) else out.frames
+
+
+def _cog_base() -> Any:
+    """The tiny ``CogVideoXPipeline`` with the deterministic DDIM scheduler (see
+    ``tests/_xdit_more_workers.py``: the DPM scheduler's noise is drawn per shard under SP)."""
+    from _xdit_more_workers import _base_pipeline
+
+    return _base_pipeline("cogvideox")
+
+
+def _run_configs(pipe: Any, call: Any, configs: dict[str, dict[str, Any]], enable: Any) -> dict[str, Any]:
+    """A plain call, then one call per X-Slim config: log, token sets, output, collectives."""
+    out: dict[str, Any] = {"plain": call(pipe)}
+    for which, cfg in configs.items():
+        eng = enable(pipe, XSlimConfig(**cfg))
+        picks = record_token_sets(eng)
+        x = call(pipe)
+        out[which] = {
+            "log": eng.statistics.decision_log(),
+            "picks": picks,
+            "x": x,
+            "collectives": eng.sync.collectives,
+            "gathers": getattr(eng.token_ctx.gather, "collectives", 0) if eng.token_ctx is not None else 0,
+        }
+        disable_xslim(pipe)
+    return out
+
+
+def single_device_cogvideox() -> dict[str, Any]:
+    """The diffusers ``CogVideoXPipeline`` on one device, token groups 2 (a rank's rows)."""
+
+    def enable(pipe: Any, cfg: XSlimConfig) -> XSlimEngine:
+        return enable_xslim(pipe, cfg.replace(token_groups=2))
+
+    return _run_configs(_cog_base(), _cog_call, COG_CONFIGS, enable)
+
+
+def _xfuser_cogvideox(ulysses: int, ring: int) -> dict[str, Any]:
+    from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
+
+    apply_xfuser_cpu_compat()  # before xfuser is imported
+    from xfuser.core.distributed import get_ring_parallel_world_size, get_ulysses_parallel_world_size
+    from xfuser.model_executor.pipelines.pipeline_cogvideox import xFuserCogVideoXPipeline
+
+    from xslim_xdit.integrations.xfuser import enable_xslim_xdit
+    from xslim_xdit.testing.xfuser import xfuser_engine_config
+
+    engine_config, _ = xfuser_engine_config(height=64, width=64, ulysses_degree=ulysses, ring_degree=ring)
+    pipe = xFuserCogVideoXPipeline(_cog_base(), engine_config)
+    pipe.set_progress_bar_config(disable=True)
+    out = _run_configs(pipe, _cog_call, COG_CONFIGS, enable_xslim_xdit)  # each rank selects in its shard
+    out["degrees"] = (get_ulysses_parallel_world_size(), get_ring_parallel_world_size())
+    out["transformer"] = type(pipe.transformer).__name__
+    return out
+
+
+def sp_token_cases(rank: int, world: int) -> dict[str, Any]:
+    """Every case of one 2-rank launch, keyed ``"<family>/<layout>"``; a case that raises is
+    recorded as ``{"error": traceback}`` (the others still run)."""
+    from xslim_xdit.integrations.xfuser_runtime import reset_xfuser_parallel_state
+
+    dist.init_process_group("gloo")
+    out: dict[str, Any] = {}
+    try:
+        for layout, (ulysses, ring) in LAYOUTS.items():
+            try:
+                out[f"cogvideox/{layout}"] = _xfuser_cogvideox(ulysses, ring)
+            except Exception:  # recorded: the test shows it; later cases still pair up
+                out[f"cogvideox/{layout}"] = {"error": traceback.format_exc()}
+            reset_xfuser_parallel_state()
+        return out
+    finally:
+        dist.destroy_process_group()
