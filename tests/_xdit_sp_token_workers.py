@@ -5,7 +5,10 @@ families whose token level needed work there, on CPU with gloo, and the single-d
   and the text by tokens; xfuser's attention wrapper passes ``latte_temporal_attention=False`` to
   the processor): one latent frame, so that a rank's rows are one contiguous chunk of the flattened
   video tokens and a single device with ``token_groups=2`` selects within the same groups (with
-  several frames a rank holds the same rows of every frame, which no contiguous groups describe).
+  several frames a rank holds the same rows of every frame, which no contiguous groups describe);
+- Qwen-Image through xfuser's bare ``xFuserQwenImageTransformerWrapper`` (image and text tokens
+  chunked over the ranks, each stream's RoPE table chunked alike; every text token valid, see
+  ``tests/_xdit_image_workers.py``), 10 steps.
 
 Each layout runs a plain pipeline call, then X-Slim with a schedule (every level), online (token
 polish) and forced full with every level offered. Every case records the decision log, the token
@@ -32,6 +35,18 @@ COG_CONFIGS = {
     "schedule": dict(mode="schedule", schedule=Schedule(COG_STEPS, (0, 1, 5), (2,), (3,)), token_ratio=0.5),
     "online": dict(warn=0.15, crit=0.35, polish="token", warmup_steps=2, partial_reset=0.3, token_ratio=0.5),
     # every step forced full with every level offered: the token processors only delegate
+    "forced": dict(warn=1e-12, crit=2e-12, polish="auto"),
+}
+
+
+#: Qwen-Image's steps and configs (on one device: schedule FFBTTFTBTF... as SCHEDULE below, online
+#: FFSTTTFSTF)
+QWEN_STEPS = 10
+QWEN_CONFIGS = {
+    "schedule": dict(
+        mode="schedule", schedule=Schedule(QWEN_STEPS, (0, 1, 5, 9), (2, 7), (3, 4, 6)), token_ratio=0.5
+    ),
+    "online": dict(warn=0.12, crit=0.26, polish="token", warmup_steps=2, partial_reset=0.3, token_ratio=0.5),
     "forced": dict(warn=1e-12, crit=2e-12, polish="auto"),
 }
 
@@ -123,6 +138,51 @@ def _xfuser_cogvideox(ulysses: int, ring: int) -> dict[str, Any]:
     return out
 
 
+def _qwen_run(model: torch.nn.Module) -> torch.Tensor:
+    from _xdit_image_workers import qwen_inputs
+
+    from xslim_xdit.testing import denoise
+
+    return denoise(model, "qwen_image", *qwen_inputs(), QWEN_STEPS)
+
+
+def single_device_qwen_image() -> dict[str, Any]:
+    """The diffusers ``QwenImageTransformer2DModel`` on one device, token groups 2."""
+    from xslim_xdit.testing import tiny_model
+
+    def enable(model: Any, cfg: XSlimConfig) -> XSlimEngine:
+        return enable_xslim(model, cfg.replace(token_groups=2), num_inference_steps=QWEN_STEPS)
+
+    return _run_configs(tiny_model("qwen_image"), _qwen_run, QWEN_CONFIGS, enable)
+
+
+def _xfuser_qwen_image(ulysses: int, ring: int) -> dict[str, Any]:
+    from xslim_xdit.integrations.xfuser_runtime import init_xfuser_runtime
+    from xslim_xdit.testing import tiny_model
+
+    model = tiny_model("qwen_image")
+    # 4 x 4 image tokens (64 x 64 pixels), 6 text tokens; Ring gets SDPA_FLASH on CPU
+    init_xfuser_runtime(
+        model, height=64, width=64, max_condition_sequence_length=6, ulysses_degree=ulysses, ring_degree=ring
+    )
+    from xfuser.core.distributed import get_ring_parallel_world_size, get_ulysses_parallel_world_size
+    from xfuser.model_executor.models.transformers.transformer_qwen import xFuserQwenImageTransformerWrapper
+
+    from xslim_xdit.integrations.xfuser import enable_xslim_xdit
+
+    xmodel = xFuserQwenImageTransformerWrapper.from_config(model.config)
+    xmodel.load_state_dict(model.state_dict())
+    xmodel.eval()
+
+    def enable(m: Any, cfg: XSlimConfig) -> XSlimEngine:
+        return enable_xslim_xdit(m, cfg, num_inference_steps=QWEN_STEPS)
+
+    out = _run_configs(xmodel, _qwen_run, QWEN_CONFIGS, enable)
+    out["degrees"] = (get_ulysses_parallel_world_size(), get_ring_parallel_world_size())
+    out["transformer"] = type(xmodel).__name__
+    return out
+
+
 def sp_token_cases(rank: int, world: int) -> dict[str, Any]:
     """Every case of one 2-rank launch, keyed ``"<family>/<layout>"``; a case that raises is
     recorded as ``{"error": traceback}`` (the others still run)."""
@@ -132,11 +192,12 @@ def sp_token_cases(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         for layout, (ulysses, ring) in LAYOUTS.items():
-            try:
-                out[f"cogvideox/{layout}"] = _xfuser_cogvideox(ulysses, ring)
-            except Exception:  # recorded: the test shows it; later cases still pair up
-                out[f"cogvideox/{layout}"] = {"error": traceback.format_exc()}
-            reset_xfuser_parallel_state()
+            for family, fn in (("cogvideox", _xfuser_cogvideox), ("qwen_image", _xfuser_qwen_image)):
+                try:
+                    out[f"{family}/{layout}"] = fn(ulysses, ring)
+                except Exception:  # recorded: the test shows it; later cases still pair up
+                    out[f"{family}/{layout}"] = {"error": traceback.format_exc()}
+                reset_xfuser_parallel_state()
         return out
     finally:
         dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """Token refresh under xDiT's sequence parallelism (xfuser 0.7, Ulysses 2 and Ring 2, CPU, gloo)
-for CogVideoX (through ``xFuserCogVideoXPipeline``): every rank's decision log equals the single
+for CogVideoX (through ``xFuserCogVideoXPipeline``) and Qwen-Image (through xfuser's bare
+``xFuserQwenImageTransformerWrapper``): every rank's decision log equals the single
 device's (``token_groups`` = 2 there), each token step's token set on a rank is the single
 device's set within that rank's shard, the output agrees with the single device's, and forced
 full with every level offered equals plain xfuser.
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from _dist import run_ranks
-from _xdit_sp_token_workers import LAYOUTS, single_device_cogvideox, sp_token_cases
+from _xdit_sp_token_workers import LAYOUTS, single_device_cogvideox, single_device_qwen_image, sp_token_cases
 
 pytestmark = pytest.mark.multiproc
 
@@ -30,9 +31,22 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return run_ranks(sp_token_cases, 2, out, timeout=300)
 
 
+#: family -> (its single-device reference, xfuser's transformer wrapper, image tokens per rank)
+FAMILIES = {
+    "cogvideox": (single_device_cogvideox, "xFuserCogVideoXTransformer3DWrapper", 8),
+    "qwen_image": (single_device_qwen_image, "xFuserQwenImageTransformerWrapper", 8),
+}
+
+
 @pytest.fixture(scope="module")
-def cog_ref() -> dict[str, Any]:
-    return single_device_cogvideox()
+def refs() -> dict[str, dict[str, Any]]:
+    return {}
+
+
+def _ref(refs: dict[str, dict[str, Any]], family: str) -> dict[str, Any]:
+    if family not in refs:
+        refs[family] = FAMILIES[family][0]()
+    return refs[family]
 
 
 def _got(ranks: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
@@ -53,17 +67,20 @@ def _shard_picks(picks: list[torch.Tensor], rank: int, shard: int) -> list[torch
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_cogvideox_token_refresh_under_usp_matches_single_device(ranks, cog_ref, layout):
-    got = _got(ranks, f"cogvideox/{layout}")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_token_refresh_under_usp_matches_single_device(ranks, refs, family, layout):
+    ref_all = _ref(refs, family)
+    _, wrapper, shard = FAMILIES[family]
+    got = _got(ranks, f"{family}/{layout}")
     for g in got:
         assert g["degrees"] == LAYOUTS[layout]  # (Ulysses, Ring) as xfuser ran it
-        assert g["transformer"] == "xFuserCogVideoXTransformer3DWrapper"
+        assert g["transformer"] == wrapper
     outputs = [g for g in got if g["plain"] is not None]  # xfuser returns the latents on the last rank
     assert outputs
     for g in outputs:
-        torch.testing.assert_close(g["plain"], cog_ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
+        torch.testing.assert_close(g["plain"], ref_all["plain"], rtol=0, atol=ATOL)  # xfuser itself
     for which in ("schedule", "online"):
-        ref = cog_ref[which]
+        ref = ref_all[which]
         kinds = {k for k, _, _ in ref["log"]}
         assert "token" in kinds and "full" in kinds
         if which == "schedule":
@@ -73,7 +90,7 @@ def test_cogvideox_token_refresh_under_usp_matches_single_device(ranks, cog_ref,
             r = g[which]
             assert r["log"] == ref["log"], which
             assert len(r["picks"]) == len(ref["picks"])
-            for mine, theirs in zip(r["picks"], _shard_picks(ref["picks"], rank, 8), strict=True):
+            for mine, theirs in zip(r["picks"], _shard_picks(ref["picks"], rank, shard), strict=True):
                 assert torch.equal(mine, theirs), which
             assert r["collectives"] > 0 and r["gathers"] > 0  # the other shard's K/V really came
         for g in outputs:
