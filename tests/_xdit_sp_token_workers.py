@@ -8,7 +8,10 @@ families whose token level needed work there, on CPU with gloo, and the single-d
   several frames a rank holds the same rows of every frame, which no contiguous groups describe);
 - Qwen-Image through xfuser's bare ``xFuserQwenImageTransformerWrapper`` (image and text tokens
   chunked over the ranks, each stream's RoPE table chunked alike; every text token valid, see
-  ``tests/_xdit_image_workers.py``), 10 steps.
+  ``tests/_xdit_image_workers.py``), 10 steps;
+- LTX-2 through xfuser's bare ``xFuserLTX2VideoTransformer3DWrapper`` (video tokens and their RoPE
+  tables chunked, audio whole on every rank; its video-to-audio processor all-gathers the video
+  before its projections), the "split" RoPE layout (see ``tests/_xdit_more_workers.py``), 10 steps.
 
 Each layout runs a plain pipeline call, then X-Slim with a schedule (every level), online (token
 polish) and forced full with every level offered. Every case records the decision log, the token
@@ -48,6 +51,15 @@ QWEN_CONFIGS = {
     ),
     "online": dict(warn=0.12, crit=0.26, polish="token", warmup_steps=2, partial_reset=0.3, token_ratio=0.5),
     "forced": dict(warn=1e-12, crit=2e-12, polish="auto"),
+}
+
+
+#: LTX-2's steps and configs (on one device: online FFSTTTTTTF)
+LTX2_STEPS = 10
+LTX2_CONFIGS = {
+    "schedule": QWEN_CONFIGS["schedule"],
+    "online": dict(warn=0.12, crit=0.26, polish="token", warmup_steps=2, partial_reset=0.3, token_ratio=0.5),
+    "forced": QWEN_CONFIGS["forced"],
 }
 
 
@@ -183,6 +195,42 @@ def _xfuser_qwen_image(ulysses: int, ring: int) -> dict[str, Any]:
     return out
 
 
+def _ltx2_run(model: torch.nn.Module) -> torch.Tensor:
+    from xslim_xdit.testing import sample
+
+    return sample(model, "ltx2", steps=LTX2_STEPS)
+
+
+def single_device_ltx2() -> dict[str, Any]:
+    """The diffusers ``LTX2VideoTransformer3DModel`` on one device ("split" RoPE), token groups 2."""
+    from _xdit_more_workers import _model
+
+    def enable(model: Any, cfg: XSlimConfig) -> XSlimEngine:
+        return enable_xslim(model, cfg.replace(token_groups=2), num_inference_steps=LTX2_STEPS)
+
+    return _run_configs(_model("ltx2"), _ltx2_run, LTX2_CONFIGS, enable)
+
+
+def _xfuser_ltx2(ulysses: int, ring: int) -> dict[str, Any]:
+    from _xdit_more_workers import _init_runtime, _model, _wrap
+
+    model = _model("ltx2")
+    _init_runtime(model, ulysses, ring)
+    from xfuser.core.distributed import get_ring_parallel_world_size, get_ulysses_parallel_world_size
+
+    from xslim_xdit.integrations.xfuser import enable_xslim_xdit
+
+    xmodel = _wrap("ltx2", model)
+
+    def enable(m: Any, cfg: XSlimConfig) -> XSlimEngine:
+        return enable_xslim_xdit(m, cfg, num_inference_steps=LTX2_STEPS)
+
+    out = _run_configs(xmodel, _ltx2_run, LTX2_CONFIGS, enable)
+    out["degrees"] = (get_ulysses_parallel_world_size(), get_ring_parallel_world_size())
+    out["transformer"] = type(xmodel).__name__
+    return out
+
+
 def sp_token_cases(rank: int, world: int) -> dict[str, Any]:
     """Every case of one 2-rank launch, keyed ``"<family>/<layout>"``; a case that raises is
     recorded as ``{"error": traceback}`` (the others still run)."""
@@ -192,7 +240,11 @@ def sp_token_cases(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         for layout, (ulysses, ring) in LAYOUTS.items():
-            for family, fn in (("cogvideox", _xfuser_cogvideox), ("qwen_image", _xfuser_qwen_image)):
+            for family, fn in (
+                ("cogvideox", _xfuser_cogvideox),
+                ("qwen_image", _xfuser_qwen_image),
+                ("ltx2", _xfuser_ltx2),
+            ):
                 try:
                     out[f"{family}/{layout}"] = fn(ulysses, ring)
                 except Exception:  # recorded: the test shows it; later cases still pair up

@@ -1,6 +1,7 @@
 """Token refresh under xDiT's sequence parallelism (xfuser 0.7, Ulysses 2 and Ring 2, CPU, gloo)
 for CogVideoX (through ``xFuserCogVideoXPipeline``) and Qwen-Image (through xfuser's bare
-``xFuserQwenImageTransformerWrapper``): every rank's decision log equals the single
+``xFuserQwenImageTransformerWrapper``) and LTX-2 (through xfuser's bare
+``xFuserLTX2VideoTransformer3DWrapper``, the audio whole on every rank): every rank's decision log equals the single
 device's (``token_groups`` = 2 there), each token step's token set on a rank is the single
 device's set within that rank's shard, the output agrees with the single device's, and forced
 full with every level offered equals plain xfuser.
@@ -16,7 +17,13 @@ from typing import Any
 import pytest
 import torch
 from _dist import run_ranks
-from _xdit_sp_token_workers import LAYOUTS, single_device_cogvideox, single_device_qwen_image, sp_token_cases
+from _xdit_sp_token_workers import (
+    LAYOUTS,
+    single_device_cogvideox,
+    single_device_ltx2,
+    single_device_qwen_image,
+    sp_token_cases,
+)
 
 pytestmark = pytest.mark.multiproc
 
@@ -35,6 +42,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 FAMILIES = {
     "cogvideox": (single_device_cogvideox, "xFuserCogVideoXTransformer3DWrapper", 8),
     "qwen_image": (single_device_qwen_image, "xFuserQwenImageTransformerWrapper", 8),
+    "ltx2": (single_device_ltx2, "xFuserLTX2VideoTransformer3DWrapper", 16),
 }
 
 
