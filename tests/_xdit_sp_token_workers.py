@@ -13,8 +13,8 @@ families whose token level needed work there, on CPU with gloo, and the single-d
   tables chunked, audio whole on every rank; its video-to-audio processor all-gathers the video
   before its projections), the "split" RoPE layout (see ``tests/_xdit_more_workers.py``), 10 steps.
 
-Each layout runs a plain pipeline call, then X-Slim with a schedule (every level), online (token
-polish) and forced full with every level offered. Every case records the decision log, the token
+Each layout runs a plain call, then X-Slim with a schedule (every level) and online (token polish);
+Ulysses 2 also forced full with every level offered. Every case records the decision log, the token
 sets each token step selected (``_select_tokens``'s index: within the rank's shard on a rank) and
 the output. One launch runs every case.
 """
@@ -61,6 +61,10 @@ LTX2_CONFIGS = {
     "online": dict(warn=0.12, crit=0.26, polish="token", warmup_steps=2, partial_reset=0.3, token_ratio=0.5),
     "forced": QWEN_CONFIGS["forced"],
 }
+
+
+def _configs(configs: dict[str, dict[str, Any]], forced: bool) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in configs.items() if forced or k != "forced"}
 
 
 def record_token_sets(engine: XSlimEngine) -> list[torch.Tensor]:
@@ -131,7 +135,7 @@ def single_device_cogvideox() -> dict[str, Any]:
     return _run_configs(_cog_base(), _cog_call, COG_CONFIGS, enable)
 
 
-def _xfuser_cogvideox(ulysses: int, ring: int) -> dict[str, Any]:
+def _xfuser_cogvideox(ulysses: int, ring: int, forced: bool) -> dict[str, Any]:
     from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
 
     apply_xfuser_cpu_compat()  # before xfuser is imported
@@ -144,7 +148,9 @@ def _xfuser_cogvideox(ulysses: int, ring: int) -> dict[str, Any]:
     engine_config, _ = xfuser_engine_config(height=64, width=64, ulysses_degree=ulysses, ring_degree=ring)
     pipe = xFuserCogVideoXPipeline(_cog_base(), engine_config)
     pipe.set_progress_bar_config(disable=True)
-    out = _run_configs(pipe, _cog_call, COG_CONFIGS, enable_xslim_xdit)  # each rank selects in its shard
+    out = _run_configs(
+        pipe, _cog_call, _configs(COG_CONFIGS, forced), enable_xslim_xdit
+    )  # selects in its shard
     out["degrees"] = (get_ulysses_parallel_world_size(), get_ring_parallel_world_size())
     out["transformer"] = type(pipe.transformer).__name__
     return out
@@ -168,7 +174,7 @@ def single_device_qwen_image() -> dict[str, Any]:
     return _run_configs(tiny_model("qwen_image"), _qwen_run, QWEN_CONFIGS, enable)
 
 
-def _xfuser_qwen_image(ulysses: int, ring: int) -> dict[str, Any]:
+def _xfuser_qwen_image(ulysses: int, ring: int, forced: bool) -> dict[str, Any]:
     from xslim_xdit.integrations.xfuser_runtime import init_xfuser_runtime
     from xslim_xdit.testing import tiny_model
 
@@ -189,7 +195,7 @@ def _xfuser_qwen_image(ulysses: int, ring: int) -> dict[str, Any]:
     def enable(m: Any, cfg: XSlimConfig) -> XSlimEngine:
         return enable_xslim_xdit(m, cfg, num_inference_steps=QWEN_STEPS)
 
-    out = _run_configs(xmodel, _qwen_run, QWEN_CONFIGS, enable)
+    out = _run_configs(xmodel, _qwen_run, _configs(QWEN_CONFIGS, forced), enable)
     out["degrees"] = (get_ulysses_parallel_world_size(), get_ring_parallel_world_size())
     out["transformer"] = type(xmodel).__name__
     return out
@@ -211,7 +217,7 @@ def single_device_ltx2() -> dict[str, Any]:
     return _run_configs(_model("ltx2"), _ltx2_run, LTX2_CONFIGS, enable)
 
 
-def _xfuser_ltx2(ulysses: int, ring: int) -> dict[str, Any]:
+def _xfuser_ltx2(ulysses: int, ring: int, forced: bool) -> dict[str, Any]:
     from _xdit_more_workers import _init_runtime, _model, _wrap
 
     model = _model("ltx2")
@@ -225,7 +231,7 @@ def _xfuser_ltx2(ulysses: int, ring: int) -> dict[str, Any]:
     def enable(m: Any, cfg: XSlimConfig) -> XSlimEngine:
         return enable_xslim_xdit(m, cfg, num_inference_steps=LTX2_STEPS)
 
-    out = _run_configs(xmodel, _ltx2_run, LTX2_CONFIGS, enable)
+    out = _run_configs(xmodel, _ltx2_run, _configs(LTX2_CONFIGS, forced), enable)
     out["degrees"] = (get_ulysses_parallel_world_size(), get_ring_parallel_world_size())
     out["transformer"] = type(xmodel).__name__
     return out
@@ -246,7 +252,8 @@ def sp_token_cases(rank: int, world: int) -> dict[str, Any]:
                 ("ltx2", _xfuser_ltx2),
             ):
                 try:
-                    out[f"{family}/{layout}"] = fn(ulysses, ring)
+                    # forced full under Ulysses only: it checks delegation, the same under Ring
+                    out[f"{family}/{layout}"] = fn(ulysses, ring, layout == "ulysses2")
                 except Exception:  # recorded: the test shows it; later cases still pair up
                     out[f"{family}/{layout}"] = {"error": traceback.format_exc()}
                 reset_xfuser_parallel_state()

@@ -103,7 +103,7 @@ def test_token_refresh_under_usp_matches_single_device(ranks, refs, family, layo
             assert r["collectives"] > 0 and r["gathers"] > 0  # the other shard's K/V really came
         for g in outputs:
             torch.testing.assert_close(g[which]["x"], ref["x"], rtol=0, atol=ATOL)
-    # forced full with every level offered: plain xfuser, bit for bit
-    for g in outputs:
+    # forced full with every level offered (run under Ulysses): plain xfuser, bit for bit
+    for g in outputs if layout == "ulysses2" else []:
         assert {k for k, _, _ in g["forced"]["log"]} == {"full"}
         assert torch.equal(g["forced"]["x"], g["plain"])

@@ -76,3 +76,25 @@ def test_a_family_that_serves_it_is_not_refused(
     engine = xfuser_integration.enable_xslim_xdit(model, XSlimConfig(polish="auto"), num_inference_steps=6)
     assert engine.use_token and engine.token_ctx.gather is not None
     disable_xslim(model)
+
+
+def test_qwen_image_padded_text_under_xfuser_sequence_parallelism_is_refused_on_token_steps() -> None:
+    """xfuser's Qwen-Image wrapper passes its joint mask as ``attention_mask`` and attends without
+    it; a token step does the same when every key is valid and refuses padded text (which xfuser's
+    full steps would attend), naming the family."""
+    from xslim_xdit.adapters.qwen_image import QwenDoubleStreamTokenProcessor
+    from xslim_xdit.adapters.token_context import TokenContext
+
+    model = tiny_model("qwen_image")
+    attn = model.transformer_blocks[0].attn
+    ctx = TokenContext(index=torch.tensor([[0, 2]]), gather=lambda x, stream: x)  # a stand-in SP gather
+    ctx.kv[(0, id(attn))] = [torch.zeros(1, 4, 32), torch.zeros(1, 4, 32)]
+    processor = QwenDoubleStreamTokenProcessor(attn.processor, ctx, "none")
+    img, txt = torch.randn(1, 2, 32), torch.randn(1, 3, 32)
+    valid = torch.ones(1, 3 + 4, dtype=torch.bool)
+    out_img, out_txt = processor(attn, img, txt, None, valid)
+    assert out_img.shape == img.shape and out_txt.shape == txt.shape
+    padded = valid.clone()
+    padded[0, 2] = False
+    with pytest.raises(NotImplementedError, match="family 'qwen_image': .*padded text"):
+        processor(attn, img, txt, None, padded)
