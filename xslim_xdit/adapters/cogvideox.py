@@ -11,7 +11,9 @@ transformer as ``image_rotary_emb``, shaped ``(video tokens, head_dim)``.
 Token refresh: the block runs on the selected video tokens and every text token (every layer but
 attention is per token); :class:`CogVideoXTokenProcessor` computes queries for those rows, splices
 the selected rows' keys and values into the video K/V cache, recomputes the text K/V, and
-attends. The text stays always fresh, as in every family.
+attends. The text stays always fresh, as in every family. Under xDiT's sequence parallelism
+(``xFuserCogVideoXPipeline`` splits the video by rows and the text by tokens) the processor attends
+this shard's queries to every shard's K/V, gathered after RoPE (``docs/parallel.md``).
 
 Timesteps: the pipelines' ``CogVideoXDDIMScheduler`` / ``CogVideoXDPMScheduler`` give integers in
 [0, 999]. Defaults of the diffusers pipelines: 50 steps (``CogVideoXPipeline``,

@@ -41,6 +41,11 @@ computed in full). Masks on these attentions
 (``video_self_attention_mask``, ``a2v``/``v2a`` cross-attention masks: the IC-LoRA pipeline) are
 refused on token steps (``NotImplementedError``).
 
+Under xDiT's sequence parallelism (``xFuserLTX2VideoTransformer3DWrapper``: the video chunked, the
+audio whole on every rank) ``attn1`` gathers the shards' K/V; xfuser's ``video_to_audio_attn``
+gathers the video before its projections, so its cache holds the whole video, and a token step
+splices every rank's selected rows in at their global positions (:meth:`LTX2TokenProcessor._whole_video_kv`).
+
 The pipelines call the transformer once per guidance kind (``cache_context("cond_uncond")``, CFG
 batched; ``"uncond_stg"`` with spatio-temporal guidance blocks perturbed; ``"uncond_modality"``
 with the cross-modal attention off): each is a branch with caches of its own. Timesteps are the

@@ -20,6 +20,10 @@ true classifier-free guidance (``true_cfg_scale=4.0`` when a negative prompt is 
 transformer calls per step in ``cache_context("cond")`` and ``("uncond")``, each a branch of its
 own caches and K/V.
 
+Under xDiT's sequence parallelism (``xFuserQwenImageTransformerWrapper`` chunks the image and the
+text) a token step attends this shard's queries to every shard's K/V, gathered after RoPE; like
+xfuser's processor it attends without a mask, so a padded text is refused there.
+
 No preset and no rescale polynomial: none is published for Qwen-Image (the TeaCache ports for
 ComfyUI and vLLM-Omni reuse FLUX.1's polynomial unchanged, marked as to be tuned).
 """
