@@ -98,3 +98,21 @@ def test_qwen_image_padded_text_under_xfuser_sequence_parallelism_is_refused_on_
     padded[0, 2] = False
     with pytest.raises(NotImplementedError, match="family 'qwen_image': .*padded text"):
         processor(attn, img, txt, None, padded)
+
+
+def test_cogvideox_token_step_accepts_xfusers_keyword_and_refuses_temporal_attention() -> None:
+    """xfuser's attention wrapper passes ``latte_temporal_attention`` to every processor: False
+    (CogVideoX's ``attn1``) runs the token step, True (Latte's temporal attention) is refused."""
+    from xslim_xdit.adapters.cogvideox import CogVideoXTokenProcessor
+    from xslim_xdit.adapters.token_context import TokenContext
+
+    model = tiny_model("cogvideox", use_rotary_positional_embeddings=False)
+    attn = model.transformer_blocks[0].attn1
+    ctx = TokenContext(index=torch.tensor([[0, 3]]))
+    ctx.kv[(0, id(attn))] = [torch.zeros(1, 8, 32), torch.zeros(1, 8, 32)]
+    processor = CogVideoXTokenProcessor(attn.processor, ctx, "first")
+    img, txt = torch.randn(1, 2, 32), torch.randn(1, 6, 32)
+    out_img, out_txt = processor(attn, img, txt, latte_temporal_attention=False)
+    assert out_img.shape == img.shape and out_txt.shape == txt.shape
+    with pytest.raises(NotImplementedError, match="family 'cogvideox'"):
+        processor(attn, img, txt, latte_temporal_attention=True)

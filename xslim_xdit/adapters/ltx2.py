@@ -373,6 +373,11 @@ class LTX2TokenProcessor(_TokenProcessor):
             raise RuntimeError("token refresh before any full step recorded the K/V cache")
         index = ctx.index
         assert index is not None
+        if pair[0].shape[0] != key_new.shape[0]:  # as _cached_kv: else an index error in the splice
+            raise RuntimeError(
+                f"token refresh: the K/V cache holds {pair[0].shape[0]} samples and this call "
+                f"{key_new.shape[0]}: the batch changed within a run of one guidance branch; start a new run"
+            )
         picked = ctx.gather(index.unsqueeze(-1), "img").squeeze(-1)  # (batch, ranks * k)
         ranks = picked.shape[1] // index.shape[1]
         shard = pair[0].shape[1] // ranks
