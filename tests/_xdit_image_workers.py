@@ -6,9 +6,8 @@ they are compared with.
 One launch runs every case (two spawned ranks importing xfuser take most of a minute on a loaded
 CPU): Ulysses 2, then Ring 2 (xfuser's groups torn down and rebuilt in between), each family with
 a schedule and with the online controller; then FLUX.2 under PipeFusion 2 through xfuser's
-``xFuserFlux2Pipeline`` (synchronous, step and block levels). Qwen-Image runs the step and block levels only: its
-token refresh is refused under sequence parallelism (its processor does not gather the other
-ranks' keys)."""
+``xFuserFlux2Pipeline`` (synchronous, step and block levels). Qwen-Image runs the step and block levels here; its
+token level under Ulysses 2 and Ring 2 is tested in tests/test_parallel_xdit_sp_token.py."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ STEPS = 10
 SCHEDULE = dict(mode="schedule", schedule=Schedule(STEPS, (0, 1, 5, 9), (2, 7), (3, 4, 6)), token_ratio=0.5)
 #: online thresholds under which the tiny FLUX.2 reaches every level (skip, block, token, full)
 ONLINE = dict(warn=0.12, crit=0.26, polish="auto", warmup_steps=2, partial_reset=0.3, token_ratio=0.5)
-#: Qwen-Image: full, block and skip steps (no token level under sequence parallelism)
+#: Qwen-Image: full, block and skip steps (its token level: tests/test_parallel_xdit_sp_token.py)
 QWEN_SCHEDULE = dict(mode="schedule", schedule=Schedule(STEPS, (0, 1, 5, 9), (2, 3, 6, 7)))
 #: online, block polish: skip, block (two different masks) and full steps on the tiny Qwen-Image
 QWEN_ONLINE = dict(warn=0.12, crit=0.26, polish="block", warmup_steps=2, partial_reset=0.3)

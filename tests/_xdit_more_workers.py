@@ -8,7 +8,7 @@ they are compared with:
   Ulysses 2 and Ring 2, each with a schedule (every level, token refresh gathering the other
   shard's K/V) and the online controller;
 - LTX-2 (``xFuserLTX2VideoTransformer3DWrapper``: video tokens chunked, audio whole on every rank),
-  Ulysses 2 and Ring 2, online (step and block levels: X-Slim refuses LTX-2's token level anyway);
+  Ulysses 2 and Ring 2, online (step and block levels; its token level: tests/test_parallel_xdit_sp_token.py);
 - Z-Image (``xFuserZImageTransformer2DWrapper``): xfuser itself runs under Ulysses 2 (compared with
   one device); X-Slim refuses the wrapper, and the refusal is recorded;
 - SD3 through xfuser's ``xFuserStableDiffusion3Pipeline`` (its transformer wrapper is patch-level,

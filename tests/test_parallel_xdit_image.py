@@ -55,7 +55,11 @@ def test_qwen_image_usp_ranks_agree_with_single_device(ranks, layout, which):
     got = [r[f"qwen_image/{layout}/{which}"] for r in ranks]
     assert got[0]["degrees"] == got[1]["degrees"] == LAYOUTS[layout]
     assert got[0]["log"] == got[1]["log"] == ref["log"]
-    assert {k for k, _, _ in ref["log"]} == {"skip", "block", "full"}  # no token level under SP
+    assert {k for k, _, _ in ref["log"]} == {
+        "skip",
+        "block",
+        "full",
+    }  # token level: test_parallel_xdit_sp_token.py
     torch.testing.assert_close(got[0]["plain"], ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
     for g in got:
         torch.testing.assert_close(g["x"], ref["x"], rtol=0, atol=ATOL)

@@ -60,7 +60,7 @@ def test_hunyuan_video15_usp_ranks_agree_with_single_device(ranks, layout, which
 @pytest.mark.parametrize("layout", ["ulysses2", "ring2"])
 def test_ltx2_usp_ranks_agree_with_single_device(ranks, layout):
     """LTX-2 through ``xFuserLTX2VideoTransformer3DWrapper`` (video sharded, audio whole on every
-    rank): the step and block levels (X-Slim refuses LTX-2's token level on any layout)."""
+    rank): the step and block levels (its token level: tests/test_parallel_xdit_sp_token.py)."""
     ref = single_device("ltx2", "online")
     got = _got(ranks, f"ltx2/{layout}/online")
     assert got[0]["degrees"] == got[1]["degrees"] == LAYOUTS[layout]

@@ -82,14 +82,16 @@ TESTED: dict[str, Evidence] = {
             "tests/test_ltx2.py",
             "tests/test_ltx2_pipeline.py",
             "tests/test_parallel_xdit_more.py",
+            "tests/test_parallel_xdit_sp_token.py",
         ),
         note="audio is the blocks' second stream (own stack residual on skip steps, computed in full "
         "on token steps); token refresh recomputes the selected video tokens, their fresh K/V spliced "
         "into per-block caches of every video token for the video self-attention and the "
         "video-to-audio attention (masked attention refused on token steps); pipelines: batched CFG, "
         "and CFG with STG and modality guidance (three branches), prompt embeddings through its "
-        "connectors; xDiT: xfuser's wrapper, bare, step and block levels (token refresh fails under "
-        'it, docs/parallel.md), with rope_type="split" (xfuser fails with the default "interleaved")',
+        "connectors; xDiT: xfuser's wrapper, bare, every level under Ulysses 2 and Ring 2 (token steps "
+        "splice every rank's rows into the video-to-audio attention's whole-video K/V cache), with "
+        'rope_type="split" (xfuser fails with the default "interleaved")',
     ),
     "pixart": Evidence(
         xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
@@ -134,10 +136,11 @@ TESTED: dict[str, Evidence] = {
             "tests/test_cogvideox.py",
             "tests/test_cogvideox_i2v_pipeline.py",
             "tests/test_parallel_xdit_more.py",
+            "tests/test_parallel_xdit_sp_token.py",
         ),
         note="CogVideoX 1.0 with RoPE (5B) and without (2B), CogVideoX 1.5 (temporal patches); xDiT: "
-        "xFuserCogVideoXPipeline, step and block levels (token refresh refused under xfuser's "
-        "attention wrapper)",
+        "xFuserCogVideoXPipeline, every level under Ulysses 2 and Ring 2 (token refresh tested with "
+        "one latent frame), step and block levels under CFG parallel 2",
     ),
     "hunyuan_video": Evidence(
         xdit_layouts=("Ulysses 2",),
@@ -155,10 +158,12 @@ TESTED: dict[str, Evidence] = {
             "tests/test_image_pipelines.py",
             "tests/test_qwen_edit_pipeline.py",
             "tests/test_parallel_xdit_image.py",
+            "tests/test_parallel_xdit_sp_token.py",
         ),
         note="Qwen-Image-Edit's reference tokens always fresh; pipelines run with prompt embeddings (true "
-        "CFG, two branches); xDiT: the transformer wrapper, bare, step and block levels (token refresh "
-        "refused under sequence parallelism)",
+        "CFG, two branches); xDiT: the transformer wrapper, bare, every level under Ulysses 2 and Ring 2 "
+        "(token refresh refused with padded text there: xfuser attends it); Qwen-Image-Edit under SP "
+        "refused",
     ),
     "flux2": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2", "PipeFusion 2"),

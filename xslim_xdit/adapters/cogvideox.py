@@ -11,7 +11,9 @@ transformer as ``image_rotary_emb``, shaped ``(video tokens, head_dim)``.
 Token refresh: the block runs on the selected video tokens and every text token (every layer but
 attention is per token); :class:`CogVideoXTokenProcessor` computes queries for those rows, splices
 the selected rows' keys and values into the video K/V cache, recomputes the text K/V, and
-attends. The text stays always fresh, as in every family.
+attends. The text stays always fresh, as in every family. Under xDiT's sequence parallelism
+(``xFuserCogVideoXPipeline`` splits the video by rows and the text by tokens) the processor attends
+this shard's queries to every shard's K/V, gathered after RoPE (``docs/parallel.md``).
 
 Timesteps: the pipelines' ``CogVideoXDDIMScheduler`` / ``CogVideoXDPMScheduler`` give integers in
 [0, 999]. Defaults of the diffusers pipelines: 50 steps (``CogVideoXPipeline``,
@@ -59,7 +61,10 @@ class CogVideoXTokenProcessor(_TokenProcessor):
             raise NotImplementedError(
                 "family 'cogvideox': token refresh does not support fused QKV projections; unfuse them"
             )
-        if encoder_hidden_states is None or attention_mask is not None or args or kwargs:
+        # xfuser's attention wrapper (``xFuserAttentionWrapper.forward``) passes this keyword to every
+        # processor; it wraps CogVideoX's ``attn1`` with False (True is Latte's temporal attention)
+        temporal = kwargs.pop("latte_temporal_attention", False)
+        if encoder_hidden_states is None or attention_mask is not None or args or kwargs or temporal:
             raise NotImplementedError(
                 "family 'cogvideox': token refresh supports the unmasked joint attention of CogVideoXBlock only"
             )
@@ -82,6 +87,9 @@ class CogVideoXTokenProcessor(_TokenProcessor):
             k_img = apply_rope_bshd(k_img, cos, sin)
             assert ctx.index is not None
             q_img = apply_rope_bshd(q_img, *rope_rows((cos, sin), ctx.index, 0))
+        # Under sequence parallelism (xfuser's pipeline splits the video by rows and the text by
+        # tokens) the queries of this shard attend to every shard's keys: gathered after RoPE, which
+        # each rank applied with its shard's table. Identity on one device.
         k_img, v_img = ctx.gather(k_img, "img"), ctx.gather(v_img, "img")
         k_txt, v_txt = ctx.gather(k_txt, "txt"), ctx.gather(v_txt, "txt")
         ctx.query_rows += n_sel
@@ -95,9 +103,6 @@ class CogVideoXTokenProcessor(_TokenProcessor):
 @register_adapter
 class CogVideoXAdapter(ModelAdapter):
     name = "cogvideox"
-    #: xfuser's attention wrapper passes ``latte_temporal_attention`` to the processor and its
-    #: CogVideoX processor gathers the sequence itself; X-Slim's token path there is untested
-    token_sequence_parallel_refusal = "not tested with xfuser's CogVideoX attention processors"
     model_class_names = ("CogVideoXTransformer3DModel",)
     tiny_config = MappingProxyType(
         dict(

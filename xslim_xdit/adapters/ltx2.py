@@ -41,6 +41,11 @@ computed in full). Masks on these attentions
 (``video_self_attention_mask``, ``a2v``/``v2a`` cross-attention masks: the IC-LoRA pipeline) are
 refused on token steps (``NotImplementedError``).
 
+Under xDiT's sequence parallelism (``xFuserLTX2VideoTransformer3DWrapper``: the video chunked, the
+audio whole on every rank) ``attn1`` gathers the shards' K/V; xfuser's ``video_to_audio_attn``
+gathers the video before its projections, so its cache holds the whole video, and a token step
+splices every rank's selected rows in at their global positions (:meth:`LTX2TokenProcessor._whole_video_kv`).
+
 The pipelines call the transformer once per guidance kind (``cache_context("cond_uncond")``, CFG
 batched; ``"uncond_stg"`` with spatio-temporal guidance blocks perturbed; ``"uncond_modality"``
 with the cross-modal attention off): each is a branch with caches of its own. Timesteps are the
@@ -60,7 +65,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import TokenContext, _TokenProcessor, gather_rows
+from .attention import TokenContext, _TokenProcessor, gather_rows, splice
 from .base import BlockCall, BlockStack, ModelAdapter, _put_arg, register_adapter
 
 _AUDIO_TOKENS = 5  # of the tiny inputs
@@ -69,13 +74,6 @@ _AUDIO_TOKENS = 5  # of the tiny inputs
 @register_adapter
 class LTX2Adapter(ModelAdapter):
     name = "ltx2"
-    #: measured under xfuser's LTX-2 wrapper: its video-to-audio processor gathers the whole video
-    #: before computing keys, so the full steps cache every video token's K/V, while a token step
-    #: sees only this rank's RoPE tables (a shape error at the first token step)
-    token_sequence_parallel_refusal = (
-        "the video-to-audio attention's cached keys cover the whole video but each rank holds "
-        "only its shard's RoPE tables"
-    )
     model_class_names = ("LTX2VideoTransformer3DModel",)
     text_output_used = True  # the audio prediction is an output
     tiny_config = MappingProxyType(
@@ -329,7 +327,13 @@ class LTX2TokenProcessor(_TokenProcessor):
             out = attn.to_v(video)
         else:
             value_new = attn.to_v(video)
-            k, v = self._cached_kv(attn, attn.to_k(video), value_new)  # every video token, these rows fresh
+            # xfuser's video-to-audio processor (``gather_kv``) all-gathers the video before its
+            # projections: its cache holds every rank's tokens, and so must a token step's keys
+            whole = self.role == "v2a" and bool(getattr(self.original, "gather_kv", False))
+            if whole:
+                k, v, key_rotary_emb = self._whole_video_kv(attn, attn.to_k(video), value_new, key_rotary_emb)
+            else:  # every video token (of this rank's shard), these rows fresh
+                k, v = self._cached_kv(attn, attn.to_k(video), value_new)
             q = attn.norm_q(attn.to_q(hidden_states))
             k = attn.norm_k(k)
             if query_rotary_emb is not None:
@@ -340,7 +344,8 @@ class LTX2TokenProcessor(_TokenProcessor):
                     k = _rope(attn, k, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)
                     q = _rope(attn, q, query_rotary_emb)
             q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
-            k, v = ctx.gather(k, "img"), ctx.gather(v, "img")
+            if not whole:  # under sequence parallelism: every shard's keys (identity on one device)
+                k, v = ctx.gather(k, "img"), ctx.gather(v, "img")
             if self.role == "video_self":
                 ctx.query_rows += q.shape[1]
             out = ctx.attention(q, k, v, None).flatten(2, 3).to(q.dtype)
@@ -350,3 +355,42 @@ class LTX2TokenProcessor(_TokenProcessor):
             gates = 2.0 * torch.sigmoid(gate_logits)  # as LTX-2.3's gated attention
             out = (out.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _whole_video_kv(
+        self,
+        attn: nn.Module,
+        key_new: torch.Tensor,
+        value_new: torch.Tensor,
+        key_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Under xfuser's sequence parallelism, for ``video_to_audio_attn``: the whole video's K/V
+        cache (rank-major shards, as xfuser's gather recorded it on full steps) with every rank's
+        selected rows spliced in at their global positions (shards are equal: xfuser pads the
+        video), and the key RoPE tables of this shard gathered over the ranks alike."""
+        ctx = self.ctx
+        pair = ctx.kv.get((ctx.branch, id(attn)))
+        if pair is None or pair[0] is None or pair[1] is None:
+            raise RuntimeError("token refresh before any full step recorded the K/V cache")
+        index = ctx.index
+        assert index is not None
+        if pair[0].shape[0] != key_new.shape[0]:  # as _cached_kv: else an index error in the splice
+            raise RuntimeError(
+                f"token refresh: the K/V cache holds {pair[0].shape[0]} samples and this call "
+                f"{key_new.shape[0]}: the batch changed within a run of one guidance branch; start a new run"
+            )
+        picked = ctx.gather(index.unsqueeze(-1), "img").squeeze(-1)  # (batch, ranks * k)
+        ranks = picked.shape[1] // index.shape[1]
+        shard = pair[0].shape[1] // ranks
+        offsets = torch.arange(ranks, device=picked.device).repeat_interleave(index.shape[1]) * shard
+        picked = picked + offsets
+        k = splice(pair[0], picked, ctx.gather(key_new, "img"))
+        v = splice(pair[1], picked, ctx.gather(value_new, "img"))
+        pair[0], pair[1] = k, v  # the refreshed rows stay fresh for later refreshes
+        if key_rotary_emb is not None:  # "split" tables (batch, heads, tokens, dim): tokens at dim 2
+            key_rotary_emb = tuple(  # type: ignore[assignment]
+                ctx.gather(t.transpose(1, 2).contiguous(), "img").transpose(1, 2)
+                if t.dim() == 4
+                else ctx.gather(t.contiguous(), "img")
+                for t in key_rotary_emb
+            )
+        return k, v, key_rotary_emb

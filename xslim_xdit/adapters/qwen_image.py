@@ -20,6 +20,10 @@ true classifier-free guidance (``true_cfg_scale=4.0`` when a negative prompt is 
 transformer calls per step in ``cache_context("cond")`` and ``("uncond")``, each a branch of its
 own caches and K/V.
 
+Under xDiT's sequence parallelism (``xFuserQwenImageTransformerWrapper`` chunks the image and the
+text) a token step attends this shard's queries to every shard's K/V, gathered after RoPE; like
+xfuser's processor it attends without a mask, so a padded text is refused there.
+
 No preset and no rescale polynomial: none is published for Qwen-Image (the TeaCache ports for
 ComfyUI and vLLM-Omni reuse FLUX.1's polynomial unchanged, marked as to be tuned).
 """
@@ -92,10 +96,14 @@ class _QwenCall(BlockCall):
 
 
 class QwenDoubleStreamTokenProcessor(_TokenProcessor):
-    """Token refresh for ``QwenDoubleStreamAttnProcessor2_0``: queries for the selected image tokens,
-    the reference tokens (after them in ``hidden_states``) and every text token, against the image
-    K/V cache with the selected and reference rows spliced in, and the fresh text K/V; the joint
-    sequence ordered ``[text, image]``, each stream roped with its own table at its true positions."""
+    """Token refresh for ``QwenDoubleStreamAttnProcessor2_0`` (and xfuser's
+    ``xFuserQwenDoubleStreamAttnProcessor``): queries for the selected image tokens, the reference
+    tokens (after them in ``hidden_states``) and every text token, against the image K/V cache with
+    the selected and reference rows spliced in, and the fresh text K/V; the joint sequence ordered
+    ``[text, image]``, each stream roped with its own table at its true positions."""
+
+    _mask_seen: torch.Tensor | None = None
+    _mask_valid: bool = True
 
     def __call__(
         self,
@@ -124,14 +132,20 @@ class QwenDoubleStreamTokenProcessor(_TokenProcessor):
             raise NotImplementedError(
                 "family 'qwen_image': token refresh does not support fused QKV projections"
             )
+        if attention_mask is not None and encoder_hidden_states_mask is None and ctx.gather is not no_gather:
+            # xfuser's Qwen-Image wrapper passes its joint mask ([the whole text's mask, this shard's
+            # image]) as attention_mask, and its processor attends without any mask: so does a token
+            # step, which is exact when every text token is valid; a padded prompt is refused
+            if not self._all_valid(attention_mask):
+                raise NotImplementedError(
+                    "family 'qwen_image': token refresh under xfuser's sequence parallelism with padded text "
+                    "tokens (encoder_hidden_states_mask with zeros) is not supported: xfuser's attention "
+                    "attends them on full steps; use polish='block' or 'none', or a prompt without padding"
+                )
+            attention_mask = None
         if encoder_hidden_states is None or attention_mask is not None or args or kwargs:
             raise NotImplementedError(
                 "family 'qwen_image': token refresh supports the joint attention with a text key mask only"
-            )
-        if ctx.gather is not no_gather:
-            raise NotImplementedError(
-                "family 'qwen_image': token refresh (level 'token') under sequence parallelism is not supported "
-                "(not tested with xfuser's wrapper); use polish='block' or 'none', or a schedule without token steps"
             )
         idx = ctx.index
         b, k_sel = idx.shape
@@ -145,6 +159,11 @@ class QwenDoubleStreamTokenProcessor(_TokenProcessor):
             k = qwen_rope(k, img_freqs)  # every image key at its position
             q = qwen_rope(q, img_freqs.to(q.device)[rows])  # the queries at theirs, per sample
             q_t, k_t = qwen_rope(q_t, txt_freqs), qwen_rope(k_t, txt_freqs)
+        # Under sequence parallelism (xfuser's wrapper chunks the image and the text over the ranks)
+        # the queries of this shard attend to every shard's keys: gathered after RoPE, which each
+        # rank applied with its shard's tables. Identity on one device.
+        k, v = ctx.gather(k, "img"), ctx.gather(v, "img")
+        k_t, v_t = ctx.gather(k_t, "txt"), ctx.gather(v_t, "txt")
         mask = None
         if encoder_hidden_states_mask is not None:
             keys = torch.ones(b, k.shape[1], dtype=torch.bool, device=k.device)
@@ -159,6 +178,13 @@ class QwenDoubleStreamTokenProcessor(_TokenProcessor):
             out_img = attn.to_out[1](out_img)
         return out_img, attn.to_add_out(out_txt.contiguous())
 
+    def _all_valid(self, mask: torch.Tensor) -> bool:
+        """Whether a joint mask keeps every key; xfuser's wrapper builds one mask per call and
+        passes it to every block, so it is read (a device sync) once per call, not per block."""
+        if self._mask_seen is not mask:
+            self._mask_seen, self._mask_valid = mask, bool(mask.all())
+        return self._mask_valid
+
 
 def _image_tokens(shapes: Any) -> list[int]:
     """Tokens per image of one sample's ``img_shapes`` entry (a list of (frames, h, w), or one)."""
@@ -170,7 +196,6 @@ def _image_tokens(shapes: Any) -> list[int]:
 @register_adapter
 class QwenImageAdapter(ModelAdapter):
     name = "qwen_image"
-    token_sequence_parallel_refusal = "not tested with xfuser's Qwen-Image wrapper"
     model_class_names = ("QwenImageTransformer2DModel",)
     tiny_config = MappingProxyType(
         dict(
