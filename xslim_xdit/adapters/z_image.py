@@ -29,7 +29,7 @@ the pipeline's own example runs Z-Image-Turbo with ``num_inference_steps=8, guid
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -46,6 +46,37 @@ class _Layout:
 
     n_img: int = 0
     n_txt: int = 0  # caption rows after them in the main layers' sequence (batch padding included)
+    #: under xfuser's sequence-parallel wrapper: this call's shard geometry (None on one device)
+    shards: _ShardGeometry | None = None
+    #: (noise-refiner shard, the same rows in the main layers' layout) pairs of the current call,
+    #: compared by identity: a tensor moved once is not moved again
+    moved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _ShardGeometry:
+    """How xfuser's Z-Image wrapper shards one call over the sequence-parallel group: the noise
+    refiner's image (``n_img`` rows, padded to a multiple of ``world``) and the main layers'
+    ``[image, caption]`` sequence (``n_seq`` rows, padded likewise) are chunked separately, rank
+    ``rank`` holding chunk ``rank`` of each (``_chunk_and_pad_sequence``)."""
+
+    rank: int
+    world: int
+    n_img: int
+    n_seq: int
+
+    @property
+    def refiner_rows(self) -> int:
+        return -(-self.n_img // self.world)
+
+    @property
+    def seq_rows(self) -> int:
+        return -(-self.n_seq // self.world)
+
+    def image_rows(self, rank: int) -> tuple[int, int]:
+        """The image rows ``[start, end)`` in ``rank``'s shard of the main layers' sequence."""
+        start = min(rank * self.seq_rows, self.n_img)
+        return start, min(start + self.seq_rows, self.n_img)
 
 
 #: The layout of each model's current call, shared by every adapter instance, keyed by the model's
@@ -68,6 +99,66 @@ class _UnifiedCall(BlockCall):
         assert txt is not None
         args, kwargs = list(self.args), dict(self.kwargs)
         _put_arg(self.signature, args, kwargs, "x", torch.cat([img, txt], 1))
+        return tuple(args), kwargs
+
+
+def _sp_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every sequence-parallel rank, concatenated along the rows in rank order."""
+    from xfuser.core.distributed import get_sp_group  # only reached under xfuser's wrapper
+
+    return get_sp_group().all_gather(x.contiguous(), dim=1)
+
+
+def _to_sequence_layout(layout: _Layout, shard: torch.Tensor) -> torch.Tensor:
+    """The noise refiner's shard ``(B, refiner_rows, D)`` -> this rank's image rows of the main
+    layers' shard (one all-gather of the image, unless ``shard`` was moved already)."""
+    for refiner, rows in layout.moved:
+        if refiner is shard:
+            return rows
+    geometry = layout.shards
+    assert geometry is not None
+    if shard.shape[1] != geometry.refiner_rows:
+        raise RuntimeError(
+            f"family 'z_image': xfuser's wrapper gave the noise refiner {shard.shape[1]} rows; expected "
+            f"{geometry.refiner_rows} ({geometry.n_img} image tokens over {geometry.world} ranks)"
+        )
+    start, end = geometry.image_rows(geometry.rank)
+    rows = _sp_all_gather(shard)[:, start:end]
+    layout.moved.append((shard, rows))
+    return rows
+
+
+def _to_refiner_layout(layout: _Layout, rows: torch.Tensor) -> torch.Tensor:
+    """This rank's image rows of the main layers' shard -> the noise refiner's shard (one
+    all-gather, padded to rank 0's row count; the refiner's padding rows are zeros, as xfuser's)."""
+    for refiner, moved in layout.moved:
+        if moved is rows:
+            return refiner
+    geometry = layout.shards
+    assert geometry is not None
+    spans = [geometry.image_rows(r) for r in range(geometry.world)]
+    width = spans[0][1] - spans[0][0]  # rank 0 holds the most image rows
+    pad = rows.new_zeros(rows.shape[0], width - rows.shape[1], *rows.shape[2:])
+    gathered = _sp_all_gather(torch.cat([rows, pad], 1))
+    parts = [gathered[:, r * width : r * width + end - start] for r, (start, end) in enumerate(spans)]
+    n = geometry.refiner_rows
+    tail = rows.new_zeros(rows.shape[0], n * geometry.world - geometry.n_img, *rows.shape[2:])
+    shard = torch.cat([*parts, tail], 1)[:, geometry.rank * n : (geometry.rank + 1) * n]
+    layout.moved.append((shard, rows))
+    return shard
+
+
+@dataclass
+class _ShardedRefinerCall(BlockCall):
+    """A noise-refiner call under xfuser's sequence-parallel wrapper: ``img`` is this rank's image
+    rows in the main layers' layout (X-Slim's one image stream); the block runs on its own shard."""
+
+    layout: _Layout | None = field(default=None, repr=False)
+
+    def with_streams(self, img: torch.Tensor, txt: torch.Tensor | None) -> tuple[tuple, dict]:
+        assert self.layout is not None
+        args, kwargs = list(self.args), dict(self.kwargs)
+        _put_arg(self.signature, args, kwargs, "x", _to_refiner_layout(self.layout, img))
         return tuple(args), kwargs
 
 
@@ -132,6 +223,54 @@ class ZImageTokenProcessor(_TokenProcessor):
         return out
 
 
+def _is_xfuser_wrapper(model: nn.Module) -> bool:
+    return any(c.__name__ == "xFuserZImageTransformer2DWrapper" for c in type(model).__mro__)
+
+
+def _note_shards(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Record how xfuser's wrapper will shard this call (:class:`_ShardGeometry`; None without
+    sequence parallelism), from the call's latents and captions as ``patchify_and_embed`` pads them
+    (image and caption each to a multiple of ``SEQ_MULTI_OF``), after the wrapper's CFG split."""
+    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+    from xfuser.core.distributed import (
+        get_classifier_free_guidance_rank,
+        get_classifier_free_guidance_world_size,
+        get_sequence_parallel_rank,
+        get_sequence_parallel_world_size,
+    )
+
+    layout = _LAYOUTS.setdefault(model.noise_refiner, _Layout())
+    layout.moved.clear()
+    world = get_sequence_parallel_world_size()
+    if world <= 1:
+        layout.shards = None
+        return
+
+    def arg(name: str, pos: int, default: Any) -> Any:
+        return kwargs[name] if name in kwargs else args[pos] if len(args) > pos else default
+
+    x, caps = list(arg("x", 0, [])), list(arg("cap_feats", 2, []))
+    patch, f_patch = arg("patch_size", 3, 2), arg("f_patch_size", 4, 1)
+    cfg = get_classifier_free_guidance_world_size()
+    if cfg > 1:  # the wrapper keeps this rank's guidance half of the batch
+        b, r = len(x) // cfg, get_classifier_free_guidance_rank()
+        x, caps = x[r * b : (r + 1) * b], caps[r * b : (r + 1) * b]
+
+    def padded(n: int) -> int:
+        return n + (-n) % SEQ_MULTI_OF
+
+    n_img = {padded((s[1] // f_patch) * (s[2] // patch) * (s[3] // patch)) for s in (t.shape for t in x)}
+    if len(n_img) != 1:
+        raise NotImplementedError(
+            "family 'z_image': samples of different sizes in one call under xfuser's sequence-parallel "
+            f"wrapper are not supported (image tokens per sample: {sorted(n_img)})"
+        )
+    n = n_img.pop()
+    layout.shards = _ShardGeometry(
+        get_sequence_parallel_rank(), world, n, max(n + padded(len(c)) for c in caps)
+    )
+
+
 @register_adapter
 class ZImageAdapter(ModelAdapter):
     name = "z_image"
@@ -189,6 +328,8 @@ class ZImageAdapter(ModelAdapter):
                 "family 'z_image': omni mode (nested latents with SigLIP features and per-token noise "
                 "masks, the sequence ordered [caption, image, siglip]) is not supported at any level"
             )
+        if _is_xfuser_wrapper(model):
+            _note_shards(model, args, kwargs)
         t = kwargs.get("t", args[1] if len(args) > 1 else None)
         if t is None:
             return super().timestep(model, args, kwargs)
@@ -197,13 +338,6 @@ class ZImageAdapter(ModelAdapter):
         return 1.0 - float(t)
 
     def stacks(self, model: nn.Module) -> list[BlockStack]:
-        if any(c.__name__ == "xFuserZImageTransformer2DWrapper" for c in type(model).__mro__):
-            # its sequence parallelism shards the noise refiner's input and the unified sequence
-            # separately: a shard's first rows are not the image rows the noise refiner saw
-            raise NotImplementedError(
-                "family 'z_image': xfuser's sequence-parallel Z-Image wrapper is not supported at any "
-                "level; use the diffusers transformer"
-            )
         layout = _LAYOUTS.setdefault(model.noise_refiner, _Layout())
         _LAYOUTS[model.layers] = layout
         return [
@@ -221,26 +355,51 @@ class ZImageAdapter(ModelAdapter):
 
     def parse_call(self, stack: BlockStack, sig: Any, args: tuple, kwargs: dict) -> BlockCall:
         layout = _LAYOUTS[stack.blocks]
+        call = super().parse_call(stack, sig, args, kwargs)  # main layers: img and txt read the sequence
+        state = {f.name: getattr(call, f.name) for f in fields(BlockCall)}
+        geometry = layout.shards
         if stack.name == "noise_refiner":
-            call = super().parse_call(stack, sig, args, kwargs)
+            if geometry is not None:  # X-Slim's image stream: this rank's rows of the main layers
+                state["img"] = _to_sequence_layout(layout, call.img)
+                call = _ShardedRefinerCall(**state, layout=layout)
             layout.n_img = call.img.shape[1]
             return call
-        call = super().parse_call(stack, sig, args, kwargs)  # img and txt both read the sequence
-        state = {f.name: getattr(call, f.name) for f in fields(BlockCall)}
         seq, n = call.img, layout.n_img
+        if geometry is not None:
+            layout.moved.clear()  # the noise refiner is done for this call
+            if seq.shape[1] != geometry.seq_rows:
+                raise RuntimeError(
+                    f"family 'z_image': xfuser's wrapper gave the main layers {seq.shape[1]} rows; "
+                    f"expected {geometry.seq_rows} ({geometry.n_seq} tokens over {geometry.world} ranks)"
+                )
         layout.n_txt = seq.shape[1] - n  # the model's own call: the whole sequence
         state["img"], state["txt"] = seq[:, :n], seq[:, n:]
         return _UnifiedCall(**state)
 
     def split_output(self, stack: BlockStack, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if stack.name == "noise_refiner":
-            return out, None
+            layout = _LAYOUTS[stack.blocks]
+            return (out if layout.shards is None else _to_sequence_layout(layout, out)), None
         # on a token step the sequence holds the selected image rows and every caption row
         n_txt = _LAYOUTS[stack.blocks].n_txt
         return out[:, : out.shape[1] - n_txt], out[:, out.shape[1] - n_txt :]
 
     def make_output(self, stack: BlockStack, img: torch.Tensor, txt: torch.Tensor | None) -> Any:
-        return img if stack.name == "noise_refiner" else torch.cat([img, txt], 1)
+        if stack.name != "noise_refiner":
+            return torch.cat([img, txt], 1)
+        layout = _LAYOUTS[stack.blocks]
+        return img if layout.shards is None else _to_refiner_layout(layout, img)
+
+    def select_samples(self, call: BlockCall, index: torch.Tensor) -> BlockCall:
+        if isinstance(call, _ShardedRefinerCall) or (
+            call.stack.name == "layers" and _LAYOUTS[call.stack.blocks].shards is not None
+        ):
+            raise NotImplementedError(
+                "family 'z_image': per_sample=True under xfuser's sequence-parallel Z-Image wrapper is "
+                "not supported (the noise refiner's rows are moved between two shard layouts); use "
+                "per_sample=False"
+            )
+        return super().select_samples(call, index)
 
     def modulated_input(self, block: nn.Module, call: BlockCall) -> torch.Tensor:
         arguments = call.bound.arguments
