@@ -27,14 +27,14 @@ CONFIGS = {
     # FFSBBBBBBF on one device (batch 1 and batch 2)
     "online": dict(warn=0.12, crit=0.26, polish="block", warmup_steps=2, partial_reset=0.3),
 }
-#: key -> (Ulysses, Ring, CFG parallel, config, batch)
-CASES = {
-    "ulysses2/schedule": (2, 1, False, "schedule", 1),
-    "ulysses2/online": (2, 1, False, "online", 1),
-    "ring2/schedule": (1, 2, False, "schedule", 1),
-    "ring2/online": (1, 2, False, "online", 1),
-    "cfg2/online": (1, 1, True, "online", 2),
+#: layout -> (Ulysses, Ring, CFG parallel, the configs run, batch)
+LAYOUTS = {
+    "ulysses2": (2, 1, False, ("schedule", "online"), 1),
+    "ring2": (1, 2, False, ("schedule", "online"), 1),
+    "cfg2": (1, 1, True, ("online",), 2),
 }
+#: every case, ``"<layout>/<config>"``
+CASES = [f"{layout}/{which}" for layout, spec in LAYOUTS.items() for which in spec[3]]
 
 
 def _log(eng: Any) -> dict[str, Any]:
@@ -92,8 +92,9 @@ def _init_runtime(ulysses: int, ring: int, cfg: bool) -> None:
     initialize_runtime_state(SimpleNamespace(transformer=SimpleNamespace(config=config)), engine_config)
 
 
-def _run(which: str, batch: int) -> dict[str, Any]:
-    """One X-Slim run of the wrapper under the current layout, a plain one, and what xfuser ran."""
+def _layout_runs(configs: tuple[str, ...], batch: int) -> dict[str, Any]:
+    """Under the current layout: a plain run of the wrapper, one X-Slim run per config (each
+    enabled then disabled), and a plain run after them; what xfuser ran."""
     from xfuser.core.distributed import (
         get_classifier_free_guidance_world_size,
         get_ring_parallel_world_size,
@@ -104,11 +105,12 @@ def _run(which: str, batch: int) -> dict[str, Any]:
 
     xmodel = _wrapped()
     state = {k: v.clone() for k, v in xmodel.state_dict().items()}
-    plain = sample(xmodel, "z_image", steps=STEPS, batch=batch)
-    eng = enable_xslim_xdit(xmodel, XSlimConfig(**CONFIGS[which]), num_inference_steps=STEPS)
-    x = sample(xmodel, "z_image", steps=STEPS, batch=batch)
-    res = {**_log(eng), "x": x, "plain": plain, "collectives": eng.sync.collectives}
-    disable_xslim(xmodel)
+    res: dict[str, Any] = {"plain": sample(xmodel, "z_image", steps=STEPS, batch=batch)}
+    for which in configs:
+        eng = enable_xslim_xdit(xmodel, XSlimConfig(**CONFIGS[which]), num_inference_steps=STEPS)
+        x = sample(xmodel, "z_image", steps=STEPS, batch=batch)
+        res[which] = {**_log(eng), "x": x, "collectives": eng.sync.collectives}
+        disable_xslim(xmodel)
     res["after"] = sample(xmodel, "z_image", steps=STEPS, batch=batch)  # plain again, after disabling
     res["weights_kept"] = all(torch.equal(v, state[k]) for k, v in xmodel.state_dict().items())
     res["degrees"] = (
@@ -140,14 +142,14 @@ def zimage_cases(rank: int, world: int) -> dict[str, Any]:
     dist.init_process_group("gloo")
     out: dict[str, Any] = {}
     try:
-        for key, (ulysses, ring, cfg, which, batch) in CASES.items():
+        for layout, (ulysses, ring, cfg, configs, batch) in LAYOUTS.items():
             _init_runtime(ulysses, ring, cfg)
             try:
-                out[key] = _run(which, batch)
-                if key == "ulysses2/online":
+                out[layout] = _layout_runs(configs, batch)
+                if layout == "ulysses2":
                     out["ulysses2/token"] = _token_refusal()
-            except Exception:  # recorded: the test shows it; later cases' collectives still pair up
-                out[key] = {"error": traceback.format_exc()}
+            except Exception:  # recorded: the test shows it; later layouts' collectives still pair up
+                out[layout] = {"error": traceback.format_exc()}
             reset_xfuser_parallel_state()
         return out
     finally:

@@ -10,13 +10,14 @@ of the cost."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from _dist import run_ranks
-from _xdit_zimage_workers import CASES, single_device, zimage_cases
+from _xdit_zimage_workers import CASES, LAYOUTS, single_device, zimage_cases
 
 pytestmark = pytest.mark.multiproc
 
@@ -32,31 +33,41 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return run_ranks(zimage_cases, 2, out, timeout=400)
 
 
-@pytest.mark.parametrize("key", list(CASES))
-def test_z_image_wrapper_ranks_agree_with_single_device(ranks, key):
-    """Each rank's decision log equals one device's; indicators and outputs agree; disabling puts
-    the wrapper back (its plain output bit-identical to before, weights untouched)."""
-    ulysses, ring, cfg, which, batch = CASES[key]
-    ref = single_device(which, batch)
-    got = [r[key] for r in ranks]
-    for g in got:
-        assert "error" not in g, g.get("error")
-    expected_kinds = {"full", "block", "skip"}
-    assert {k for k, _, _ in ref["log"]} == expected_kinds  # every level that runs under SP
-    for g in got:
-        assert g["degrees"] == (ulysses, ring, 2 if cfg else 1)  # the layout xfuser really ran
-        assert g["log"] == ref["log"]
-        assert [i is None for i in g["indicators"]] == [i is None for i in ref["indicators"]]
-        for a, b in zip(g["indicators"], ref["indicators"], strict=True):
+@functools.cache
+def _single_device(which: str, batch: int) -> dict[str, Any]:
+    return single_device(which, batch)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_z_image_wrapper_ranks_agree_with_single_device(ranks, case):
+    """Each rank's decision log equals one device's; indicators and outputs agree; xfuser's own
+    output (X-Slim off) too."""
+    layout, which = case.split("/")
+    ulysses, ring, cfg, _, batch = LAYOUTS[layout]
+    ref = _single_device(which, batch)
+    assert {k for k, _, _ in ref["log"]} == {"full", "block", "skip"}  # every level that runs under SP
+    for r in ranks:
+        assert "error" not in r[layout], r[layout].get("error")
+        got = r[layout][which]
+        assert r[layout]["degrees"] == (ulysses, ring, 2 if cfg else 1)  # the layout xfuser really ran
+        assert got["log"] == ref["log"]
+        assert [i is None for i in got["indicators"]] == [i is None for i in ref["indicators"]]
+        for a, b in zip(got["indicators"], ref["indicators"], strict=True):
             if a is not None:
                 assert a == pytest.approx(b, rel=INDICATOR_RTOL, abs=1e-9)
-        torch.testing.assert_close(g["plain"], ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
-        torch.testing.assert_close(g["x"], ref["x"], rtol=0, atol=ATOL)
-        assert torch.equal(g["after"], g["plain"])
-        assert g["weights_kept"]
-        assert g["collectives"] > 0
-    # X-Slim's output is not its plain output: steps were really reused
-    assert not torch.equal(got[0]["x"], got[0]["plain"])
+        torch.testing.assert_close(r[layout]["plain"], ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
+        torch.testing.assert_close(got["x"], ref["x"], rtol=0, atol=ATOL)
+        assert not torch.equal(got["x"], r[layout]["plain"])  # steps were really reused
+        assert got["collectives"] > 0
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_z_image_wrapper_left_as_it_was(ranks, layout):
+    """After X-Slim is disabled the wrapper's plain output is bit-identical to before, weights untouched."""
+    for r in ranks:
+        assert "error" not in r[layout], r[layout].get("error")
+        assert torch.equal(r[layout]["after"], r[layout]["plain"])
+        assert r[layout]["weights_kept"]
 
 
 def test_z_image_token_level_refused_under_sequence_parallelism(ranks):
