@@ -111,11 +111,11 @@ def test_z_image_shard_geometry_under_xfusers_wrapper():
     """xfuser's Z-Image wrapper chunks the noise refiner's image and the main layers' ``[image,
     caption]`` sequence separately: each rank's image rows of the main layers' shard (X-Slim's
     image stream there, tests/test_parallel_xdit_zimage.py) partition the image, in rank order."""
-    from xslim_xdit.adapters.z_image import _ShardGeometry
+    from xslim_xdit.adapters._z_image_shards import ShardGeometry
 
-    spans = [_ShardGeometry(r, 2, 64, 96).image_rows(r) for r in range(2)]
+    spans = [ShardGeometry(r, 2, 64, 96).image_rows(r) for r in range(2)]
     assert spans == [(0, 48), (48, 64)]  # 48-row shards: rank 1 holds 16 image rows, then the caption
-    four = _ShardGeometry(0, 4, 128, 192)
+    four = ShardGeometry(0, 4, 128, 192)
     assert [four.image_rows(r) for r in range(4)] == [(0, 48), (48, 96), (96, 128), (128, 128)]
     assert four.refiner_rows == 32 and four.seq_rows == 48
 

@@ -16,8 +16,19 @@ The model's timestep ``t`` is ``(1000 - t_scheduler) / 1000``: it *rises* from 0
 The family's units are the noise level ``1 - t`` (falling from 1, as the step clock expects): the
 adapter reads a call's timestep as ``1 - t`` and the tiny model's loop passes ``t = 1 - sigma``.
 
-xfuser's ``xFuserZImageTransformer2DWrapper`` is refused (its sequence parallelism shards the
-refiner's input and the unified sequence separately). Omni mode (``x`` as nested lists: SigLIP features and per-token noise masks, the sequence ordered
+xfuser's ``xFuserZImageTransformer2DWrapper`` (Ulysses, Ring, CFG parallel; step and block
+levels): its sequence parallelism chunks the noise refiner's image and the main layers' ``[image,
+caption]`` sequence separately (all-gathering between them), so a rank's refiner rows are not its
+image rows of the main layers (tiny model, 2 ranks: refiner rows 0-31 / 32-63; main layers' shards
+of 48 rows, image rows 0-47 / 48-63). X-Slim's image stream on each rank is its image rows of the
+main layers' shard, through the whole depth: the adapter moves the noise refiner's input and
+output into that layout and back (one all-gather of the image each way, a tensor moved once is not
+moved again; :mod:`xslim_xdit.adapters._z_image_shards`), so the stack residual, the probe's and the blocks' partial
+sums all cover the same rows, which partition the image over the ranks. The token level stays
+refused there (``token_sequence_parallel_refusal``); ``per_sample=True`` too. CFG parallel (the
+wrapper splits the batch, one guidance half per rank) needs nothing of the adapter.
+
+Omni mode (``x`` as nested lists: SigLIP features and per-token noise masks, the sequence ordered
 ``[caption, image, siglip]``) is refused, at every level.
 
 Pipeline (diffusers 0.42 defaults): ``ZImagePipeline`` 50 steps with ``guidance_scale=5.0`` (CFG
@@ -29,59 +40,27 @@ the pipeline's own example runs Z-Image-Turbo with ``num_inference_steps=8, guid
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._z_image_shards import (
+    Layout,
+    ShardedRefinerCall,
+    is_xfuser_wrapper,
+    note_shards,
+    to_refiner_layout,
+    to_sequence_layout,
+)
 from .attention import TokenContext, _TokenProcessor, no_gather
 from .base import BlockCall, BlockStack, ModelAdapter, _put_arg, register_adapter
 
-
-@dataclass
-class _Layout:
-    """The current call's image tokens per sample (the noise refiner's sequence length)."""
-
-    n_img: int = 0
-    n_txt: int = 0  # caption rows after them in the main layers' sequence (batch padding included)
-    #: under xfuser's sequence-parallel wrapper: this call's shard geometry (None on one device)
-    shards: _ShardGeometry | None = None
-    #: (noise-refiner shard, the same rows in the main layers' layout) pairs of the current call,
-    #: compared by identity: a tensor moved once is not moved again
-    moved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _ShardGeometry:
-    """How xfuser's Z-Image wrapper shards one call over the sequence-parallel group: the noise
-    refiner's image (``n_img`` rows, padded to a multiple of ``world``) and the main layers'
-    ``[image, caption]`` sequence (``n_seq`` rows, padded likewise) are chunked separately, rank
-    ``rank`` holding chunk ``rank`` of each (``_chunk_and_pad_sequence``)."""
-
-    rank: int
-    world: int
-    n_img: int
-    n_seq: int
-
-    @property
-    def refiner_rows(self) -> int:
-        return -(-self.n_img // self.world)
-
-    @property
-    def seq_rows(self) -> int:
-        return -(-self.n_seq // self.world)
-
-    def image_rows(self, rank: int) -> tuple[int, int]:
-        """The image rows ``[start, end)`` in ``rank``'s shard of the main layers' sequence."""
-        start = min(rank * self.seq_rows, self.n_img)
-        return start, min(start + self.seq_rows, self.n_img)
-
-
 #: The layout of each model's current call, shared by every adapter instance, keyed by the model's
 #: two managed block lists (both map to one layout).
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
 
 
 def z_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -99,66 +78,6 @@ class _UnifiedCall(BlockCall):
         assert txt is not None
         args, kwargs = list(self.args), dict(self.kwargs)
         _put_arg(self.signature, args, kwargs, "x", torch.cat([img, txt], 1))
-        return tuple(args), kwargs
-
-
-def _sp_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """``x`` of every sequence-parallel rank, concatenated along the rows in rank order."""
-    from xfuser.core.distributed import get_sp_group  # only reached under xfuser's wrapper
-
-    return get_sp_group().all_gather(x.contiguous(), dim=1)
-
-
-def _to_sequence_layout(layout: _Layout, shard: torch.Tensor) -> torch.Tensor:
-    """The noise refiner's shard ``(B, refiner_rows, D)`` -> this rank's image rows of the main
-    layers' shard (one all-gather of the image, unless ``shard`` was moved already)."""
-    for refiner, rows in layout.moved:
-        if refiner is shard:
-            return rows
-    geometry = layout.shards
-    assert geometry is not None
-    if shard.shape[1] != geometry.refiner_rows:
-        raise RuntimeError(
-            f"family 'z_image': xfuser's wrapper gave the noise refiner {shard.shape[1]} rows; expected "
-            f"{geometry.refiner_rows} ({geometry.n_img} image tokens over {geometry.world} ranks)"
-        )
-    start, end = geometry.image_rows(geometry.rank)
-    rows = _sp_all_gather(shard)[:, start:end]
-    layout.moved.append((shard, rows))
-    return rows
-
-
-def _to_refiner_layout(layout: _Layout, rows: torch.Tensor) -> torch.Tensor:
-    """This rank's image rows of the main layers' shard -> the noise refiner's shard (one
-    all-gather, padded to rank 0's row count; the refiner's padding rows are zeros, as xfuser's)."""
-    for refiner, moved in layout.moved:
-        if moved is rows:
-            return refiner
-    geometry = layout.shards
-    assert geometry is not None
-    spans = [geometry.image_rows(r) for r in range(geometry.world)]
-    width = spans[0][1] - spans[0][0]  # rank 0 holds the most image rows
-    pad = rows.new_zeros(rows.shape[0], width - rows.shape[1], *rows.shape[2:])
-    gathered = _sp_all_gather(torch.cat([rows, pad], 1))
-    parts = [gathered[:, r * width : r * width + end - start] for r, (start, end) in enumerate(spans)]
-    n = geometry.refiner_rows
-    tail = rows.new_zeros(rows.shape[0], n * geometry.world - geometry.n_img, *rows.shape[2:])
-    shard = torch.cat([*parts, tail], 1)[:, geometry.rank * n : (geometry.rank + 1) * n]
-    layout.moved.append((shard, rows))
-    return shard
-
-
-@dataclass
-class _ShardedRefinerCall(BlockCall):
-    """A noise-refiner call under xfuser's sequence-parallel wrapper: ``img`` is this rank's image
-    rows in the main layers' layout (X-Slim's one image stream); the block runs on its own shard."""
-
-    layout: _Layout | None = field(default=None, repr=False)
-
-    def with_streams(self, img: torch.Tensor, txt: torch.Tensor | None) -> tuple[tuple, dict]:
-        assert self.layout is not None
-        args, kwargs = list(self.args), dict(self.kwargs)
-        _put_arg(self.signature, args, kwargs, "x", _to_refiner_layout(self.layout, img))
         return tuple(args), kwargs
 
 
@@ -188,7 +107,8 @@ class ZImageTokenProcessor(_TokenProcessor):
         if ctx.gather is not no_gather:
             raise NotImplementedError(
                 "family 'z_image': token refresh (level 'token') under sequence parallelism is not supported "
-                "(not tested with xfuser's wrapper); use polish='block' or 'none', or a schedule without token steps"
+                f"({ZImageAdapter.token_sequence_parallel_refusal}); use polish='block' or 'none', or a "
+                "schedule without token steps"
             )
         idx = ctx.index
         b, k_sel = idx.shape
@@ -223,58 +143,17 @@ class ZImageTokenProcessor(_TokenProcessor):
         return out
 
 
-def _is_xfuser_wrapper(model: nn.Module) -> bool:
-    return any(c.__name__ == "xFuserZImageTransformer2DWrapper" for c in type(model).__mro__)
-
-
-def _note_shards(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Record how xfuser's wrapper will shard this call (:class:`_ShardGeometry`; None without
-    sequence parallelism), from the call's latents and captions as ``patchify_and_embed`` pads them
-    (image and caption each to a multiple of ``SEQ_MULTI_OF``), after the wrapper's CFG split."""
-    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
-    from xfuser.core.distributed import (
-        get_classifier_free_guidance_rank,
-        get_classifier_free_guidance_world_size,
-        get_sequence_parallel_rank,
-        get_sequence_parallel_world_size,
-    )
-
-    layout = _LAYOUTS.setdefault(model.noise_refiner, _Layout())
-    layout.moved.clear()
-    world = get_sequence_parallel_world_size()
-    if world <= 1:
-        layout.shards = None
-        return
-
-    def arg(name: str, pos: int, default: Any) -> Any:
-        return kwargs[name] if name in kwargs else args[pos] if len(args) > pos else default
-
-    x, caps = list(arg("x", 0, [])), list(arg("cap_feats", 2, []))
-    patch, f_patch = arg("patch_size", 3, 2), arg("f_patch_size", 4, 1)
-    cfg = get_classifier_free_guidance_world_size()
-    if cfg > 1:  # the wrapper keeps this rank's guidance half of the batch
-        b, r = len(x) // cfg, get_classifier_free_guidance_rank()
-        x, caps = x[r * b : (r + 1) * b], caps[r * b : (r + 1) * b]
-
-    def padded(n: int) -> int:
-        return n + (-n) % SEQ_MULTI_OF
-
-    n_img = {padded((s[1] // f_patch) * (s[2] // patch) * (s[3] // patch)) for s in (t.shape for t in x)}
-    if len(n_img) != 1:
-        raise NotImplementedError(
-            "family 'z_image': samples of different sizes in one call under xfuser's sequence-parallel "
-            f"wrapper are not supported (image tokens per sample: {sorted(n_img)})"
-        )
-    n = n_img.pop()
-    layout.shards = _ShardGeometry(
-        get_sequence_parallel_rank(), world, n, max(n + padded(len(c)) for c in caps)
-    )
-
-
 @register_adapter
 class ZImageAdapter(ModelAdapter):
     name = "z_image"
-    token_sequence_parallel_refusal = "xfuser's Z-Image wrapper shards the sequence in a way not supported"
+    #: X-Slim's image stream under xfuser's wrapper is each rank's image rows of the main layers'
+    #: shard, not the noise refiner's shard (the adapter moves the refiner's rows with all-gathers)
+    token_sequence_parallel_refusal = (
+        "under xfuser's Z-Image wrapper each rank's image stream is its image rows of the main layers' "
+        "shard (unequal: 48 and 16 of 64 on the tiny model), not the noise refiner's shard, so a token "
+        "step would run the noise refiner on selected rows that other ranks hold (with their RoPE and "
+        "mask rows) and select within unequal shards, which the adapter does not do"
+    )
     model_class_names = ("ZImageTransformer2DModel",)
     tiny_config = MappingProxyType(
         dict(
@@ -328,8 +207,8 @@ class ZImageAdapter(ModelAdapter):
                 "family 'z_image': omni mode (nested latents with SigLIP features and per-token noise "
                 "masks, the sequence ordered [caption, image, siglip]) is not supported at any level"
             )
-        if _is_xfuser_wrapper(model):
-            _note_shards(model, args, kwargs)
+        if is_xfuser_wrapper(model):
+            note_shards(_LAYOUTS.setdefault(model.noise_refiner, Layout()), args, kwargs)
         t = kwargs.get("t", args[1] if len(args) > 1 else None)
         if t is None:
             return super().timestep(model, args, kwargs)
@@ -338,7 +217,7 @@ class ZImageAdapter(ModelAdapter):
         return 1.0 - float(t)
 
     def stacks(self, model: nn.Module) -> list[BlockStack]:
-        layout = _LAYOUTS.setdefault(model.noise_refiner, _Layout())
+        layout = _LAYOUTS.setdefault(model.noise_refiner, Layout())
         _LAYOUTS[model.layers] = layout
         return [
             BlockStack("noise_refiner", model.noise_refiner, "noise_refiner", img_arg="x"),
@@ -360,8 +239,8 @@ class ZImageAdapter(ModelAdapter):
         geometry = layout.shards
         if stack.name == "noise_refiner":
             if geometry is not None:  # X-Slim's image stream: this rank's rows of the main layers
-                state["img"] = _to_sequence_layout(layout, call.img)
-                call = _ShardedRefinerCall(**state, layout=layout)
+                state["img"] = to_sequence_layout(layout, call.img)
+                call = ShardedRefinerCall(**state, layout=layout)
             layout.n_img = call.img.shape[1]
             return call
         seq, n = call.img, layout.n_img
@@ -379,7 +258,7 @@ class ZImageAdapter(ModelAdapter):
     def split_output(self, stack: BlockStack, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if stack.name == "noise_refiner":
             layout = _LAYOUTS[stack.blocks]
-            return (out if layout.shards is None else _to_sequence_layout(layout, out)), None
+            return (out if layout.shards is None else to_sequence_layout(layout, out)), None
         # on a token step the sequence holds the selected image rows and every caption row
         n_txt = _LAYOUTS[stack.blocks].n_txt
         return out[:, : out.shape[1] - n_txt], out[:, out.shape[1] - n_txt :]
@@ -388,10 +267,10 @@ class ZImageAdapter(ModelAdapter):
         if stack.name != "noise_refiner":
             return torch.cat([img, txt], 1)
         layout = _LAYOUTS[stack.blocks]
-        return img if layout.shards is None else _to_refiner_layout(layout, img)
+        return img if layout.shards is None else to_refiner_layout(layout, img)
 
     def select_samples(self, call: BlockCall, index: torch.Tensor) -> BlockCall:
-        if isinstance(call, _ShardedRefinerCall) or (
+        if isinstance(call, ShardedRefinerCall) or (
             call.stack.name == "layers" and _LAYOUTS[call.stack.blocks].shards is not None
         ):
             raise NotImplementedError(
