@@ -5,8 +5,9 @@ The wrapper chunks the noise refiner's image, the caption and the main layers' `
 caption]`` sequence separately over the sequence-parallel group and splits the batch over the CFG
 group. Cases, in one 2-rank launch: Ulysses 2 and Ring 2, each with a schedule (full, block and
 skip steps) and the online controller (block polish); CFG parallel 2 (a batch of two samples, one
-per rank, as ``ZImagePipeline`` batches its guidance branches), online; and the token level's
-refusal under Ulysses 2 (``ConfigError`` before any work)."""
+per rank, as ``ZImagePipeline`` batches its guidance branches), online; diffusers' ``ZImagePipeline``
+with the wrapper as its transformer (as xfuser's Z-Image runner uses it) under Ulysses 2 and CFG
+parallel 2, online; and the token level's refusal under Ulysses 2 (``ConfigError`` before any work)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ LAYOUTS = {
     "ring2": (1, 2, False, ("schedule", "online"), 1),
     "cfg2": (1, 1, True, ("online",), 2),
 }
+#: ``ZImagePipeline`` (CFG 5.0 batched in one call) with the wrapper as its transformer: its
+#: steps, its online config (FFSBBF on one device), and the layouts it runs under
+PIPE_STEPS = 6
+PIPE_CONFIG = dict(warn=0.3, crit=0.6, polish="block", warmup_steps=2, partial_reset=0.3)
+PIPE_LAYOUTS = ("ulysses2", "cfg2")
 #: every case, ``"<layout>/<config>"``
 CASES = [f"{layout}/{which}" for layout, spec in LAYOUTS.items() for which in spec[3]]
 
@@ -56,13 +62,55 @@ def single_device(which: str, batch: int) -> dict[str, Any]:
     return res
 
 
-def _wrapped() -> torch.nn.Module:
-    """xfuser's wrapper with the tiny model's config and weights (its ``**kwargs`` constructor
-    defeats diffusers' ``from_config``: the config is passed as keywords)."""
+def _pipeline_run(pipe: Any, kwargs: dict[str, Any], enable: Any) -> dict[str, Any]:
+    """A plain run of the pipeline, then one with X-Slim (``enable(pipe, config)``), disabled after."""
+    plain = pipe(num_inference_steps=PIPE_STEPS, **{**kwargs, "generator": torch.Generator().manual_seed(1)})
+    eng = enable(pipe, XSlimConfig(**PIPE_CONFIG))
+    x = pipe(num_inference_steps=PIPE_STEPS, **{**kwargs, "generator": torch.Generator().manual_seed(1)})
+    res = {**_log(eng), "x": x.images, "plain": plain.images}
+    disable_xslim(pipe)
+    return res
+
+
+def single_device_pipeline() -> dict[str, Any]:
+    """``ZImagePipeline`` around the diffusers transformer on one device."""
+    from xslim_xdit.testing.image_pipelines import tiny_image_pipeline
+
+    return _pipeline_run(*tiny_image_pipeline("z_image"), enable_xslim)
+
+
+def _xfuser_pipeline() -> dict[str, Any]:
+    """The same pipeline with xfuser's wrapper (same weights) as its transformer, X-Slim through
+    ``enable_xslim_xdit``, under the current layout."""
+    from xslim_xdit.integrations.xfuser import enable_xslim_xdit
+    from xslim_xdit.testing.image_pipelines import tiny_image_pipeline
+
+    pipe, kwargs = tiny_image_pipeline("z_image")
+    pipe.register_modules(transformer=_wrapped(_drop_joint_attention_kwargs()))
+    return _pipeline_run(pipe, kwargs, enable_xslim_xdit)
+
+
+def _drop_joint_attention_kwargs() -> type:
+    """xfuser's wrapper class, taking (and dropping) the ``joint_attention_kwargs=`` that diffusers
+    0.42's ``ZImagePipeline`` passes and xfuser 0.7's ``forward`` does not take (a ``TypeError``
+    with or without X-Slim: a version mismatch, not a CPU one; the pipeline passes ``None``)."""
+    from xfuser.model_executor.models.transformers.transformer_z_image import xFuserZImageTransformer2DWrapper
+
+    class Wrapper(xFuserZImageTransformer2DWrapper):
+        def forward(self, *args: Any, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
+            assert joint_attention_kwargs is None
+            return super().forward(*args, **kwargs)
+
+    return Wrapper
+
+
+def _wrapped(cls: type | None = None) -> torch.nn.Module:
+    """xfuser's wrapper (or ``cls``) with the tiny model's config and weights (its ``**kwargs``
+    constructor defeats diffusers' ``from_config``: the config is passed as keywords)."""
     from xfuser.model_executor.models.transformers.transformer_z_image import xFuserZImageTransformer2DWrapper
 
     model = tiny_model("z_image")
-    wrapped = xFuserZImageTransformer2DWrapper(
+    wrapped = (cls or xFuserZImageTransformer2DWrapper)(
         **{k: v for k, v in model.config.items() if not k.startswith("_")}
     )
     wrapped.load_state_dict(model.state_dict())
@@ -150,6 +198,11 @@ def zimage_cases(rank: int, world: int) -> dict[str, Any]:
                     out["ulysses2/token"] = _token_refusal()
             except Exception:  # recorded: the test shows it; later layouts' collectives still pair up
                 out[layout] = {"error": traceback.format_exc()}
+            if layout in PIPE_LAYOUTS:
+                try:
+                    out[f"{layout}/pipeline"] = _xfuser_pipeline()
+                except Exception:
+                    out[f"{layout}/pipeline"] = {"error": traceback.format_exc()}
             reset_xfuser_parallel_state()
         return out
     finally:

@@ -1,6 +1,7 @@
 """X-Slim on xfuser 0.7's ``xFuserZImageTransformer2DWrapper`` (bare, tiny model, CPU, 2 gloo ranks):
 Ulysses 2 and Ring 2 with a schedule (full, block and skip steps) and the online controller (block
-polish), and CFG parallel 2 (a batch of two samples, one per rank), online. Every rank's decision
+polish), and CFG parallel 2 (a batch of two samples, one per rank), online; diffusers'
+``ZImagePipeline`` with the wrapper as its transformer under Ulysses 2 and CFG parallel 2. Every rank's decision
 log (kinds, block masks) equals the single device's ``ZImageTransformer2DModel`` with the same
 weights, the indicators agree within round-off, and the outputs within ``ATOL``; the token level
 is refused under sequence parallelism before any work.
@@ -17,7 +18,14 @@ from typing import Any
 import pytest
 import torch
 from _dist import run_ranks
-from _xdit_zimage_workers import CASES, LAYOUTS, single_device, zimage_cases
+from _xdit_zimage_workers import (
+    CASES,
+    LAYOUTS,
+    PIPE_LAYOUTS,
+    single_device,
+    single_device_pipeline,
+    zimage_cases,
+)
 
 pytestmark = pytest.mark.multiproc
 
@@ -68,6 +76,30 @@ def test_z_image_wrapper_left_as_it_was(ranks, layout):
         assert "error" not in r[layout], r[layout].get("error")
         assert torch.equal(r[layout]["after"], r[layout]["plain"])
         assert r[layout]["weights_kept"]
+
+
+@pytest.mark.parametrize("layout", PIPE_LAYOUTS)
+def test_z_image_pipeline_with_the_wrapper_agrees_with_single_device(ranks, layout):
+    """diffusers' ``ZImagePipeline`` (CFG batched in one call) with xfuser's wrapper as its
+    transformer: under CFG parallel the wrapper puts one guidance half on each rank, under Ulysses
+    it shards both; each rank's log equals the single device's pipeline, latents agree."""
+    ref = _single_device_pipeline()
+    assert {k for k, _, _ in ref["log"]} == {"full", "block", "skip"}
+    for r in ranks:
+        got = r[f"{layout}/pipeline"]
+        assert "error" not in got, got.get("error")
+        assert got["log"] == ref["log"]
+        for a, b in zip(got["indicators"], ref["indicators"], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a == pytest.approx(b, rel=INDICATOR_RTOL, abs=1e-9)
+        torch.testing.assert_close(got["plain"], ref["plain"], rtol=0, atol=ATOL)  # xfuser itself
+        torch.testing.assert_close(got["x"], ref["x"], rtol=0, atol=ATOL)
+
+
+@functools.cache
+def _single_device_pipeline() -> dict[str, Any]:
+    return single_device_pipeline()
 
 
 def test_z_image_token_level_refused_under_sequence_parallelism(ranks):
