@@ -182,7 +182,8 @@ TESTED: dict[str, Evidence] = {
             "tests/test_parallel_xdit_zimage.py",
         ),
         note="omni mode refused; pipelines run with prompt embeddings; xDiT: xfuser's Z-Image wrapper, "
-        "bare, step and block levels (token refresh refused under sequence parallelism)",
+        "bare and in ZImagePipeline, step and block levels (token refresh refused under sequence "
+        "parallelism)",
     ),
     "hunyuan_video15": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2"),
