@@ -119,6 +119,7 @@ class ShardedRefinerCall(BlockCall):
 
 
 def is_xfuser_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is xfuser's Z-Image wrapper (by class name: xfuser is not imported here)."""
     return any(c.__name__ == "xFuserZImageTransformer2DWrapper" for c in type(model).__mro__)
 
 
