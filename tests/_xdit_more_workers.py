@@ -1,4 +1,4 @@
-"""Rank functions running SD3, HunyuanVideo 1.5, LTX-2, Z-Image and CogVideoX through xfuser 0.7's
+"""Rank functions running SD3, HunyuanVideo 1.5, LTX-2 and CogVideoX through xfuser 0.7's
 own transformer wrappers (bare) and pipelines, on CPU with gloo, and the single-device references
 they are compared with:
 
@@ -9,8 +9,6 @@ they are compared with:
   shard's K/V) and the online controller;
 - LTX-2 (``xFuserLTX2VideoTransformer3DWrapper``: video tokens chunked, audio whole on every rank),
   Ulysses 2 and Ring 2, online (step and block levels; its token level: tests/test_parallel_xdit_sp_token.py);
-- Z-Image (``xFuserZImageTransformer2DWrapper``): xfuser itself runs under Ulysses 2 (compared with
-  one device); X-Slim refuses the wrapper, and the refusal is recorded;
 - SD3 through xfuser's ``xFuserStableDiffusion3Pipeline`` (its transformer wrapper is patch-level,
   driven by the pipeline, which shards the latents by rows and the text over the SP group): Ulysses
   2 with a schedule (every level) and online, Ring 2, CFG parallel 2 and synchronous PipeFusion 2
@@ -83,7 +81,6 @@ LTX2_OVERRIDES = {"rope_type": "split"}
 WRAPPERS = {
     "hunyuan_video15": ("transformer_hunyuan_video15", "xFuserHunyuanVideo15Transformer3DWrapper"),
     "ltx2": ("transformer_ltx2", "xFuserLTX2VideoTransformer3DWrapper"),
-    "z_image": ("transformer_z_image", "xFuserZImageTransformer2DWrapper"),
 }
 
 
@@ -116,7 +113,7 @@ def _wrap(family: str, model: torch.nn.Module) -> torch.nn.Module:
     """xfuser's wrapper of ``family`` with ``model``'s config and weights."""
     module, name = WRAPPERS[family]
     cls = getattr(importlib.import_module(f"xfuser.model_executor.models.transformers.{module}"), name)
-    # Z-Image's wrapper takes **kwargs, which diffusers' from_config does not fill: pass the config
+    # pass the config as keywords (a wrapper taking **kwargs, Z-Image's, defeats from_config)
     wrapped = cls(**{k: v for k, v in model.config.items() if not k.startswith("_")})
     if family == "hunyuan_video15":
         # the tiny model narrows the ByT5 projection (the class fixes its width at 2048)
@@ -168,19 +165,6 @@ def _bare(family: str, which: str) -> dict[str, Any]:
         "degrees": (get_ulysses_parallel_world_size(), get_ring_parallel_world_size()),
     }
     disable_xslim(xmodel)
-    return res
-
-
-def _z_image() -> dict[str, Any]:
-    """Z-Image under Ulysses 2: xfuser's own output, and X-Slim's refusal of the wrapper."""
-    from xslim_xdit.integrations.xfuser import enable_xslim_xdit
-
-    xmodel = _wrap("z_image", _model("z_image"))
-    res: dict[str, Any] = {"plain": sample(xmodel, "z_image", steps=2), "refusal": None}
-    try:
-        enable_xslim_xdit(xmodel, XSlimConfig(polish="block"))
-    except NotImplementedError as e:
-        res["refusal"] = str(e)
     return res
 
 
@@ -329,8 +313,6 @@ def more_cases(rank: int, world: int) -> dict[str, Any]:
             for which in ("schedule", "online"):
                 case(f"hunyuan_video15/{layout}/{which}", _bare, "hunyuan_video15", which)
             case(f"ltx2/{layout}/online", _bare, "ltx2", "online")
-            if layout == "ulysses2":
-                case("z_image/ulysses2/plain", _z_image)
             reset_xfuser_parallel_state()
         for key in PIPE_CASES:
             case(key, _xfuser_pipeline, key)

@@ -107,16 +107,17 @@ def test_reference_tokens_are_fresh_on_token_steps(family):
     assert not torch.equal(run(True), run(False))
 
 
-def test_z_image_under_xfusers_sequence_parallel_wrapper_is_refused():
-    """xfuser's Z-Image wrapper shards the refiner input and the unified sequence separately: the
-    adapter refuses it rather than reuse residuals of rows that do not correspond."""
-    from xslim_xdit.adapters import adapter_named
+def test_z_image_shard_geometry_under_xfusers_wrapper():
+    """xfuser's Z-Image wrapper chunks the noise refiner's image and the main layers' ``[image,
+    caption]`` sequence separately: each rank's image rows of the main layers' shard (X-Slim's
+    image stream there, tests/test_parallel_xdit_zimage.py) partition the image, in rank order."""
+    from xslim_xdit.adapters._z_image_shards import ShardGeometry
 
-    class xFuserZImageTransformer2DWrapper(torch.nn.Module):  # the name is what is matched
-        noise_refiner = layers = torch.nn.ModuleList()
-
-    with pytest.raises(NotImplementedError, match="family 'z_image'"):
-        adapter_named("z_image").stacks(xFuserZImageTransformer2DWrapper())
+    spans = [ShardGeometry(r, 2, 64, 96).image_rows(r) for r in range(2)]
+    assert spans == [(0, 48), (48, 64)]  # 48-row shards: rank 1 holds 16 image rows, then the caption
+    four = ShardGeometry(0, 4, 128, 192)
+    assert [four.image_rows(r) for r in range(4)] == [(0, 48), (48, 96), (96, 128), (128, 128)]
+    assert four.refiner_rows == 32 and four.seq_rows == 48
 
 
 @pytest.mark.parametrize("family", ["qwen_image", "flux2"])

@@ -1,7 +1,7 @@
-"""X-Slim under xDiT (xfuser 0.7) for SD3, HunyuanVideo 1.5, LTX-2, Z-Image and CogVideoX, on CPU
+"""X-Slim under xDiT (xfuser 0.7) for SD3, HunyuanVideo 1.5, LTX-2 and CogVideoX, on CPU
 (gloo, 2 ranks). Through xfuser's bare transformer wrappers: HunyuanVideo 1.5 under Ulysses 2 and
 Ring 2 (schedule with every level, and the online controller), LTX-2 under Ulysses 2 and Ring 2
-(online, step and block levels), and Z-Image, whose wrapper xfuser runs and X-Slim refuses. Through
+(online, step and block levels) (Z-Image: tests/test_parallel_xdit_zimage.py). Through
 xfuser's pipelines: SD3 (``xFuserStableDiffusion3Pipeline``) under Ulysses 2 (schedule with every
 level, online), Ring 2, CFG parallel 2 and synchronous PipeFusion 2 (online, block polish), and
 CogVideoX (``xFuserCogVideoXPipeline``) under Ulysses 2, Ring 2 and CFG parallel 2 (online, block
@@ -19,9 +19,7 @@ from typing import Any
 import pytest
 import torch
 from _dist import run_ranks
-from _xdit_more_workers import LAYOUTS, PIPE_CASES, _model, more_cases, single_device, single_device_pipeline
-
-from xslim_xdit.testing import sample
+from _xdit_more_workers import LAYOUTS, PIPE_CASES, more_cases, single_device, single_device_pipeline
 
 pytestmark = pytest.mark.multiproc
 
@@ -70,16 +68,6 @@ def test_ltx2_usp_ranks_agree_with_single_device(ranks, layout):
     for g in got:
         torch.testing.assert_close(g["x"], ref["x"], rtol=0, atol=ATOL)
     assert got[0]["collectives"] > 0
-
-
-def test_z_image_wrapper_runs_in_xfuser_and_is_refused_by_xslim(ranks):
-    """xfuser's Z-Image wrapper runs on CPU under Ulysses 2 (its output is the single device's);
-    X-Slim refuses it, naming the family (see docs/parallel.md for why)."""
-    got = _got(ranks, "z_image/ulysses2/plain")
-    ref = sample(_model("z_image"), "z_image", steps=2)
-    for g in got:
-        torch.testing.assert_close(g["plain"], ref, rtol=0, atol=ATOL)
-        assert g["refusal"] is not None and "z_image" in g["refusal"]
 
 
 #: the xfuser transformer wrapper each family's xFuser pipeline installs

@@ -179,11 +179,16 @@ TESTED: dict[str, Evidence] = {
         "Ring), xFuserFlux2Pipeline (PipeFusion, synchronous; token refresh refused there)",
     ),
     "z_image": Evidence(
-        xdit_layouts=(),
+        xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2"),
         pipelines=("ZImagePipeline",),
-        tests=("tests/test_families.py", "tests/test_image_pipelines.py"),
-        note="omni mode refused; pipelines run with prompt embeddings; xDiT: xfuser's Z-Image wrapper "
-        "refused at every level (it re-shards the unified sequence after the noise refiner)",
+        tests=(
+            "tests/test_families.py",
+            "tests/test_image_pipelines.py",
+            "tests/test_parallel_xdit_zimage.py",
+        ),
+        note="omni mode refused; pipelines run with prompt embeddings; xDiT: xfuser's Z-Image wrapper, "
+        "bare and in ZImagePipeline, step and block levels (token refresh refused under sequence "
+        "parallelism)",
     ),
     "hunyuan_video15": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2"),

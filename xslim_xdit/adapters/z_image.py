@@ -16,8 +16,19 @@ The model's timestep ``t`` is ``(1000 - t_scheduler) / 1000``: it *rises* from 0
 The family's units are the noise level ``1 - t`` (falling from 1, as the step clock expects): the
 adapter reads a call's timestep as ``1 - t`` and the tiny model's loop passes ``t = 1 - sigma``.
 
-xfuser's ``xFuserZImageTransformer2DWrapper`` is refused (its sequence parallelism shards the
-refiner's input and the unified sequence separately). Omni mode (``x`` as nested lists: SigLIP features and per-token noise masks, the sequence ordered
+xfuser's ``xFuserZImageTransformer2DWrapper`` (Ulysses, Ring, CFG parallel; step and block
+levels): its sequence parallelism chunks the noise refiner's image and the main layers' ``[image,
+caption]`` sequence separately (all-gathering between them), so a rank's refiner rows are not its
+image rows of the main layers (tiny model, 2 ranks: refiner rows 0-31 / 32-63; main layers' shards
+of 48 rows, image rows 0-47 / 48-63). X-Slim's image stream on each rank is its image rows of the
+main layers' shard, through the whole depth: the adapter moves the noise refiner's input and
+output into that layout and back (one all-gather of the image each way, a tensor moved once is not
+moved again; :mod:`xslim_xdit.adapters._z_image_shards`), so the stack residual, the probe's and the blocks' partial
+sums all cover the same rows, which partition the image over the ranks. The token level stays
+refused there (``token_sequence_parallel_refusal``); ``per_sample=True`` too. CFG parallel (the
+wrapper splits the batch, one guidance half per rank) needs nothing of the adapter.
+
+Omni mode (``x`` as nested lists: SigLIP features and per-token noise masks, the sequence ordered
 ``[caption, image, siglip]``) is refused, at every level.
 
 Pipeline (diffusers 0.42 defaults): ``ZImagePipeline`` 50 steps with ``guidance_scale=5.0`` (CFG
@@ -36,21 +47,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._z_image_shards import (
+    Layout,
+    ShardedRefinerCall,
+    is_xfuser_wrapper,
+    note_shards,
+    to_refiner_layout,
+    to_sequence_layout,
+)
 from .attention import TokenContext, _TokenProcessor, no_gather
 from .base import BlockCall, BlockStack, ModelAdapter, _put_arg, register_adapter
 
-
-@dataclass
-class _Layout:
-    """The current call's image tokens per sample (the noise refiner's sequence length)."""
-
-    n_img: int = 0
-    n_txt: int = 0  # caption rows after them in the main layers' sequence (batch padding included)
-
-
 #: The layout of each model's current call, shared by every adapter instance, keyed by the model's
 #: two managed block lists (both map to one layout).
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
 
 
 def z_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -97,7 +107,8 @@ class ZImageTokenProcessor(_TokenProcessor):
         if ctx.gather is not no_gather:
             raise NotImplementedError(
                 "family 'z_image': token refresh (level 'token') under sequence parallelism is not supported "
-                "(not tested with xfuser's wrapper); use polish='block' or 'none', or a schedule without token steps"
+                f"({ZImageAdapter.token_sequence_parallel_refusal}); use polish='block' or 'none', or a "
+                "schedule without token steps"
             )
         idx = ctx.index
         b, k_sel = idx.shape
@@ -135,7 +146,14 @@ class ZImageTokenProcessor(_TokenProcessor):
 @register_adapter
 class ZImageAdapter(ModelAdapter):
     name = "z_image"
-    token_sequence_parallel_refusal = "xfuser's Z-Image wrapper shards the sequence in a way not supported"
+    #: X-Slim's image stream under xfuser's wrapper is each rank's image rows of the main layers'
+    #: shard, not the noise refiner's shard (the adapter moves the refiner's rows with all-gathers)
+    token_sequence_parallel_refusal = (
+        "under xfuser's Z-Image wrapper each rank's image stream is its image rows of the main layers' "
+        "shard (unequal: 48 and 16 of 64 on the tiny model), not the noise refiner's shard, so a token "
+        "step would run the noise refiner on selected rows that other ranks hold (with their RoPE and "
+        "mask rows) and select within unequal shards, which the adapter does not do"
+    )
     model_class_names = ("ZImageTransformer2DModel",)
     tiny_config = MappingProxyType(
         dict(
@@ -189,6 +207,8 @@ class ZImageAdapter(ModelAdapter):
                 "family 'z_image': omni mode (nested latents with SigLIP features and per-token noise "
                 "masks, the sequence ordered [caption, image, siglip]) is not supported at any level"
             )
+        if is_xfuser_wrapper(model):
+            note_shards(_LAYOUTS.setdefault(model.noise_refiner, Layout()), args, kwargs)
         t = kwargs.get("t", args[1] if len(args) > 1 else None)
         if t is None:
             return super().timestep(model, args, kwargs)
@@ -197,14 +217,7 @@ class ZImageAdapter(ModelAdapter):
         return 1.0 - float(t)
 
     def stacks(self, model: nn.Module) -> list[BlockStack]:
-        if any(c.__name__ == "xFuserZImageTransformer2DWrapper" for c in type(model).__mro__):
-            # its sequence parallelism shards the noise refiner's input and the unified sequence
-            # separately: a shard's first rows are not the image rows the noise refiner saw
-            raise NotImplementedError(
-                "family 'z_image': xfuser's sequence-parallel Z-Image wrapper is not supported at any "
-                "level; use the diffusers transformer"
-            )
-        layout = _LAYOUTS.setdefault(model.noise_refiner, _Layout())
+        layout = _LAYOUTS.setdefault(model.noise_refiner, Layout())
         _LAYOUTS[model.layers] = layout
         return [
             BlockStack("noise_refiner", model.noise_refiner, "noise_refiner", img_arg="x"),
@@ -221,26 +234,51 @@ class ZImageAdapter(ModelAdapter):
 
     def parse_call(self, stack: BlockStack, sig: Any, args: tuple, kwargs: dict) -> BlockCall:
         layout = _LAYOUTS[stack.blocks]
+        call = super().parse_call(stack, sig, args, kwargs)  # main layers: img and txt read the sequence
+        state = {f.name: getattr(call, f.name) for f in fields(BlockCall)}
+        geometry = layout.shards
         if stack.name == "noise_refiner":
-            call = super().parse_call(stack, sig, args, kwargs)
+            if geometry is not None:  # X-Slim's image stream: this rank's rows of the main layers
+                state["img"] = to_sequence_layout(layout, call.img)
+                call = ShardedRefinerCall(**state, layout=layout)
             layout.n_img = call.img.shape[1]
             return call
-        call = super().parse_call(stack, sig, args, kwargs)  # img and txt both read the sequence
-        state = {f.name: getattr(call, f.name) for f in fields(BlockCall)}
         seq, n = call.img, layout.n_img
+        if geometry is not None:
+            layout.moved.clear()  # the noise refiner is done for this call
+            if seq.shape[1] != geometry.seq_rows:
+                raise RuntimeError(
+                    f"family 'z_image': xfuser's wrapper gave the main layers {seq.shape[1]} rows; "
+                    f"expected {geometry.seq_rows} ({geometry.n_seq} tokens over {geometry.world} ranks)"
+                )
         layout.n_txt = seq.shape[1] - n  # the model's own call: the whole sequence
         state["img"], state["txt"] = seq[:, :n], seq[:, n:]
         return _UnifiedCall(**state)
 
     def split_output(self, stack: BlockStack, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if stack.name == "noise_refiner":
-            return out, None
+            layout = _LAYOUTS[stack.blocks]
+            return (out if layout.shards is None else to_sequence_layout(layout, out)), None
         # on a token step the sequence holds the selected image rows and every caption row
         n_txt = _LAYOUTS[stack.blocks].n_txt
         return out[:, : out.shape[1] - n_txt], out[:, out.shape[1] - n_txt :]
 
     def make_output(self, stack: BlockStack, img: torch.Tensor, txt: torch.Tensor | None) -> Any:
-        return img if stack.name == "noise_refiner" else torch.cat([img, txt], 1)
+        if stack.name != "noise_refiner":
+            return torch.cat([img, txt], 1)
+        layout = _LAYOUTS[stack.blocks]
+        return img if layout.shards is None else to_refiner_layout(layout, img)
+
+    def select_samples(self, call: BlockCall, index: torch.Tensor) -> BlockCall:
+        if isinstance(call, ShardedRefinerCall) or (
+            call.stack.name == "layers" and _LAYOUTS[call.stack.blocks].shards is not None
+        ):
+            raise NotImplementedError(
+                "family 'z_image': per_sample=True under xfuser's sequence-parallel Z-Image wrapper is "
+                "not supported (the noise refiner's rows are moved between two shard layouts); use "
+                "per_sample=False"
+            )
+        return super().select_samples(call, index)
 
     def modulated_input(self, block: nn.Module, call: BlockCall) -> torch.Tensor:
         arguments = call.bound.arguments
