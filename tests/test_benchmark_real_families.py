@@ -3,7 +3,7 @@ Wan: a tiny random pipeline of each saved to disk and loaded back as a checkpoin
 6 steps, the reference and X-Slim with token refresh (0.12/0.35), images decoded by the checkpoint's VAE.
 
 CogVideoX runs with its own (tiny T5) text encoder. The other families' text encoders
-(Qwen2.5-VL, Mistral 3, Qwen3) cannot be built tiny and offline with their chat templates here:
+(Qwen2.5-VL, Mistral 3, Qwen3, Gemma 3) cannot be built tiny and offline with their chat templates here:
 their checkpoints are saved without one, and their ``encode_prompt`` is given the tiny builders'
 prompt embeddings, so everything from the embeddings on (latents, scheduler, guidance, the
 transformer under X-Slim, the VAE decode, the metrics) runs as with a real checkpoint.
