@@ -15,6 +15,11 @@ seeds, the full computation first. Reported per method:
 A metric without its weights is skipped with one printed line saying so, and listed under
 ``skipped_metrics`` in ``results.json``. Nothing is ever downloaded.
 
+Families (:data:`FAMILIES`): flux, flux2, qwen_image, z_image, pixart, sd3 (images);
+hunyuan_video, hunyuan_video15, wan, cogvideox, ltx2 (video; LTX-2's audio is not compared).
+Each runs at its published defaults (size, frames, guidance, steps; the source is cited beside
+each), or the pipeline's own where none is published.
+
 Supported: one process on one device (a GPU, or the CPU for tiny checkpoints). Multi-GPU xDiT
 layouts (torchrun with Ulysses/Ring/PipeFusion/CFG parallel) are not run by this command; X-Slim
 itself runs under them (``xslim_xdit.integrations.xfuser``), this benchmark does not yet.
@@ -47,18 +52,28 @@ from benchmarks.suites import Testbed
 
 @dataclass(frozen=True)
 class PipelineFamily:
-    """How to call one family's pipeline at its standard output size."""
+    """How to call one family's pipeline at its published (or the pipeline's own) defaults.
+
+    A size, frame count or guidance left out of ``call`` is the pipeline's own default, which it
+    derives from the checkpoint's config (CogVideoX's ``sample_height``, HunyuanVideo 1.5's
+    ``target_size``, the image pipelines' ``default_sample_size``)."""
 
     pipeline_classes: tuple[str, ...]  # the diffusers pipeline classes expected from the checkpoint
     call: dict[str, Any]  # default call kwargs (size, guidance, text length)
     video: bool = False
     adapter: str = ""  # X-Slim family name (presets, rescale polynomial)
     notes: str = ""
-    negative_prompt: bool = False  # the pipeline takes a negative prompt (true CFG)
+    negative_prompt: bool = False  # pass an empty negative prompt: the pipeline's CFG needs one
     extra: dict[str, Any] = field(default_factory=dict)
+    steps: int = 50  # sampling steps when --steps is not given
+    # the call argument --guidance-scale sets; None: the pipeline takes no guidance argument
+    guidance_key: str | None = "guidance_scale"
 
 
-#: The families X-Slim supports that have a diffusers text-to-image/video pipeline.
+#: The families X-Slim supports that have a diffusers text-to-image/video pipeline
+#: (``xslim_xdit.support.support_table()``; Z-Image's and FLUX.2's families run their base
+#: pipelines). Defaults of the families added later cite their source; "signature" is the
+#: default of the pipeline's ``__call__`` in diffusers 0.42.
 FAMILIES: dict[str, PipelineFamily] = {
     "flux": PipelineFamily(
         ("FluxPipeline",),
@@ -86,6 +101,49 @@ FAMILIES: dict[str, PipelineFamily] = {
         ("StableDiffusion3Pipeline",),
         {"height": 1024, "width": 1024, "guidance_scale": 7.0},
         adapter="sd3",
+    ),
+    # pipeline_flux2.py EXAMPLE_DOC_STRING (FLUX.2-dev): `pipe(prompt, num_inference_steps=50,
+    # guidance_scale=2.5)`; size: the pipeline's default (default_sample_size 128 x 8 = 1024 px)
+    "flux2": PipelineFamily(("Flux2Pipeline",), {"guidance_scale": 2.5}, adapter="flux2", steps=50),
+    # pipeline_qwenimage.py EXAMPLE_DOC_STRING (Qwen/Qwen-Image): `num_inference_steps=50`;
+    # true_cfg_scale 4.0 (signature); its docstring: "Classifier-free guidance is enabled by
+    # setting `true_cfg_scale > 1` and a provided `negative_prompt`" (an empty one here);
+    # size: the pipeline's default (128 x 8 = 1024 px)
+    "qwen_image": PipelineFamily(
+        ("QwenImagePipeline",),
+        {"true_cfg_scale": 4.0},
+        adapter="qwen_image",
+        negative_prompt=True,
+        guidance_key="true_cfg_scale",
+    ),
+    # pipeline_hunyuan_video1_5.py EXAMPLE_DOC_STRING (HunyuanVideo-1.5-480p_t2v):
+    # `num_inference_steps=50`; num_frames 121 (signature); size from the transformer's
+    # target_size; guidance is the checkpoint's guider (no call argument)
+    "hunyuan_video15": PipelineFamily(
+        ("HunyuanVideo15Pipeline",),
+        {"num_frames": 121},
+        video=True,
+        adapter="hunyuan_video15",
+        guidance_key=None,
+    ),
+    # pipeline_z_image.py: 50 steps and guidance_scale 5.0 (signature; the base model; its
+    # docstring's Z-Image-Turbo call is `num_inference_steps=8, guidance_scale=0.0`, 1024 x 1024:
+    # pass --steps 8 --guidance-scale 0 for Turbo); size: the pipeline's default (1024 px)
+    "z_image": PipelineFamily(("ZImagePipeline",), {"guidance_scale": 5.0}, adapter="z_image"),
+    # pipeline_cogvideox.py EXAMPLE_DOC_STRING (CogVideoX-2b/5b): `guidance_scale=6,
+    # num_inference_steps=50`; size and frames from the transformer's config (sample_height,
+    # sample_width, sample_frames), as the pipeline does
+    "cogvideox": PipelineFamily(
+        ("CogVideoXPipeline",), {"guidance_scale": 6.0}, video=True, adapter="cogvideox"
+    ),
+    # pipeline_ltx2.py EXAMPLE_DOC_STRING (Lightricks/LTX-2): `width=768, height=512,
+    # num_frames=121, frame_rate=24.0, num_inference_steps=30, guidance_scale=3.0`
+    "ltx2": PipelineFamily(
+        ("LTX2Pipeline",),
+        {"height": 512, "width": 768, "num_frames": 121, "frame_rate": 24.0, "guidance_scale": 3.0},
+        video=True,
+        adapter="ltx2",
+        steps=30,
     ),
 }
 
@@ -130,7 +188,8 @@ class RealPipelineTestbed(Testbed):
         self.prompts = prompts
         self.device, self.dtype = device, dtype
         self.call_kwargs = {**self.family.call, **call_kwargs}
-        self.guidance_scale = float(self.call_kwargs.get("guidance_scale", 1.0))
+        key = self.family.guidance_key
+        self.guidance_scale = float(self.call_kwargs.get(key, 1.0)) if key else None
         self.clip_model, self.imagereward_weights = clip_model, imagereward_weights
         self.skipped: dict[str, str] = {}
         self._clip: Any = None
@@ -141,11 +200,17 @@ class RealPipelineTestbed(Testbed):
     def load(self, checkpoint: str | None) -> Any:
         from diffusers import DiffusionPipeline
 
-        if not checkpoint or not Path(checkpoint).is_dir():
+        if not checkpoint or not (Path(checkpoint) / "model_index.json").is_file():
             raise SystemExit(
                 f"--model must be a checkpoint folder (model_index.json inside); got {checkpoint!r}"
             )
-        pipe = DiffusionPipeline.from_pretrained(checkpoint, dtype=self.dtype, local_files_only=True)
+        # components saved as None (model_index.json: [null, null]) are passed as None: diffusers
+        # writes them so but does not load them back by itself
+        index = json.loads((Path(checkpoint) / "model_index.json").read_text())
+        absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
+        pipe = DiffusionPipeline.from_pretrained(
+            checkpoint, dtype=self.dtype, local_files_only=True, **absent
+        )
         cls = type(pipe).__name__
         if cls not in self.family.pipeline_classes:
             raise SystemExit(
@@ -163,6 +228,8 @@ class RealPipelineTestbed(Testbed):
 
     def generate(self, pipe: Any, conditions: list[Any], steps: int, seed: int) -> torch.Tensor:
         kwargs = {k: v for k, v in self.call_kwargs.items() if self._accepted is None or k in self._accepted}
+        if self.family.negative_prompt and "negative_prompt" not in kwargs:
+            kwargs["negative_prompt"] = [""] * len(conditions)
         out = pipe(
             prompt=list(conditions),
             num_inference_steps=steps,
@@ -389,11 +456,17 @@ def main_real(args: argparse.Namespace, argv: list[str] | None) -> int:
             raise SystemExit(f"--call-kwargs must be a JSON object; {e}") from None
         if not isinstance(call, dict):
             raise SystemExit(f"--call-kwargs must be a JSON object; got {args.call_kwargs!r}")
+    guidance_key = FAMILIES[family].guidance_key
+    if args.guidance_scale is not None and guidance_key is None:
+        raise SystemExit(
+            f"--guidance-scale: the {family} pipeline takes no guidance argument (its checkpoint's "
+            "guider sets it: guider/config.json)"
+        )
     for key, v in (
         ("height", args.height),
         ("width", args.width),
         ("num_frames", args.num_frames),
-        ("guidance_scale", args.guidance_scale),
+        (guidance_key or "guidance_scale", args.guidance_scale),
     ):
         if v is not None:
             call[key] = v
@@ -409,7 +482,7 @@ def main_real(args: argparse.Namespace, argv: list[str] | None) -> int:
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     prompts = read_prompts(args.prompts or DEFAULT_PROMPTS)
-    steps = args.steps or (20 if args.quick else 50)
+    steps = args.steps or (20 if args.quick else FAMILIES[family].steps)
     samples = args.samples or len(prompts)
     repeats = args.repeats or (2 if args.quick else 3)
     batch = args.batch_size or 1  # one prompt per call: real models fill a GPU with one sample

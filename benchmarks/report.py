@@ -292,7 +292,10 @@ def machine_text(machine: Any) -> str:
 
 def load_text(tb: dict[str, Any]) -> str:
     """The load average while timing, e.g. ``1.02 -> 1.24 (1 min) on 2 cores``, with a warning
-    when it exceeded the core count (wall-clock ratios are then noisier)."""
+    when it reached :data:`benchmarks.run.QUIET_LOAD_PER_CORE` per core (wall-clock ratios are then
+    noisy)."""
+    from benchmarks.run import QUIET_LOAD_PER_CORE, timing_was_noisy
+
     load = tb.get("timing_load_average") or {}
     before, after, cores = load.get("before"), load.get("after"), load.get("cpu_count")
     if not before or not after:
@@ -300,8 +303,8 @@ def load_text(tb: dict[str, Any]) -> str:
     text = f"{before[0]:.2f} -> {after[0]:.2f} (1-minute average, before -> after timing)"
     if cores:
         text += f" on {cores} cores"
-        if max(before[0], after[0]) > cores:
-            text += ": busy machine, wall-clock speedups are noisy"
+        if timing_was_noisy(tb):
+            text += f": busy machine (>= {QUIET_LOAD_PER_CORE * cores:g}), wall-clock speedups are noisy"
     return text
 
 

@@ -289,3 +289,17 @@ def test_ruler_doctests() -> None:
     import doctest
 
     assert doctest.testmod(ruler).failed == 0
+
+
+def test_wall_clock_is_noisy_from_1_2_on_2_cores() -> None:
+    """Issue 13, point 5: wall clock is quiet only under a load average of 1.2 on 2 cores."""
+    from benchmarks.report import load_text
+    from benchmarks.run import load_line
+
+    def tb(before: float, after: float) -> dict:
+        return {"timing_load_average": {"before": [before], "after": [after], "cpu_count": 2}}
+
+    assert load_text(tb(1.21, 1.17)).endswith("busy machine (>= 1.2), wall-clock speedups are noisy")
+    assert "noisy" not in load_text(tb(0.95, 1.19))
+    assert load_line(tb(1.02, 1.24)).endswith("wall-clock speedups are noisy")
+    assert "noisy" not in load_line(tb(0.5, 0.8))

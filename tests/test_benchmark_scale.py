@@ -54,6 +54,8 @@ def test_every_kind_measured_through_the_engine(tiny_run: dict) -> None:
         assert kinds["block@mean2"]["blocks_computed"] < kinds["block@mean2"]["blocks_total"]
         assert kinds["block@mean2"]["flops"] < full
         assert kinds["token@0.5"]["token_count"] == 8  # half of the 16 image tokens
+    # block refresh at the FLUX presets' own block thresholds too
+    assert tiny_run["models"]["flux"]["kinds"]["block@1.5,10"]["output_finite"]
 
 
 def test_cache_memory_is_measured_per_level(tiny_run: dict) -> None:
