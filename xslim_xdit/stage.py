@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
+from .adapters.token_context import KVBufferFn
 from .decision import DepthLayout
 from .parallel.pipeline import TOKEN_REFRESH_FAMILIES, PipelineSync, PipelineTokens
 
@@ -32,7 +31,7 @@ def join_pipeline(
     patch_info: Callable[[], tuple[int, int]] | None = None,
     num_patches: int = 1,
     token_groups: Callable[[], tuple[Sequence[int] | None, int | None]] | None = None,
-    kv_buffer: Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    kv_buffer: KVBufferFn | None = None,
 ) -> None:
     """Make ``engine`` one stage of a PipeFusion pipeline (what
     :meth:`xslim_xdit.engine.XSlimEngine.set_pipeline` does; its docstring has the arguments)."""

@@ -24,9 +24,10 @@ import torch
 from .failure import EXIT_GRACE_S, arm_exit_guard
 from .sync import DecisionSync, XSlimCollectiveError
 
-#: families whose token processor hands its K/V to PipeFusion's patch buffer (the joint processor,
-#: ``TokenContext.kv_buffer``, as FLUX's xfuser processor does); token refresh is refused for others
-TOKEN_REFRESH_FAMILIES = ("flux",)
+#: families whose token processor hands its K/V to PipeFusion's patch buffer in the layout of
+#: xfuser's own processor (``TokenContext.kv_buffer``: the joint processor for FLUX, the
+#: self-attention processor for PixArt's ``attn1``); token refresh is refused for others
+TOKEN_REFRESH_FAMILIES = ("flux", "pixart")
 
 
 @dataclass
