@@ -67,9 +67,10 @@ class _TokenSpy:
         self.orig = eng.room._select_tokens
         eng.room._select_tokens = self
 
-    def __call__(self, caches: Any) -> torch.Tensor:
-        idx = self.orig(caches)
-        self.sets.append((self.eng.step, self.eng.branch, idx.tolist()))
+    def __call__(self, caches: Any, change: torch.Tensor | None = None) -> torch.Tensor:
+        idx = self.orig(caches, change)
+        if change is None:  # the room's call (PipeFusion's first stage calls back with the change)
+            self.sets.append((self.eng.step, self.eng.branch, idx.tolist()))
         return idx
 
 
