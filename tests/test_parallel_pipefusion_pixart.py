@@ -99,16 +99,16 @@ def test_pixart_token_refresh_async_phase(stages, case):
     assert mine.keys() == theirs.keys()
     if case[0] == "token":
         assert mine == theirs
-    else:  # measured: 62-75% of each step's tokens shared with the single device
+    else:  # measured: 6 of the 8 tokens of every sample and step are the single device's
         shared = [
             len(set(a) & set(b)) / len(b) for s in mine for a, b in zip(mine[s], theirs[s], strict=True)
         ]
-        assert min(shared) >= 0.5, shared
+        assert min(shared) >= 0.625, shared
     _assert_buffered(first, sizes)
     _assert_buffered(second, sizes)
     # PipeFusion's own difference without caching (its later patches read one-step-old rows of
     # the others): measured 3.7 (2 patches) and 4.6 (4 patches) on latents up to 586; with token
-    # refresh 3.7 to 5.6 (at most 1.21x its own)
+    # refresh 3.7 to 5.6 (1.0x online, 1.21x schedule)
     own = (second["plain"] - ref["plain"]).abs().max().item()
     assert (second["x"] - ref["x"]).abs().max().item() <= 1.5 * own + 1e-3
 
