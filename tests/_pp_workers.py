@@ -115,20 +115,14 @@ def pipefusion_cases(rank: int, world: int, family: str, cases: list[tuple[str, 
         for which, warmup_steps, patches in cases:
             out[(which, warmup_steps, patches)] = _pipefusion_run(which, warmup_steps, patches, 1, family)
             reset_xfuser_parallel_state()
+        out["refusal"] = _refused_up_front(family)
         return out
     finally:
         dist.destroy_process_group()
 
 
-def _pipefusion_run(which: str, warmup_steps: int, patches: int, ulysses: int, family: str) -> dict:
-    from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
-
-    apply_xfuser_cpu_compat()  # before xfuser is imported (an import sorter would reorder imports)
-    from xfuser import xFuserFluxPipeline, xFuserPixArtSigmaPipeline
-    from xfuser.core.distributed import get_runtime_state
-
-    from xslim_xdit.integrations.xfuser import enable_xslim_xdit
-
+def _engine_config(warmup_steps: int, patches: int, ulysses: int) -> Any:
+    """xfuser's engine config of PipeFusion 2 (x ``ulysses``) for the tiny pipelines' calls."""
     engine_config, _ = xfuser_engine_config(
         torch.float32,
         height=HEIGHT,
@@ -140,8 +134,44 @@ def _pipefusion_run(which: str, warmup_steps: int, patches: int, ulysses: int, f
         num_pipeline_patch=patches,
         warmup_steps=warmup_steps,
     )
+    return engine_config
+
+
+def _refused_up_front(family: str) -> dict:
+    """``enable_xslim_xdit`` with token refresh under PipeFusion, ``family`` taken off the
+    supported list: the refusal's message, and whether anything was attached before it."""
+    from xfuser import xFuserFluxPipeline, xFuserPixArtSigmaPipeline
+
+    import xslim_xdit.stage as stage
+    from xslim_xdit.api import get_engines
+    from xslim_xdit.integrations.xfuser import enable_xslim_xdit
+
     cls = xFuserPixArtSigmaPipeline if family == "pixart" else xFuserFluxPipeline
-    xpipe = cls(_pipeline(family), engine_config)
+    xpipe = cls(_pipeline(family), _engine_config(1, 2, 1))
+    processors = [type(m.processor).__name__ for m in xpipe.transformer.modules() if hasattr(m, "processor")]
+    supported, stage.TOKEN_REFRESH_FAMILIES = stage.TOKEN_REFRESH_FAMILIES, ("other",)
+    try:
+        enable_xslim_xdit(xpipe, XSlimConfig(**CONFIGS["token"]))
+        message = None
+    except NotImplementedError as e:
+        message = str(e)
+    finally:
+        stage.TOKEN_REFRESH_FAMILIES = supported
+    after = [type(m.processor).__name__ for m in xpipe.transformer.modules() if hasattr(m, "processor")]
+    return {"message": message, "engines": len(get_engines(xpipe)), "untouched": processors == after}
+
+
+def _pipefusion_run(which: str, warmup_steps: int, patches: int, ulysses: int, family: str) -> dict:
+    from xslim_xdit.integrations.xfuser_compat import apply_xfuser_cpu_compat
+
+    apply_xfuser_cpu_compat()  # before xfuser is imported (an import sorter would reorder imports)
+    from xfuser import xFuserFluxPipeline, xFuserPixArtSigmaPipeline
+    from xfuser.core.distributed import get_runtime_state
+
+    from xslim_xdit.integrations.xfuser import enable_xslim_xdit
+
+    cls = xFuserPixArtSigmaPipeline if family == "pixart" else xFuserFluxPipeline
+    xpipe = cls(_pipeline(family), _engine_config(warmup_steps, patches, ulysses))
     with torch.no_grad():
         plain = xpipe(generator=torch.Generator().manual_seed(3), **_call(family))
     eng = enable_xslim_xdit(xpipe, XSlimConfig(**CONFIGS[which]))
@@ -183,6 +213,10 @@ def _pipefusion_run(which: str, warmup_steps: int, patches: int, ulysses: int, f
     }
     eng.pipeline.close()
     disable_xslim(xpipe)
+    if which == "forced_full":  # disabled: plain PipeFusion again, bit for bit
+        with torch.no_grad():
+            after = xpipe(generator=torch.Generator().manual_seed(3), **_call(family))
+        res["after_disable"] = None if after is None else after.images
     return res
 
 

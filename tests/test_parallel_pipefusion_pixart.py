@@ -31,7 +31,7 @@ CASES = [SYNC_1, SYNC_ONLINE_2, *ASYNC, FORCED_FULL]
 def stages(tmp_path_factory):
     """Both stages' results of every case, keyed by case (one launch)."""
     out = run_ranks(pipefusion_cases, 2, tmp_path_factory.mktemp("pp_pixart"), "pixart", CASES, timeout=400)
-    return {case: (out[0][case], out[1][case]) for case in CASES}
+    return {case: (out[0][case], out[1][case]) for case in [*CASES, "refusal"]}
 
 
 def _reference(case: tuple, first: dict) -> dict:
@@ -120,6 +120,15 @@ def test_pixart_forced_full_with_token_refresh_is_bit_identical(stages):
     assert {k for s in (first, second) for k, _, _ in s["log"]} == {"full"}
     assert first["buffered"] == second["buffered"] == []
     assert torch.equal(second["x"], second["plain"])
+    assert torch.equal(second["after_disable"], second["plain"])  # disabled: as it was
+
+
+def test_pixart_token_refusal_under_pipefusion_comes_before_any_work(stages):
+    """With PixArt taken off the supported families, ``enable_xslim_xdit`` refuses token refresh
+    under PipeFusion on every rank before attaching anything or creating a group."""
+    for refusal in stages["refusal"]:
+        assert "token refresh under PipeFusion is supported for other, not 'pixart'" in refusal["message"]
+        assert refusal["engines"] == 0 and refusal["untouched"]
 
 
 def test_pipefusion_token_refusal_keeps_unsupported_families_out():

@@ -42,6 +42,7 @@ from ..observers import EngineObserver
 from ..parallel.failure import WATCHDOG_SLACK_S, watchdog_arm, watchdog_disarm
 from ..parallel.groups import SequenceParallelGather
 from ..parallel.sync import GroupSync, LocalSync
+from ..stage import pipefusion_token_refusal
 from ..stats import StepRecord
 from .cli import add_xslim_args as add_xslim_args  # the command line lives in cli.py
 from .cli import config_from_args as config_from_args
@@ -286,6 +287,12 @@ def enable_xslim_xdit(
             "buffer is then sharded over the sequence ranks); use polish='block' or 'none', or a schedule "
             "without token steps, or PipeFusion alone"
         )
+    if layout["pp"] > 1 and "token" in config.levels:
+        # refused before anything is attached or any group is created (join_pipeline checks again)
+        for transformer in expert_transformers(pipe_or_transformer).values():
+            refusal = pipefusion_token_refusal(adapter_for(transformer).name)
+            if refusal is not None:
+                raise NotImplementedError(refusal)
     if layout["sp"] > 1 and "token" in config.levels:
         # refused before anything is attached or any group is created
         for transformer in expert_transformers(pipe_or_transformer).values():
