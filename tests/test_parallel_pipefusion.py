@@ -149,7 +149,7 @@ def test_token_refresh_under_pipefusion_is_refused_where_unsupported():
     m = tiny_model("dit")
     eng = enable_xslim(m, XSlimConfig(polish="token"), num_inference_steps=4)
     channel = PipelineChannel(None, [0, 1], 0, [(0, len(eng.blocks)), (len(eng.blocks), 1)])
-    with pytest.raises(NotImplementedError, match="supported for flux, not 'dit'"):
+    with pytest.raises(NotImplementedError, match="supported for flux, pixart, not 'dit'"):
         eng.set_pipeline(
             channel, [(0, len(eng.blocks) + 1)], token_groups=lambda: (None, None), kv_buffer=print
         )

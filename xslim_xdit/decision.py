@@ -163,16 +163,14 @@ class DecisionRoom:
         self._lag_rows: list[torch.Tensor] = []  # its probes, one per image part, in call order
         self._lag_prev: torch.Tensor | None = None  # the whole probe of the step before it
         self._lag_value: float | None = None  # the indicator of step _lag_step - 1
-        #: explicit token groups (None: ``config.token_groups`` equal chunks): the whole image's
-        #: group sizes, or ``() -> (sizes, part)`` where ``part`` is the group the call holds
-        #: (PipeFusion's patch; None: the whole image). PipeFusion sets the patches' sizes; a single
-        #: device given the same sizes selects the same tokens (docs/parallel.md).
+        #: explicit token groups (None: ``config.token_groups`` equal chunks): the image's group
+        #: sizes, or ``() -> (sizes, part)``, ``part`` the group the call holds (PipeFusion's patch;
+        #: None: the whole image); one device given PipeFusion's sizes selects the same tokens.
         self.token_group_sizes: (
             Sequence[int] | Callable[[], tuple[Sequence[int] | None, int | None]] | None
         ) = None
         self._token_whole: int | None = None
-        #: PipeFusion with token refresh (:class:`~xslim_xdit.parallel.pipeline.PipelineTokens`):
-        #: the first stage scores on the whole depth's change and sends the index on; None: here
+        #: PipeFusion's token selection across stages (``parallel.pipeline.PipelineTokens``)
         self.pipeline_tokens: Any = None
         #: reduce the step indicator with :meth:`~xslim_xdit.parallel.DecisionSync.sum_exact`
         #: (calibration's recording mode: the value is written into the profile, so every rank
@@ -373,25 +371,17 @@ class DecisionRoom:
             return [n], [counts[part]], sum(counts)
         raise RuntimeError(f"token groups {sizes} (part {part}) do not cover this call's {n} image tokens")
 
-    def _select_tokens(self, caches: BranchCaches) -> torch.Tensor:
-        """Per sample, the image tokens whose stack residual changed most (top ``token_ratio``
-        within each token group: ``token_groups`` contiguous chunks, or
-        :attr:`token_group_sizes`), sorted (the tokens refreshed over the whole image, which a
-        PipeFusion patch's record counts, go to ``_token_whole``)."""
+    def _select_tokens(self, caches: BranchCaches, change: torch.Tensor | None = None) -> torch.Tensor:
+        """Per sample, the tokens whose stack residual changed most since the token history (``change``:
+        PipeFusion's whole depth, from ``PipelineTokens.select``), top ``token_ratio`` per token group
+        (:meth:`_token_groups`), sorted; the count over the whole image in ``_token_whole``."""
         self._token_whole = None
-        current = caches.residual
-        assert current is not None
-        stages = self.pipeline_tokens
-        if stages is not None and not stages.selects:  # a later PipeFusion stage: the first selects
-            sizes, counts, self._token_whole = self._token_groups(current.shape[1])
-            return stages.receive_index((current.shape[0], sum(counts)), current.device)
-        history = caches.token_history
-        if history is not None and history.shape == current.shape:
-            change = current - history
-        else:  # only one computed step so far: refresh where the residual is largest
-            change = current
-        if stages is not None:  # the whole depth's change: the later stages' parts added
-            change = stages.whole_change(change)
+        if self.pipeline_tokens is not None and change is None:
+            return self.pipeline_tokens.select(self, caches)
+        if change is None:  # after only one computed step: where the residual is largest
+            change, history = caches.residual, caches.token_history
+            assert change is not None
+            change = change - history if history is not None and history.shape == change.shape else change
         score = change.abs().mean(-1)
         n = score.shape[1]
         ref = self.reference
@@ -402,10 +392,7 @@ class DecisionRoom:
         for size, k in zip(sizes, counts, strict=True):
             parts.append(score[:, start : start + size].float().topk(k, dim=1).indices + start)
             start += size
-        index = torch.cat(parts, 1).sort(dim=1).values
-        if stages is not None:
-            stages.send_index(index)
-        return index
+        return torch.cat(parts, 1).sort(dim=1).values
 
     def _select_output_tokens(self, score: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """:meth:`_select_tokens` with reference-image tokens (``ref``): within each chunk the top

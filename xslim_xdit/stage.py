@@ -14,14 +14,33 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
+from .adapters.token_context import KVBufferFn
 from .decision import DepthLayout
 from .parallel.pipeline import TOKEN_REFRESH_FAMILIES, PipelineSync, PipelineTokens
 
 
 class StageMismatchError(RuntimeError):
     """The stage's blocks are not the ones the pipeline's block ranges give it."""
+
+
+def pipefusion_token_refusal(family: str) -> str | None:
+    """Why token refresh under PipeFusion is refused for ``family`` (None: supported; its token
+    processor writes PipeFusion's patch K/V buffer). ``enable_xslim_xdit`` asks before anything is
+    attached; :func:`join_pipeline` again.
+
+    Example:
+        >>> pipefusion_token_refusal("pixart") is None
+        True
+        >>> pipefusion_token_refusal("dit")[:60]
+        'token refresh under PipeFusion is supported for flux, pixart'
+    """
+    if family in TOKEN_REFRESH_FAMILIES:
+        return None
+    return (
+        f"token refresh under PipeFusion is supported for {', '.join(TOKEN_REFRESH_FAMILIES)}, not "
+        f"{family!r} (its token processor does not write PipeFusion's patch K/V buffers); use "
+        "polish='block' or 'none', or a schedule without token steps"
+    )
 
 
 def join_pipeline(
@@ -32,7 +51,7 @@ def join_pipeline(
     patch_info: Callable[[], tuple[int, int]] | None = None,
     num_patches: int = 1,
     token_groups: Callable[[], tuple[Sequence[int] | None, int | None]] | None = None,
-    kv_buffer: Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    kv_buffer: KVBufferFn | None = None,
 ) -> None:
     """Make ``engine`` one stage of a PipeFusion pipeline (what
     :meth:`xslim_xdit.engine.XSlimEngine.set_pipeline` does; its docstring has the arguments)."""
@@ -41,12 +60,9 @@ def join_pipeline(
             "per_sample decisions under PipeFusion are not supported: the stages forward one "
             "decision per call; use per_sample=False"
         )
-    if engine.use_token and engine.adapter.name not in TOKEN_REFRESH_FAMILIES:
-        raise NotImplementedError(
-            f"token refresh under PipeFusion is supported for {', '.join(TOKEN_REFRESH_FAMILIES)}, not "
-            f"{engine.adapter.name!r} (its token processor does not write PipeFusion's patch K/V "
-            "buffers); use polish='block' or 'none', or a schedule without token steps"
-        )
+    refusal = pipefusion_token_refusal(engine.adapter.name) if engine.use_token else None
+    if refusal is not None:
+        raise NotImplementedError(refusal)
     if engine.use_token and (token_groups is None or kv_buffer is None):
         raise NotImplementedError(
             "token refresh under PipeFusion needs the patches' token groups and PipeFusion's K/V "

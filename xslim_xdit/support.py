@@ -12,7 +12,7 @@ Example:
     >>> rows["flux"].model_classes, rows["flux"].levels
     (('FluxTransformer2DModel',), ('step', 'block', 'token'))
     >>> rows["pixart"].xdit_layouts
-    ('CFG parallel 2', 'Ulysses 2 x CFG parallel 2')
+    ('CFG parallel 2', 'Ulysses 2 x CFG parallel 2', 'PipeFusion 2')
 """
 
 from __future__ import annotations
@@ -94,9 +94,17 @@ TESTED: dict[str, Evidence] = {
         'rope_type="split" (xfuser fails with the default "interleaved")',
     ),
     "pixart": Evidence(
-        xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2"),
+        xdit_layouts=("CFG parallel 2", "Ulysses 2 x CFG parallel 2", "PipeFusion 2"),
         pipelines=("PixArtSigmaPipeline",),
-        tests=("tests/test_xdit_pipelines.py", "tests/test_xdit_four_ranks.py"),
+        tests=(
+            "tests/test_xdit_pipelines.py",
+            "tests/test_xdit_four_ranks.py",
+            "tests/test_parallel_pipefusion_pixart.py",
+        ),
+        note=(
+            "token refresh under PipeFusion (xFuserPixArtSigmaPipeline) through xfuser's patch K/V "
+            "buffer of the self-attention (synchronous, asynchronous with 2 and 4 patches)"
+        ),
     ),
     "wan": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2"),

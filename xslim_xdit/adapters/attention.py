@@ -90,10 +90,28 @@ def apply_rope_bshd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 class _TokenProcessor:
     """Common part: delegation to the original processor when no refresh is active."""
 
+    #: the sequence's dimension in the K/V that xfuser's processor for this attention keeps in
+    #: PipeFusion's patch buffer: 1 for ``(batch, rows, heads, dim)`` (xfuser's FLUX processor)
+    buffer_seq_dim = 1
+
     def __init__(self, original: Any, ctx: TokenContext, text_position: str) -> None:
         self.original = original
         self.ctx = ctx
         self.text_position = text_position
+
+    def _through_patch_buffer(self, attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """PipeFusion (``TokenContext.kv_buffer`` set): the call's image K/V ``(batch, rows,
+        heads, dim)`` (every row of its patch, the refreshed ones spliced in, after norm and RoPE)
+        written into xfuser's buffer in the layout xfuser's own processor keeps there (a full
+        step writes it, so a token step must match), and the whole image's K/V back, ``(batch,
+        rows, heads, dim)``. Without PipeFusion: ``k, v`` unchanged."""
+        kv_buffer = self.ctx.kv_buffer
+        if kv_buffer is None:
+            return k, v
+        if self.buffer_seq_dim == 1:
+            return kv_buffer(attn, k, v, 1)
+        k, v = kv_buffer(attn, k.transpose(1, 2), v.transpose(1, 2), self.buffer_seq_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def _cached_kv(self, attn: nn.Module, k_new: torch.Tensor, v_new: torch.Tensor, tail: int = 0) -> tuple:
         """The cached image K/V with the new rows spliced in: the selected tokens' rows, then (with
@@ -150,6 +168,9 @@ class _TokenProcessor:
 class SelfAttnTokenProcessor(_TokenProcessor):
     """For diffusers' ``Attention`` used as plain self-attention (DiT, PixArt ``attn1``)."""
 
+    #: xfuser's ``xFuserAttnProcessor2_0`` keeps ``(batch, heads, rows, dim)`` in the buffer
+    buffer_seq_dim = 2
+
     def __call__(
         self,
         attn: nn.Module,
@@ -178,6 +199,8 @@ class SelfAttnTokenProcessor(_TokenProcessor):
         if attn.norm_k is not None:
             k = attn.norm_k(k.transpose(1, 2)).transpose(1, 2)
         k, v = self.ctx.gather(k, "img"), self.ctx.gather(v, "img")
+        # PipeFusion: the patch's K/V into xfuser's buffer, the queries attend to the whole image
+        k, v = self._through_patch_buffer(attn, k, v)
         self.ctx.query_rows += n_q
         out = self.ctx.attention(q, k, v, None).reshape(b, n_q, -1).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -269,10 +292,9 @@ class JointAttnTokenProcessor(_TokenProcessor):
         # RoPE, which each rank applied with its own positions). Identity on one device.
         k_img, v_img = ctx.gather(k_img, "img"), ctx.gather(v_img, "img")
         k_txt, v_txt = ctx.gather(k_txt, "txt"), ctx.gather(v_txt, "txt")
-        if ctx.kv_buffer is not None:
-            # PipeFusion: the patch's K/V (refreshed rows spliced in) go into xfuser's buffer at
-            # the patch's rows, so later patches see them; the queries attend to the whole image
-            k_img, v_img = ctx.kv_buffer(attn, k_img, v_img)
+        # PipeFusion: the patch's K/V (refreshed rows spliced in) go into xfuser's buffer at the
+        # patch's rows, so later patches see them; the queries attend to the whole image
+        k_img, v_img = self._through_patch_buffer(attn, k_img, v_img)
         k_full = torch.cat([k_txt, k_img], 1) if txt_first else torch.cat([k_img, k_txt], 1)
         v_full = torch.cat([v_txt, v_img], 1) if txt_first else torch.cat([v_img, v_txt], 1)
         q = torch.cat([q_txt, q_img], 1) if txt_first else torch.cat([q_img, q_txt], 1)

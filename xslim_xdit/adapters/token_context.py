@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,19 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor |
 #: ``gather(x, stream)`` with ``stream`` "img" or "txt": the full key/value rows of that stream
 #: across sequence-parallel ranks (identity on one device).
 GatherFn = Callable[[torch.Tensor, str], torch.Tensor]
-#: ``kv_buffer(attn, k, v)`` with the image keys and values of the call (after norm and RoPE,
-#: ``(batch, rows, heads, dim)``): the image keys and values to attend to. PipeFusion's patch
-#: K/V buffer (``_patch_kv_buffer`` in :mod:`xslim_xdit.integrations.xfuser`): the call's rows are written
-#: into the whole image's buffer, which comes back.
-KVBufferFn = Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class KVBufferFn(Protocol):
+    """``kv_buffer(attn, k, v, seq_dim)`` with the image keys and values of the call (after norm
+    and RoPE, the sequence in dimension ``seq_dim``: the layout xfuser's own processor of that
+    attention keeps) returns the image keys and values to attend to, in the same layout.
+    PipeFusion's patch K/V buffer (``_patch_kv_buffer`` in
+    :mod:`xslim_xdit.integrations.xfuser`): the call's rows are written into the whole image's
+    buffer, which comes back."""
+
+    def __call__(
+        self, attn: Any, key: torch.Tensor, value: torch.Tensor, seq_dim: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def no_gather(x: torch.Tensor, stream: str) -> torch.Tensor:

@@ -42,6 +42,7 @@ from ..observers import EngineObserver
 from ..parallel.failure import WATCHDOG_SLACK_S, watchdog_arm, watchdog_disarm
 from ..parallel.groups import SequenceParallelGather
 from ..parallel.sync import GroupSync, LocalSync
+from ..stage import pipefusion_token_refusal
 from ..stats import StepRecord
 from .cli import add_xslim_args as add_xslim_args  # the command line lives in cli.py
 from .cli import config_from_args as config_from_args
@@ -213,12 +214,16 @@ def _patch_token_groups() -> tuple[list[int] | None, int | None]:
     return sizes, (int(state.pipeline_patch_idx) if state.patch_mode else None)
 
 
-def _patch_kv_buffer(attn: Any, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _patch_kv_buffer(
+    attn: Any, key: torch.Tensor, value: torch.Tensor, seq_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A token step's image K/V of the call (every row of its patch, the refreshed ones spliced
-    in, after norm and RoPE) through PipeFusion's buffer, as xfuser's FLUX processor passes its
-    own: in the patch phase they are written at the patch's rows and the whole image's buffer
-    comes back (the other patches' rows as they last wrote them); outside it they replace the
-    buffer. With one patch PipeFusion keeps no buffer: the call's own K/V."""
+    in, after norm and RoPE) through PipeFusion's buffer, as xfuser's own processor passes its
+    own (the sequence in dimension ``seq_dim``: 1 for its FLUX processor, 2 for
+    ``xFuserAttnProcessor2_0``, PixArt's): in the patch phase they are written at the patch's
+    rows and the whole image's buffer comes back (the other patches' rows as they last wrote
+    them); outside it they replace the buffer. With one patch PipeFusion keeps no buffer: the
+    call's own K/V."""
     from xfuser.core.cache_manager.cache_manager import get_cache_manager
     from xfuser.core.distributed import get_runtime_state
 
@@ -226,7 +231,7 @@ def _patch_kv_buffer(attn: Any, key: torch.Tensor, value: torch.Tensor) -> tuple
     if int(get_runtime_state().num_pipeline_patch or 1) <= 1 or not manager.has_cache_entry(attn):
         return key, value
     key, value = manager.update_and_get_kv_cache(
-        new_kv=[key, value], layer=attn, slice_dim=1, layer_type="attn"
+        new_kv=[key, value], layer=attn, slice_dim=seq_dim, layer_type="attn"
     )
     return key, value
 
@@ -266,7 +271,7 @@ def enable_xslim_xdit(
 
     Raises:
         NotImplementedError: token refresh under sequence parallelism x PipeFusion, or under
-            PipeFusion for a family other than FLUX.
+            PipeFusion for a family other than FLUX and PixArt.
         ConfigError: token refresh under sequence parallelism for a family that cannot serve it
             there (its adapter's ``token_sequence_parallel_refusal``), before any work starts.
     """
@@ -282,6 +287,12 @@ def enable_xslim_xdit(
             "buffer is then sharded over the sequence ranks); use polish='block' or 'none', or a schedule "
             "without token steps, or PipeFusion alone"
         )
+    if layout["pp"] > 1 and "token" in config.levels:
+        # refused before anything is attached or any group is created (join_pipeline checks again)
+        for transformer in expert_transformers(pipe_or_transformer).values():
+            refusal = pipefusion_token_refusal(adapter_for(transformer).name)
+            if refusal is not None:
+                raise NotImplementedError(refusal)
     if layout["sp"] > 1 and "token" in config.levels:
         # refused before anything is attached or any group is created
         for transformer in expert_transformers(pipe_or_transformer).values():

@@ -24,9 +24,10 @@ import torch
 from .failure import EXIT_GRACE_S, arm_exit_guard
 from .sync import DecisionSync, XSlimCollectiveError
 
-#: families whose token processor hands its K/V to PipeFusion's patch buffer (the joint processor,
-#: ``TokenContext.kv_buffer``, as FLUX's xfuser processor does); token refresh is refused for others
-TOKEN_REFRESH_FAMILIES = ("flux",)
+#: families whose token processor hands its K/V to PipeFusion's patch buffer in the layout of
+#: xfuser's own processor (``TokenContext.kv_buffer``: the joint processor for FLUX, the
+#: self-attention processor for PixArt's ``attn1``); token refresh is refused for others
+TOKEN_REFRESH_FAMILIES = ("flux", "pixart")
 
 
 @dataclass
@@ -346,16 +347,28 @@ class PipelineTokens:
             if part is not None:
                 start = sum(sizes[:part])
                 caches.token_history = self._whole[:, start : start + sizes[part]]
-        history = caches.token_history
         if engine.step >= (engine.num_steps or 0) - 1:
             return  # nothing decides after the run's last step
         if self.channel.is_first:
             self._due.add(self.branch)
         else:
-            change = current - history if history is not None and history.shape == current.shape else current
-            self.channel._send(change.detach(), 0, self.TAG_CHANGE)
+            self.channel._send(_own_change(caches).detach(), 0, self.TAG_CHANGE)
 
     # ------------------------------------------------------------------ the decision room's side
+    def select(self, room: Any, caches: Any) -> torch.Tensor:
+        """The token set of a token call (``DecisionRoom._select_tokens`` under PipeFusion): the
+        first stage selects on the whole depth's change (its own plus the later stages' last
+        ones) and sends the index on; a later stage receives it (``room._token_whole``: the
+        tokens refreshed over the whole image, which the record counts)."""
+        current = caches.residual
+        assert current is not None
+        if not self.selects:
+            _, counts, room._token_whole = room._token_groups(current.shape[1])
+            return self.receive_index((current.shape[0], sum(counts)), current.device)
+        index = room._select_tokens(caches, self.whole_change(_own_change(caches)))
+        self.send_index(index)
+        return index
+
     def whole_change(self, own: torch.Tensor) -> torch.Tensor:
         """First stage: the whole depth's change of the current branch (its own plus the later
         stages' last ones)."""
@@ -371,6 +384,13 @@ class PipelineTokens:
     def receive_index(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
         like = torch.zeros(shape, dtype=torch.int64)
         return self.channel._recv(like, 0, self.TAG_INDEX).to(device)
+
+
+def _own_change(caches: Any) -> torch.Tensor:
+    """This stage's part of the stack residual's change since the token history (the residual
+    itself after only one computed step)."""
+    current, history = caches.residual, caches.token_history
+    return current - history if history is not None and history.shape == current.shape else current
 
 
 def _groups(engine: Any) -> tuple[list[int], int | None]:
