@@ -17,16 +17,22 @@ transformer forward per step) through :class:`EmojiFluxPipeline`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from benchmarks.testbeds.class_tokens import ClassTokenEncoder
 from benchmarks.testbeds.emoji import IMAGE_SIZE, NUM_CLASSES
-from benchmarks.testbeds.flux_testbed import DigitsFluxPipeline, calculate_shift, image_ids, pack, unpack
+
+# pack, unpack and calculate_shift: the emoji tokens pack and shift as the digits' (re-exported)
+from benchmarks.testbeds.flux_testbed import (  # noqa: F401
+    DigitsFluxPipeline,
+    calculate_shift,
+    image_ids,
+    pack,
+    unpack,
+)
 
 NULL_CLASS = NUM_CLASSES
 """Class index of the empty prompt used by classifier-free guidance."""
@@ -107,49 +113,11 @@ class EmojiFluxPipeline(DigitsFluxPipeline):
 
     Initial noise ``randn(B, 3, 32, 32)`` packed to 256 tokens x 12; otherwise the digits FLUX
     pipeline's loop: ``sigmas = linspace(1, 1/n, n)``, ``mu`` from the sequence length, one
-    ``set_timesteps`` per call, ONE transformer call per step on ``[cond; uncond]``.
+    ``set_timesteps`` per call, ONE transformer call per step on ``[cond; uncond]``. Its call
+    returns ``(B, 3, 32, 32)`` in ``[0, 1]`` (``"np"``: channels last).
     """
 
     default_checkpoint = DEFAULT_CHECKPOINT
     null_class = NULL_CLASS
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: Sequence[int] | torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        progress: bool = True,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor | np.ndarray:
-        """Generate emoji of the given coarse classes; ``(B, 3, 32, 32)`` in ``[0, 1]`` (``"np"``:
-        channels last). Arguments as :meth:`DigitsFluxPipeline.__call__`."""
-        labels, latents = self._prepare(
-            class_labels, output_type, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator, latents
-        )
-        device, dtype = self._execution_device, self.transformer.dtype
-        latents = pack(latents)
-        prompt_embeds, pooled, txt_ids = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
-        img_ids = emoji_image_ids().to(device, dtype)
-
-        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            kwargs = {
-                "hidden_states": model_input,
-                "timestep": t.expand(model_input.shape[0]).to(dtype) / 1000,
-                "pooled_projections": pooled,
-                "encoder_hidden_states": prompt_embeds,
-                "txt_ids": txt_ids,
-                "img_ids": img_ids,
-            }
-            return self.transformer(**kwargs, **self._extra_transformer_kwargs(kwargs), return_dict=False)[0]
-
-        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-        cfg = self.scheduler.config
-        mu = calculate_shift(
-            latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift
-        )
-        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-        latents = self._denoise(latents, guidance_scale, progress, predict)
-        return self._output(unpack(latents.float(), IMAGE_SIZE, IMAGE_SIZE), output_type)
+    default_guidance_scale = DEFAULT_GUIDANCE_SCALE
+    image_size = IMAGE_SIZE

@@ -21,7 +21,6 @@ transformer forward per step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +166,11 @@ class DigitsFluxPipeline(ClassTokenPipeline):
     """
 
     null_class = NULL_CLASS
+    default_guidance_scale = DEFAULT_GUIDANCE_SCALE
     transformer_cls = FluxTransformer2DModel
     default_checkpoint = DEFAULT_CHECKPOINT
+    image_size = IMAGE_SIZE
+    """Height and width of the (square) images; packed 2x2 to ``(image_size / 2) ** 2`` tokens."""
 
     def _extra_transformer_kwargs(self, kwargs: dict) -> dict:
         """More arguments of this step's transformer call, given its others (none here; the
@@ -181,41 +183,23 @@ class DigitsFluxPipeline(ClassTokenPipeline):
         dtype = self.transformer.dtype
         return tokens.to(dtype), pooled.to(dtype), text_ids(tokens.shape[1]).to(labels.device, dtype)
 
-    @torch.no_grad()
-    def __call__(
+    def _sample_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)``: ``(1, 16, 16)`` (``C`` = the transformer's packed channels / 4)."""
+        return (self.transformer.config.in_channels // 4, self.image_size, self.image_size)
+
+    def _sample(
         self,
-        class_labels: Sequence[int] | torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        progress: bool = True,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor | np.ndarray:
-        """Generate digits.
-
-        Args:
-            class_labels: Digit class per image (0..9); the batch size is its length.
-            num_inference_steps: Euler steps.
-            guidance_scale: Classifier-free guidance scale; ``<= 1`` disables guidance.
-            generator: Seeds the initial noise (``randn(B, 1, 16, 16)``), so the same seed gives
-                the same starting noise for any step count.
-            output_type: ``"pt"`` for ``(B, 1, 16, 16)``, ``"np"`` for ``(B, 16, 16, 1)``.
-            progress: Show the tqdm progress bar.
-            latents: Optional initial noise ``(B, 1, 16, 16)`` used instead of drawing it.
-
-        Returns:
-            Images in ``[0, 1]``.
-        """
-        channels = self.transformer.config.in_channels // 4
-        labels, latents = self._prepare(
-            class_labels, output_type, (channels, IMAGE_SIZE, IMAGE_SIZE), generator, latents
-        )
+        labels: torch.Tensor,
+        latents: torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float,
+        progress: bool,
+    ) -> torch.Tensor:
+        """Pack, FLUX sigmas and ``mu``, one batched CFG call per step, unpack."""
         device, dtype = self._execution_device, self.transformer.dtype
         latents = pack(latents)
-
         prompt_embeds, pooled, txt_ids = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
-        img_ids = image_ids().to(device, dtype)
+        img_ids = image_ids(self.image_size, self.image_size).to(device, dtype)
 
         def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             kwargs = {
@@ -235,4 +219,4 @@ class DigitsFluxPipeline(ClassTokenPipeline):
         )
         self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
         latents = self._denoise(latents, guidance_scale, progress, predict)
-        return self._output(unpack(latents.float()), output_type)
+        return unpack(latents.float(), self.image_size, self.image_size)
