@@ -170,17 +170,10 @@ class DigitsDiTPipeline(ClassConditionalPipeline):
         size = self.transformer.config.sample_size
         return (self.transformer.config.in_channels, size, size)
 
-    def _sample(
-        self,
-        labels: torch.Tensor,
-        latents: torch.Tensor,
-        num_inference_steps: int,
-        guidance_scale: float,
-        progress: bool,
-    ) -> torch.Tensor:
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
         """DDIM from ``latents * init_noise_sigma``, one batched CFG call per step."""
         latents = latents * self.scheduler.init_noise_sigma
-        labels_input = self._cfg_labels(labels, guidance_scale)
+        labels_input = self._cfg_labels(labels, scale)
         device = self._execution_device
 
         def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -188,8 +181,8 @@ class DigitsDiTPipeline(ClassConditionalPipeline):
             timesteps = t.reshape(1).to(device).expand(model_input.shape[0])
             return self.transformer(model_input, timestep=timesteps, class_labels=labels_input).sample
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        return self._denoise(latents, guidance_scale, progress, predict).float()
+        self.scheduler.set_timesteps(steps, device=device)
+        return self._denoise(latents, scale, predict).float()
 
     def _step(self, prediction: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """One DDIM step (eta = 0)."""

@@ -33,6 +33,9 @@ from benchmarks.testbeds.flux_testbed import (  # noqa: F401
     pack,
     unpack,
 )
+from benchmarks.testbeds.flux_testbed import (
+    make_transformer as flux_make_transformer,
+)
 
 NULL_CLASS = NUM_CLASSES
 """Class index of the empty prompt used by classifier-free guidance."""
@@ -68,21 +71,10 @@ def make_transformer(
     text_dim: int = 64,
     pooled_dim: int = 64,
 ) -> FluxTransformer2DModel:
-    """An untrained FLUX transformer for packed 32x32 RGB images (12 channels per token)."""
-    if width % head_dim or head_dim % 8:
-        raise ValueError(f"width {width} must be a multiple of head_dim {head_dim}, itself a multiple of 8")
-    axes = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * CHANNELS,
-        num_layers=double_blocks,
-        num_single_layers=single_blocks,
-        attention_head_dim=head_dim,
-        num_attention_heads=width // head_dim,
-        joint_attention_dim=text_dim,
-        pooled_projection_dim=pooled_dim,
-        guidance_embeds=False,
-        axes_dims_rope=axes,
+    """An untrained FLUX transformer for packed 32x32 RGB images (12 channels per token): the
+    digits testbed's :func:`~benchmarks.testbeds.flux_testbed.make_transformer`, wider and RGB."""
+    return flux_make_transformer(
+        width, double_blocks, single_blocks, head_dim, text_dim, pooled_dim, channels=CHANNELS
     )
 
 

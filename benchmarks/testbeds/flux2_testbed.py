@@ -180,14 +180,7 @@ class DigitsFlux2Pipeline(ClassTokenPipeline):
         """``(C, H, W)``: ``(1, 16, 16)`` (``C`` = the transformer's packed channels / 4)."""
         return (self.transformer.config.in_channels // 4, IMAGE_SIZE, IMAGE_SIZE)
 
-    def _sample(
-        self,
-        labels: torch.Tensor,
-        latents: torch.Tensor,
-        num_inference_steps: int,
-        guidance_scale: float,
-        progress: bool,
-    ) -> torch.Tensor:
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
         """Pack, FLUX.2 sigmas and empirical ``mu``, cond and uncond calls in their cache contexts."""
         device, dtype = self._execution_device, self.transformer.dtype
         latents = pack(latents)
@@ -210,11 +203,9 @@ class DigitsFlux2Pipeline(ClassTokenPipeline):
             return predict
 
         predict_cond = predictor(labels)
-        predict_uncond = predictor(torch.full_like(labels, NULL_CLASS)) if guidance_scale > 1.0 else None
-        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-        mu = compute_empirical_mu(latents.shape[1], num_inference_steps)
+        predict_uncond = predictor(torch.full_like(labels, NULL_CLASS)) if scale > 1.0 else None
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
+        mu = compute_empirical_mu(latents.shape[1], steps)
         self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-        latents = self._denoise(
-            latents, guidance_scale, progress, predict_cond, predict_uncond, two_calls=True
-        )
+        latents = self._denoise(latents, scale, predict_cond, predict_uncond, two_calls=True)
         return unpack(latents.float())

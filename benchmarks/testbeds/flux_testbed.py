@@ -91,8 +91,10 @@ def make_transformer(
     head_dim: int = 32,
     text_dim: int = 64,
     pooled_dim: int = 64,
+    channels: int = 1,
 ) -> FluxTransformer2DModel:
-    """Build an untrained FLUX transformer for packed 16x16 1-channel digits.
+    """Build an untrained FLUX transformer for packed 16x16 1-channel digits (``channels`` image
+    channels, packed 2x2 to ``4 * channels`` per token: the emoji testbed's 3).
 
     Args:
         width: Hidden size (``num_attention_heads * attention_head_dim``).
@@ -107,7 +109,7 @@ def make_transformer(
     axes = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
     return FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4,
+        in_channels=4 * channels,
         num_layers=double_blocks,
         num_single_layers=single_blocks,
         attention_head_dim=head_dim,
@@ -187,18 +189,11 @@ class DigitsFluxPipeline(ClassTokenPipeline):
         """``(C, H, W)``: ``(1, 16, 16)`` (``C`` = the transformer's packed channels / 4)."""
         return (self.transformer.config.in_channels // 4, self.image_size, self.image_size)
 
-    def _sample(
-        self,
-        labels: torch.Tensor,
-        latents: torch.Tensor,
-        num_inference_steps: int,
-        guidance_scale: float,
-        progress: bool,
-    ) -> torch.Tensor:
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
         """Pack, FLUX sigmas and ``mu``, one batched CFG call per step, unpack."""
         device, dtype = self._execution_device, self.transformer.dtype
         latents = pack(latents)
-        prompt_embeds, pooled, txt_ids = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
+        prompt_embeds, pooled, txt_ids = self.encode_prompt(self._cfg_labels(labels, scale))
         img_ids = image_ids(self.image_size, self.image_size).to(device, dtype)
 
         def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -212,11 +207,11 @@ class DigitsFluxPipeline(ClassTokenPipeline):
             }
             return self.transformer(**kwargs, **self._extra_transformer_kwargs(kwargs), return_dict=False)[0]
 
-        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
         cfg = self.scheduler.config
         mu = calculate_shift(
             latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift
         )
         self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-        latents = self._denoise(latents, guidance_scale, progress, predict)
+        latents = self._denoise(latents, scale, predict)
         return unpack(latents.float(), self.image_size, self.image_size)

@@ -76,23 +76,17 @@ class ClassConditionalPipeline(DiffusionPipeline):
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         shape = self._sample_shape(**sample_options)
         labels, latents = self._prepare(class_labels, output_type, shape, generator, latents)
-        samples = self._sample(labels, latents, num_inference_steps, scale, progress)
+        self.set_progress_bar_config(disable=not progress)
+        samples = self._sample(labels, latents, num_inference_steps, scale)
         return self._output(samples, output_type)
 
     def _sample_shape(self) -> tuple[int, ...]:
         """The shape of one sample (and of its initial noise), channels first."""
         raise NotImplementedError
 
-    def _sample(
-        self,
-        labels: torch.Tensor,
-        latents: torch.Tensor,
-        num_inference_steps: int,
-        guidance_scale: float,
-        progress: bool,
-    ) -> torch.Tensor:
-        """Denoise the initial noise ``latents`` ``(B, *sample_shape)`` of ``labels`` ``(B,)``;
-        return the fp32 samples in ``[-1, 1]``, same shape."""
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
+        """Denoise the initial noise ``latents`` ``(B, *sample_shape)`` of ``labels`` ``(B,)`` in
+        ``steps`` steps at guidance ``scale``; return the fp32 samples in ``[-1, 1]``, same shape."""
         raise NotImplementedError
 
     def _prepare(
@@ -133,7 +127,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
         self,
         latents: torch.Tensor,
         guidance_scale: float,
-        progress: bool,
         predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         predict_uncond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         step_context: Callable[[int], dict[str, Any]] | None = None,
@@ -153,7 +146,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0
         if two_calls and do_cfg and predict_uncond is None:
             raise ValueError("predict_uncond is needed for guidance with two_calls")
-        self.set_progress_bar_config(disable=not progress)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if not two_calls:
                 model_input = torch.cat([latents, latents]) if do_cfg else latents

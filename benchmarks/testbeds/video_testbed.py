@@ -172,17 +172,10 @@ class MovingDigitsVideoPipeline(ClassTokenPipeline):
         """``(C, T, H, W)`` of a ``num_frames``-long clip (``num_frames`` is a call option)."""
         return (self.transformer.config.in_channels, num_frames, IMAGE_SIZE, IMAGE_SIZE)
 
-    def _sample(
-        self,
-        labels: torch.Tensor,
-        latents: torch.Tensor,
-        num_inference_steps: int,
-        guidance_scale: float,
-        progress: bool,
-    ) -> torch.Tensor:
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
         """HunyuanVideo sigmas, one batched CFG call per step (with the attention mask)."""
         device, dtype = self._execution_device, self.transformer.dtype
-        prompt_embeds, pooled, mask = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
+        prompt_embeds, pooled, mask = self.encode_prompt(self._cfg_labels(labels, scale))
 
         def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.transformer(
@@ -194,9 +187,9 @@ class MovingDigitsVideoPipeline(ClassTokenPipeline):
                 return_dict=False,
             )[0]
 
-        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+        sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        return self._denoise(latents, guidance_scale, progress, predict).float()
+        return self._denoise(latents, scale, predict).float()
 
 
 def frames_of(clips: torch.Tensor) -> torch.Tensor:

@@ -150,14 +150,7 @@ class MovingDigitsWanPipeline(ClassTokenPipeline):
         """``(C, T, H, W)`` of a ``num_frames``-long clip (``num_frames`` is a call option)."""
         return (self.transformer.config.in_channels, num_frames, IMAGE_SIZE, IMAGE_SIZE)
 
-    def _sample(
-        self,
-        labels: torch.Tensor,
-        latents: torch.Tensor,
-        num_inference_steps: int,
-        guidance_scale: float,
-        progress: bool,
-    ) -> torch.Tensor:
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
         """The scheduler's own timesteps, cond and uncond calls in their cache contexts (with the
         step index, sigma and step count, as ``WanPipeline``)."""
         device, dtype = self._execution_device, self.transformer.dtype
@@ -176,15 +169,13 @@ class MovingDigitsWanPipeline(ClassTokenPipeline):
             return predict
 
         predict_cond = predictor(labels)
-        predict_uncond = predictor(torch.full_like(labels, NULL_CLASS)) if guidance_scale > 1.0 else None
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        predict_uncond = predictor(torch.full_like(labels, NULL_CLASS)) if scale > 1.0 else None
+        self.scheduler.set_timesteps(steps, device=device)
         num_timesteps = len(self.scheduler.timesteps)
 
         def step_context(i: int) -> dict[str, Any]:
             sigma = float(self.scheduler.sigmas[i])
             return {"step_index": i, "sigma": sigma, "num_inference_steps": num_timesteps}
 
-        latents = self._denoise(
-            latents, guidance_scale, progress, predict_cond, predict_uncond, step_context, two_calls=True
-        )
+        latents = self._denoise(latents, scale, predict_cond, predict_uncond, step_context, two_calls=True)
         return latents.float()
