@@ -25,12 +25,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from benchmarks.testbeds.class_tokens import ClassTokenEncoder
 from benchmarks.testbeds.emoji import IMAGE_SIZE, NUM_CLASSES
 
-# pack, unpack and calculate_shift: the emoji tokens pack and shift as the digits' (re-exported)
+# pack, unpack, calculate_shift and text_ids: the emoji tokens pack, shift and are placed as the
+# digits' (re-exported)
 from benchmarks.testbeds.flux_testbed import (  # noqa: F401
     DigitsFluxPipeline,
     calculate_shift,
     image_ids,
     pack,
+    text_ids,
     unpack,
 )
 from benchmarks.testbeds.flux_testbed import (
@@ -56,11 +58,6 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "emoj
 def emoji_image_ids() -> torch.Tensor:
     """FLUX ``img_ids`` of the 16x16 token grid."""
     return image_ids(IMAGE_SIZE, IMAGE_SIZE)
-
-
-def text_ids(num_tokens: int = TEXT_TOKENS) -> torch.Tensor:
-    """FLUX ``txt_ids`` ``(L, 3)``: all zero."""
-    return torch.zeros(num_tokens, 3)
 
 
 def make_transformer(
