@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .calibration.profile import EngineAccess, register_engine_access
 from .config import ConfigError, XSlimConfig
 from .engine import XSlimEngine, XSlimRuntimeError
 from .experts import (
@@ -307,6 +308,10 @@ def get_engines(pipe_or_transformer: Any) -> dict[str, XSlimEngine]:
         if engine is not None:
             engines[attr] = engine
     return engines
+
+
+# calibration (below this module, which it cannot import) attaches its profiling engines through these
+register_engine_access(EngineAccess(enable=enable_xslim, disable=disable_xslim, engines=get_engines))
 
 
 class XSlimPipelineWrapper:

@@ -19,7 +19,6 @@ every block, so training disables it and drops labels once per sample instead (s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +139,7 @@ class DigitsDiTPipeline(ClassConditionalPipeline):
 
     model_cpu_offload_seq = "transformer"
     null_class = NULL_CLASS
+    default_guidance_scale = DEFAULT_GUIDANCE_SCALE
 
     def __init__(self, transformer: DiTTransformer2DModel, scheduler: DDIMScheduler) -> None:
         super().__init__()
@@ -165,38 +165,15 @@ class DigitsDiTPipeline(ClassConditionalPipeline):
         scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
         return cls(transformer=transformer, scheduler=scheduler)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: Sequence[int] | torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        progress: bool = True,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor | np.ndarray:
-        """Generate digits.
-
-        Args:
-            class_labels: Digit class per image (0..9); the batch size is its length.
-            num_inference_steps: DDIM steps.
-            guidance_scale: Classifier-free guidance scale; ``<= 1`` disables guidance.
-            generator: Seeds the initial noise (drawn as ``randn(B, 1, 16, 16)``, like DiTPipeline),
-                so the same seed gives the same starting noise for any step count.
-            output_type: ``"pt"`` for a tensor ``(B, 1, 16, 16)``, ``"np"`` for an array ``(B, 16, 16, 1)``.
-            progress: Show the tqdm progress bar.
-            latents: Optional initial noise ``(B, 1, 16, 16)`` used instead of drawing it.
-
-        Returns:
-            Images in ``[0, 1]``.
-        """
+    def _sample_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of the transformer: ``(1, 16, 16)``."""
         size = self.transformer.config.sample_size
-        labels, latents = self._prepare(
-            class_labels, output_type, (self.transformer.config.in_channels, size, size), generator, latents
-        )
+        return (self.transformer.config.in_channels, size, size)
+
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
+        """DDIM from ``latents * init_noise_sigma``, one batched CFG call per step."""
         latents = latents * self.scheduler.init_noise_sigma
-        labels_input = self._cfg_labels(labels, guidance_scale)
+        labels_input = self._cfg_labels(labels, scale)
         device = self._execution_device
 
         def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -204,9 +181,8 @@ class DigitsDiTPipeline(ClassConditionalPipeline):
             timesteps = t.reshape(1).to(device).expand(model_input.shape[0])
             return self.transformer(model_input, timestep=timesteps, class_labels=labels_input).sample
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self._denoise(latents, guidance_scale, progress, predict)
-        return self._output(latents.float(), output_type)
+        self.scheduler.set_timesteps(steps, device=device)
+        return self._denoise(latents, scale, predict).float()
 
     def _step(self, prediction: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """One DDIM step (eta = 0)."""

@@ -17,16 +17,27 @@ transformer forward per step) through :class:`EmojiFluxPipeline`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from benchmarks.testbeds.class_tokens import ClassTokenEncoder
 from benchmarks.testbeds.emoji import IMAGE_SIZE, NUM_CLASSES
-from benchmarks.testbeds.flux_testbed import DigitsFluxPipeline, calculate_shift, image_ids, pack, unpack
+
+# pack, unpack, calculate_shift and text_ids: the emoji tokens pack, shift and are placed as the
+# digits' (re-exported)
+from benchmarks.testbeds.flux_testbed import (  # noqa: F401
+    DigitsFluxPipeline,
+    calculate_shift,
+    image_ids,
+    pack,
+    text_ids,
+    unpack,
+)
+from benchmarks.testbeds.flux_testbed import (
+    make_transformer as flux_make_transformer,
+)
 
 NULL_CLASS = NUM_CLASSES
 """Class index of the empty prompt used by classifier-free guidance."""
@@ -49,11 +60,6 @@ def emoji_image_ids() -> torch.Tensor:
     return image_ids(IMAGE_SIZE, IMAGE_SIZE)
 
 
-def text_ids(num_tokens: int = TEXT_TOKENS) -> torch.Tensor:
-    """FLUX ``txt_ids`` ``(L, 3)``: all zero."""
-    return torch.zeros(num_tokens, 3)
-
-
 def make_transformer(
     width: int = 192,
     double_blocks: int = 2,
@@ -62,21 +68,10 @@ def make_transformer(
     text_dim: int = 64,
     pooled_dim: int = 64,
 ) -> FluxTransformer2DModel:
-    """An untrained FLUX transformer for packed 32x32 RGB images (12 channels per token)."""
-    if width % head_dim or head_dim % 8:
-        raise ValueError(f"width {width} must be a multiple of head_dim {head_dim}, itself a multiple of 8")
-    axes = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * CHANNELS,
-        num_layers=double_blocks,
-        num_single_layers=single_blocks,
-        attention_head_dim=head_dim,
-        num_attention_heads=width // head_dim,
-        joint_attention_dim=text_dim,
-        pooled_projection_dim=pooled_dim,
-        guidance_embeds=False,
-        axes_dims_rope=axes,
+    """An untrained FLUX transformer for packed 32x32 RGB images (12 channels per token): the
+    digits testbed's :func:`~benchmarks.testbeds.flux_testbed.make_transformer`, wider and RGB."""
+    return flux_make_transformer(
+        width, double_blocks, single_blocks, head_dim, text_dim, pooled_dim, channels=CHANNELS
     )
 
 
@@ -107,49 +102,11 @@ class EmojiFluxPipeline(DigitsFluxPipeline):
 
     Initial noise ``randn(B, 3, 32, 32)`` packed to 256 tokens x 12; otherwise the digits FLUX
     pipeline's loop: ``sigmas = linspace(1, 1/n, n)``, ``mu`` from the sequence length, one
-    ``set_timesteps`` per call, ONE transformer call per step on ``[cond; uncond]``.
+    ``set_timesteps`` per call, ONE transformer call per step on ``[cond; uncond]``. Its call
+    returns ``(B, 3, 32, 32)`` in ``[0, 1]`` (``"np"``: channels last).
     """
 
     default_checkpoint = DEFAULT_CHECKPOINT
     null_class = NULL_CLASS
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: Sequence[int] | torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        progress: bool = True,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor | np.ndarray:
-        """Generate emoji of the given coarse classes; ``(B, 3, 32, 32)`` in ``[0, 1]`` (``"np"``:
-        channels last). Arguments as :meth:`DigitsFluxPipeline.__call__`."""
-        labels, latents = self._prepare(
-            class_labels, output_type, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator, latents
-        )
-        device, dtype = self._execution_device, self.transformer.dtype
-        latents = pack(latents)
-        prompt_embeds, pooled, txt_ids = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
-        img_ids = emoji_image_ids().to(device, dtype)
-
-        def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            kwargs = {
-                "hidden_states": model_input,
-                "timestep": t.expand(model_input.shape[0]).to(dtype) / 1000,
-                "pooled_projections": pooled,
-                "encoder_hidden_states": prompt_embeds,
-                "txt_ids": txt_ids,
-                "img_ids": img_ids,
-            }
-            return self.transformer(**kwargs, **self._extra_transformer_kwargs(kwargs), return_dict=False)[0]
-
-        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-        cfg = self.scheduler.config
-        mu = calculate_shift(
-            latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift
-        )
-        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-        latents = self._denoise(latents, guidance_scale, progress, predict)
-        return self._output(unpack(latents.float(), IMAGE_SIZE, IMAGE_SIZE), output_type)
+    default_guidance_scale = DEFAULT_GUIDANCE_SCALE
+    image_size = IMAGE_SIZE

@@ -104,6 +104,27 @@ def evaluate(
     return {"guidance_scale": guidance_scale, "n": n, "seed": seed, "per_steps": per_steps}
 
 
+def steps_line(per_steps: dict[int, dict[str, float]], with_ssim: bool = False) -> str:
+    """One log line of :func:`evaluate`'s ``per_steps``: accuracy, and PSNR (and SSIM when
+    ``with_ssim``) against the most steps, per step count."""
+    return " ".join(
+        f"{s}:acc={e['accuracy']:.3f}"
+        + (
+            f",psnr={e['psnr']:.2f}dB" + (f",ssim={e['ssim']:.3f}" if with_ssim else "")
+            if "psnr" in e
+            else ""
+        )
+        for s, e in per_steps.items()
+    )
+
+
+def write_results(path: Path | None, results: list[dict[str, object]]) -> None:
+    """The results as indented JSON at ``path`` (its folder made), when a path is given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,14 +157,8 @@ def main(argv: list[str] | None = None) -> None:
             r["shift"] = pipe.scheduler.config["max_shift" if args.testbed == "flux" else "shift"]
             r["real_accuracy"] = floor
             results.append(r)
-            line = " ".join(
-                f"{s}:acc={e['accuracy']:.3f}" + (f",psnr={e['psnr']:.2f}dB" if "psnr" in e else "")
-                for s, e in r["per_steps"].items()  # type: ignore[union-attr]
-            )
-            print(f"shift {r['shift']} guidance {g}: {line}", flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+            print(f"shift {r['shift']} guidance {g}: {steps_line(r['per_steps'])}", flush=True)  # type: ignore[arg-type]
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from benchmarks.testbeds.eval_testbeds import evaluate, real_accuracy
+from benchmarks.testbeds.eval_testbeds import evaluate, real_accuracy, steps_line, write_results
 from benchmarks.testbeds.flux2_testbed import DigitsFlux2Pipeline
 from benchmarks.testbeds.wan_testbed import MovingDigitsWanPipeline
 
@@ -47,15 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         r = evaluate(pipe, args.n, g, args.steps, args.seed)
         r["real_accuracy"] = floor
         results.append(r)
-        line = " ".join(
-            f"{s}:acc={e['accuracy']:.3f}"
-            + (f",psnr={e['psnr']:.2f}dB,ssim={e['ssim']:.3f}" if "psnr" in e else "")
-            for s, e in r["per_steps"].items()  # type: ignore[union-attr]
-        )
-        print(f"guidance {g}: {line}", flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        print(f"guidance {g}: {steps_line(r['per_steps'], with_ssim=True)}", flush=True)  # type: ignore[arg-type]
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ with TWO transformer calls per step, inside ``transformer.cache_context("cond")`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +167,7 @@ class DigitsFlux2Pipeline(ClassTokenPipeline):
     """
 
     null_class = NULL_CLASS
+    default_guidance_scale = DEFAULT_GUIDANCE_SCALE
     transformer_cls = Flux2Transformer2DModel
     default_checkpoint = DEFAULT_CHECKPOINT
 
@@ -175,70 +176,36 @@ class DigitsFlux2Pipeline(ClassTokenPipeline):
         tokens, _, _ = self.text_encoder(labels)
         return tokens.to(self.transformer.dtype), text_ids(labels.shape[0], tokens.shape[1]).to(labels.device)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: Sequence[int] | torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        progress: bool = True,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor | np.ndarray:
-        """Generate digits.
+    def _sample_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)``: ``(1, 16, 16)`` (``C`` = the transformer's packed channels / 4)."""
+        return (self.transformer.config.in_channels // 4, IMAGE_SIZE, IMAGE_SIZE)
 
-        Args:
-            class_labels: Digit class per image (0..9); the batch size is its length.
-            num_inference_steps: Euler steps.
-            guidance_scale: Classifier-free guidance scale; ``<= 1`` runs the conditional call only.
-            generator: Seeds the initial noise (``randn(B, 1, 16, 16)``).
-            output_type: ``"pt"`` for ``(B, 1, 16, 16)``, ``"np"`` for ``(B, 16, 16, 1)``.
-            progress: Show the tqdm progress bar.
-            latents: Optional initial noise ``(B, 1, 16, 16)`` used instead of drawing it.
-
-        Returns:
-            Images in ``[0, 1]``.
-        """
-        channels = self.transformer.config.in_channels // 4
-        labels, latents = self._prepare(
-            class_labels, output_type, (channels, IMAGE_SIZE, IMAGE_SIZE), generator, latents
-        )
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
+        """Pack, FLUX.2 sigmas and empirical ``mu``, cond and uncond calls in their cache contexts."""
         device, dtype = self._execution_device, self.transformer.dtype
         latents = pack(latents)
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds, txt_ids = self.encode_prompt(labels)
-        if do_cfg:
-            negative_prompt_embeds, negative_txt_ids = self.encode_prompt(torch.full_like(labels, NULL_CLASS))
         img_ids = image_ids(labels.shape[0]).to(device)
 
-        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-        mu = compute_empirical_mu(latents.shape[1], num_inference_steps)
-        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-        self.set_progress_bar_config(disable=not progress)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            timestep = t.expand(latents.shape[0]).to(dtype)
-            with self.transformer.cache_context("cond"):
-                noise_pred = self.transformer(
-                    hidden_states=latents.to(dtype),
-                    timestep=timestep / 1000,
+        def predictor(class_labels: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            prompt_embeds, txt_ids = self.encode_prompt(class_labels)
+
+            def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.transformer(
+                    hidden_states=x.to(dtype),
+                    timestep=t.expand(x.shape[0]).to(dtype) / 1000,
                     guidance=None,
                     encoder_hidden_states=prompt_embeds,
                     txt_ids=txt_ids,
                     img_ids=img_ids,
                     return_dict=False,
                 )[0]
-            if do_cfg:
-                with self.transformer.cache_context("uncond"):
-                    noise_uncond = self.transformer(
-                        hidden_states=latents.to(dtype),
-                        timestep=timestep / 1000,
-                        guidance=None,
-                        encoder_hidden_states=negative_prompt_embeds,
-                        txt_ids=negative_txt_ids,
-                        img_ids=img_ids,
-                        return_dict=False,
-                    )[0]
-                noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-        return self._output(unpack(latents.float()), output_type)
+
+            return predict
+
+        predict_cond = predictor(labels)
+        predict_uncond = predictor(torch.full_like(labels, NULL_CLASS)) if scale > 1.0 else None
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
+        mu = compute_empirical_mu(latents.shape[1], steps)
+        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+        latents = self._denoise(latents, scale, predict_cond, predict_uncond, two_calls=True)
+        return unpack(latents.float())

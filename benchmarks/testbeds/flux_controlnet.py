@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxControlNetModel, FluxTransformer2DModel
 
-from benchmarks.testbeds.flux_testbed import DEFAULT_GUIDANCE_SCALE, DigitsFluxPipeline, pack
+from benchmarks.testbeds.flux_testbed import DigitsFluxPipeline, pack
 
 CONTROL_CELL = 4
 """Side of the pixel cells the control signal averages over (16x16 -> 4x4 thumbnail)."""
@@ -109,17 +109,13 @@ class DigitsFluxControlNetPipeline(DigitsFluxPipeline):
     def __call__(  # type: ignore[override]
         self,
         class_labels: Sequence[int] | torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        progress: bool = True,
-        latents: torch.Tensor | None = None,
+        *args: Any,
         control: torch.Tensor | None = None,
         controlnet_conditioning_scale: float = 1.0,
+        **kwargs: Any,
     ) -> torch.Tensor | np.ndarray:
-        """Generate digits (arguments of :meth:`DigitsFluxPipeline.__call__`), guided by ``control``
-        ``(B, 1, 16, 16)`` through the ControlNet at ``controlnet_conditioning_scale``."""
+        """Generate digits (the arguments of :meth:`DigitsFluxPipeline.__call__`), guided by
+        ``control`` ``(B, 1, 16, 16)`` through the ControlNet at ``controlnet_conditioning_scale``."""
         if control is not None:
             n = torch.as_tensor(class_labels).reshape(-1).shape[0]
             if control.shape[0] != n:
@@ -127,14 +123,6 @@ class DigitsFluxControlNetPipeline(DigitsFluxPipeline):
             self._control_tokens = pack(control.to(self._execution_device, self.transformer.dtype))
             self._control_scale = controlnet_conditioning_scale
         try:
-            return super().__call__(
-                class_labels,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                output_type=output_type,
-                progress=progress,
-                latents=latents,
-            )
+            return super().__call__(class_labels, *args, **kwargs)
         finally:
             self._control_tokens = None

@@ -21,7 +21,6 @@ transformer forward per step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +91,10 @@ def make_transformer(
     head_dim: int = 32,
     text_dim: int = 64,
     pooled_dim: int = 64,
+    channels: int = 1,
 ) -> FluxTransformer2DModel:
-    """Build an untrained FLUX transformer for packed 16x16 1-channel digits.
+    """Build an untrained FLUX transformer for packed 16x16 1-channel digits (``channels`` image
+    channels, packed 2x2 to ``4 * channels`` per token: the emoji testbed's 3).
 
     Args:
         width: Hidden size (``num_attention_heads * attention_head_dim``).
@@ -108,7 +109,7 @@ def make_transformer(
     axes = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
     return FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4,
+        in_channels=4 * channels,
         num_layers=double_blocks,
         num_single_layers=single_blocks,
         attention_head_dim=head_dim,
@@ -167,8 +168,11 @@ class DigitsFluxPipeline(ClassTokenPipeline):
     """
 
     null_class = NULL_CLASS
+    default_guidance_scale = DEFAULT_GUIDANCE_SCALE
     transformer_cls = FluxTransformer2DModel
     default_checkpoint = DEFAULT_CHECKPOINT
+    image_size = IMAGE_SIZE
+    """Height and width of the (square) images; packed 2x2 to ``(image_size / 2) ** 2`` tokens."""
 
     def _extra_transformer_kwargs(self, kwargs: dict) -> dict:
         """More arguments of this step's transformer call, given its others (none here; the
@@ -181,41 +185,16 @@ class DigitsFluxPipeline(ClassTokenPipeline):
         dtype = self.transformer.dtype
         return tokens.to(dtype), pooled.to(dtype), text_ids(tokens.shape[1]).to(labels.device, dtype)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: Sequence[int] | torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        progress: bool = True,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor | np.ndarray:
-        """Generate digits.
+    def _sample_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)``: ``(1, 16, 16)`` (``C`` = the transformer's packed channels / 4)."""
+        return (self.transformer.config.in_channels // 4, self.image_size, self.image_size)
 
-        Args:
-            class_labels: Digit class per image (0..9); the batch size is its length.
-            num_inference_steps: Euler steps.
-            guidance_scale: Classifier-free guidance scale; ``<= 1`` disables guidance.
-            generator: Seeds the initial noise (``randn(B, 1, 16, 16)``), so the same seed gives
-                the same starting noise for any step count.
-            output_type: ``"pt"`` for ``(B, 1, 16, 16)``, ``"np"`` for ``(B, 16, 16, 1)``.
-            progress: Show the tqdm progress bar.
-            latents: Optional initial noise ``(B, 1, 16, 16)`` used instead of drawing it.
-
-        Returns:
-            Images in ``[0, 1]``.
-        """
-        channels = self.transformer.config.in_channels // 4
-        labels, latents = self._prepare(
-            class_labels, output_type, (channels, IMAGE_SIZE, IMAGE_SIZE), generator, latents
-        )
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
+        """Pack, FLUX sigmas and ``mu``, one batched CFG call per step, unpack."""
         device, dtype = self._execution_device, self.transformer.dtype
         latents = pack(latents)
-
-        prompt_embeds, pooled, txt_ids = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
-        img_ids = image_ids().to(device, dtype)
+        prompt_embeds, pooled, txt_ids = self.encode_prompt(self._cfg_labels(labels, scale))
+        img_ids = image_ids(self.image_size, self.image_size).to(device, dtype)
 
         def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             kwargs = {
@@ -228,11 +207,11 @@ class DigitsFluxPipeline(ClassTokenPipeline):
             }
             return self.transformer(**kwargs, **self._extra_transformer_kwargs(kwargs), return_dict=False)[0]
 
-        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
         cfg = self.scheduler.config
         mu = calculate_shift(
             latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift
         )
         self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
-        latents = self._denoise(latents, guidance_scale, progress, predict)
-        return self._output(unpack(latents.float()), output_type)
+        latents = self._denoise(latents, scale, predict)
+        return unpack(latents.float(), self.image_size, self.image_size)

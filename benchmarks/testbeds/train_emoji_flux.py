@@ -32,64 +32,41 @@ from benchmarks.testbeds.emoji_flux import (
     make_text_encoder,
     make_transformer,
     pack,
-    text_ids,
 )
+from benchmarks.testbeds.train_flux_testbed import FluxWithText
 from benchmarks.testbeds.training import (
-    WithTextEncoder,
-    add_flow_args,
-    add_optimizer_args,
-    add_save_args,
-    add_state_args,
     run_text_flow_training,
     seed_everything,
-    training_parser,
+    text_flow_parser,
+    two_stream_architecture,
 )
-
-
-class EmojiFluxWithText(WithTextEncoder):
-    """Transformer and class-token encoder as one trainable module (velocity of packed tokens)."""
-
-    def __init__(self, transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
-        super().__init__(transformer, text_encoder)
-        self.register_buffer("img_ids", emoji_image_ids(), persistent=False)
-        self.register_buffer("txt_ids", text_ids(), persistent=False)
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Predicted velocity for packed tokens ``x`` at noise levels ``sigma`` in ``[0, 1]``."""
-        tokens, pooled, _ = self.text_encoder(labels)
-        return self.transformer(
-            hidden_states=x,
-            timestep=sigma,
-            pooled_projections=pooled,
-            encoder_hidden_states=tokens,
-            txt_ids=self.txt_ids,
-            img_ids=self.img_ids,
-            return_dict=False,
-        )[0]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = training_parser(__doc__, minutes=90.0, out=DEFAULT_CHECKPOINT, batch_size=16)
-    add_optimizer_args(p, lr=4e-4, ema_decay=0.995, null_name="class")
-    p.add_argument("--width", type=int, default=192)
-    p.add_argument("--double-blocks", type=int, default=2)
-    p.add_argument("--single-blocks", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--text-dim", type=int, default=64)
-    add_flow_args(p)
-    p.add_argument("--max-shift", type=float, default=DEFAULT_MAX_SHIFT, help="sampler's FLUX max_shift")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument(
-        "--init-from",
-        type=Path,
-        default=None,
-        help="start from the (fp16) weights of a checkpoint folder, e.g. the committed one, with a "
-        "fresh optimizer (a warm start where the fp32 --state is gone); ignored when --resume finds --state",
+    init_help = (
+        "start from the (fp16) weights of a checkpoint folder, e.g. the committed one, with a "
+        "fresh optimizer (a warm start where the fp32 --state is gone); ignored when --resume finds --state"
     )
-    add_save_args(p, log_every=20)
-    add_state_args(p)
+    p = text_flow_parser(
+        __doc__,
+        minutes=90.0,
+        out=DEFAULT_CHECKPOINT,
+        batch_size=16,
+        lr=4e-4,
+        ema_decay=0.995,
+        log_every=20,
+        architecture=two_stream_architecture(width=192, head_dim=64),
+        sampler_options=[
+            (
+                "--max-shift",
+                {"type": float, "default": DEFAULT_MAX_SHIFT, "help": "sampler's FLUX max_shift"},
+            ),
+            ("--flip", {"action": "store_true", "help": "random horizontal flips"}),
+            ("--max-steps", {"type": int, "default": None, "help": "stop after this many steps"}),
+            ("--init-from", {"type": Path, "default": None, "help": init_help}),
+        ],
+    )
     return p.parse_args(argv)
 
 
@@ -100,9 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     images, labels = load_emoji_images("train")
     x_all = pack(images)
     x_flip = pack(images.flip(-1))
-    model = EmojiFluxWithText(
+    model = FluxWithText(
         make_transformer(args.width, args.double_blocks, args.single_blocks, args.head_dim, args.text_dim),
         make_text_encoder(args.text_dim),
+        emoji_image_ids(),
     )
     if args.init_from is not None and not (args.resume and args.state is not None and args.state.exists()):
         pipe = EmojiFluxPipeline.from_checkpoint(args.init_from)

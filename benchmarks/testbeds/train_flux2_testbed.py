@@ -31,13 +31,10 @@ from benchmarks.testbeds.flux2_testbed import (
 )
 from benchmarks.testbeds.training import (
     WithTextEncoder,
-    add_flow_args,
-    add_optimizer_args,
-    add_save_args,
-    add_state_args,
     run_text_flow_training,
     seed_everything,
-    training_parser,
+    text_flow_parser,
+    two_stream_architecture,
 )
 
 
@@ -61,16 +58,14 @@ class Flux2WithText(WithTextEncoder):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = training_parser(__doc__, minutes=35.0, out=DEFAULT_CHECKPOINT, batch_size=32)
-    add_optimizer_args(p, lr=4e-4, ema_decay=0.998, null_name="class")
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--double-blocks", type=int, default=2)
-    p.add_argument("--single-blocks", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--text-dim", type=int, default=64)
-    add_flow_args(p)
-    add_save_args(p, log_every=50)
-    add_state_args(p)
+    p = text_flow_parser(
+        __doc__,
+        minutes=35.0,
+        out=DEFAULT_CHECKPOINT,
+        batch_size=32,
+        lr=4e-4,
+        architecture=two_stream_architecture(),
+    )
     return p.parse_args(argv)
 
 

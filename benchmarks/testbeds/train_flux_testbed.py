@@ -33,23 +33,24 @@ from benchmarks.testbeds.flux_testbed import (
 )
 from benchmarks.testbeds.training import (
     WithTextEncoder,
-    add_architecture_args,
-    add_flow_args,
-    add_optimizer_args,
-    add_save_args,
-    add_state_args,
     run_text_flow_training,
     seed_everything,
-    training_parser,
+    text_flow_parser,
+    two_stream_architecture,
 )
 
 
 class FluxWithText(WithTextEncoder):
-    """Transformer and class-token encoder as one trainable module (velocity of packed tokens)."""
+    """Transformer and class-token encoder as one trainable module (velocity of packed tokens).
 
-    def __init__(self, transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    ``img_ids`` are the FLUX position ids of the packed image (default: the 16x16 digits' 8x8 token
+    grid; the emoji testbed passes its 16x16 grid)."""
+
+    def __init__(
+        self, transformer: torch.nn.Module, text_encoder: torch.nn.Module, img_ids: torch.Tensor | None = None
+    ) -> None:
         super().__init__(transformer, text_encoder)
-        self.register_buffer("img_ids", image_ids(), persistent=False)
+        self.register_buffer("img_ids", image_ids() if img_ids is None else img_ids, persistent=False)
         self.register_buffer("txt_ids", text_ids(), persistent=False)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -68,18 +69,20 @@ class FluxWithText(WithTextEncoder):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = training_parser(__doc__, minutes=30.0, out=DEFAULT_CHECKPOINT, batch_size=64)
-    add_optimizer_args(p, lr=5e-4, ema_decay=0.998, null_name="class")
-    add_architecture_args(p, single_blocks=4)
-    add_flow_args(p)
-    p.add_argument(
-        "--max-shift",
-        type=float,
-        default=DEFAULT_MAX_SHIFT,
-        help="sampler's FLUX max_shift (mu for 64 tokens)",
+    max_shift = {
+        "type": float,
+        "default": DEFAULT_MAX_SHIFT,
+        "help": "sampler's FLUX max_shift (mu for 64 tokens)",
+    }
+    p = text_flow_parser(
+        __doc__,
+        minutes=30.0,
+        out=DEFAULT_CHECKPOINT,
+        batch_size=64,
+        lr=5e-4,
+        architecture=two_stream_architecture(),
+        sampler_options=[("--max-shift", max_shift)],
     )
-    add_save_args(p, log_every=50)
-    add_state_args(p)
     return p.parse_args(argv)
 
 

@@ -17,20 +17,18 @@ Example::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
 from benchmarks.testbeds.digits import load_digits_images
 from benchmarks.testbeds.training import (
+    Option,
     WithTextEncoder,
-    add_architecture_args,
-    add_flow_args,
-    add_optimizer_args,
-    add_save_args,
-    add_state_args,
     run_text_flow_training,
     seed_everything,
-    training_parser,
+    text_flow_parser,
+    two_stream_architecture,
 )
 from benchmarks.testbeds.video_testbed import (
     DEFAULT_CHECKPOINT,
@@ -61,18 +59,36 @@ class VideoWithText(WithTextEncoder):
         )[0]
 
 
+FRAMES_OPTION: Option = ("--frames", {"type": int, "default": NUM_FRAMES})
+"""``--frames``: the training clips' length (the moving-digits video testbeds)."""
+
+
+def moving_clips(
+    images: torch.Tensor, gen: torch.Generator, batch_size: int, frames: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``samples_of`` of :func:`run_text_flow_training` for the moving-digits testbeds: the
+    training digits ``idx`` as ``frames``-long clips, each moving in a direction drawn from ``gen``."""
+
+    def clips_of(idx: torch.Tensor) -> torch.Tensor:
+        return make_clips(images[idx], random_velocities(batch_size, gen), frames)
+
+    return clips_of
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = training_parser(
-        __doc__, minutes=30.0, out=DEFAULT_CHECKPOINT, batch_size=12, batch_help="clips per step"
+    flow_shift = {"type": float, "default": DEFAULT_FLOW_SHIFT, "help": "sampler's static time shift"}
+    p = text_flow_parser(
+        __doc__,
+        minutes=30.0,
+        out=DEFAULT_CHECKPOINT,
+        batch_size=12,
+        batch_help="clips per step",
+        lr=4e-4,
+        architecture=two_stream_architecture(single_blocks=2, refiner_blocks=1),
+        data_options=[FRAMES_OPTION],
+        sampler_options=[("--flow-shift", flow_shift)],
     )
-    p.add_argument("--frames", type=int, default=NUM_FRAMES)
-    add_optimizer_args(p, lr=4e-4, ema_decay=0.998, null_name="class")
-    add_architecture_args(p, single_blocks=2, refiner_blocks=1)
-    add_flow_args(p)
-    p.add_argument("--flow-shift", type=float, default=DEFAULT_FLOW_SHIFT, help="sampler's static time shift")
-    add_save_args(p, log_every=50)
-    add_state_args(p)
     return p.parse_args(argv)
 
 
@@ -94,11 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         make_text_encoder(args.text_dim),
     )
-
-    def clips_of(idx: torch.Tensor) -> torch.Tensor:
-        """The training digits ``idx`` as clips, each moving in a random direction."""
-        return make_clips(images[idx], random_velocities(args.batch_size, gen), args.frames)
-
+    clips_of = moving_clips(images, gen, args.batch_size, args.frames)
     run_text_flow_training(args, gen, model, clips_of, labels, NULL_CLASS, sample_sched)
 
 

@@ -20,26 +20,20 @@ import argparse
 import torch
 
 from benchmarks.testbeds.digits import load_digits_images
+from benchmarks.testbeds.train_video_testbed import FRAMES_OPTION, moving_clips
 from benchmarks.testbeds.training import (
     WithTextEncoder,
-    add_flow_args,
-    add_optimizer_args,
-    add_save_args,
-    add_state_args,
     run_text_flow_training,
     seed_everything,
-    training_parser,
+    text_flow_parser,
 )
 from benchmarks.testbeds.wan_testbed import (
     DEFAULT_CHECKPOINT,
     DEFAULT_FLOW_SHIFT,
     NULL_CLASS,
-    NUM_FRAMES,
-    make_clips,
     make_scheduler,
     make_text_encoder,
     make_transformer,
-    random_velocities,
 )
 
 
@@ -56,19 +50,18 @@ class WanWithText(WithTextEncoder):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = training_parser(
-        __doc__, minutes=35.0, out=DEFAULT_CHECKPOINT, batch_size=8, batch_help="clips per step"
+    flow_shift = {"type": float, "default": DEFAULT_FLOW_SHIFT, "help": "sampler's static flow shift"}
+    p = text_flow_parser(
+        __doc__,
+        minutes=35.0,
+        out=DEFAULT_CHECKPOINT,
+        batch_size=8,
+        batch_help="clips per step",
+        lr=4e-4,
+        architecture={"width": 128, "blocks": 4, "head-dim": 32, "text-dim": 64},
+        data_options=[FRAMES_OPTION],
+        sampler_options=[("--flow-shift", flow_shift)],
     )
-    p.add_argument("--frames", type=int, default=NUM_FRAMES)
-    add_optimizer_args(p, lr=4e-4, ema_decay=0.998, null_name="class")
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--blocks", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--text-dim", type=int, default=64)
-    add_flow_args(p)
-    p.add_argument("--flow-shift", type=float, default=DEFAULT_FLOW_SHIFT, help="sampler's static flow shift")
-    add_save_args(p, log_every=50)
-    add_state_args(p)
     return p.parse_args(argv)
 
 
@@ -82,11 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         make_transformer(args.width, args.blocks, args.head_dim, args.text_dim),
         make_text_encoder(args.text_dim),
     )
-
-    def clips_of(idx: torch.Tensor) -> torch.Tensor:
-        """The training digits ``idx`` as clips, each moving in a random direction."""
-        return make_clips(images[idx], random_velocities(args.batch_size, gen), args.frames)
-
+    clips_of = moving_clips(images, gen, args.batch_size, args.frames)
     run_text_flow_training(args, gen, model, clips_of, labels, NULL_CLASS, make_scheduler(args.flow_shift))
 
 

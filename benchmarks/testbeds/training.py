@@ -1,13 +1,15 @@
-"""What the three testbed training scripts share: options, batches, the time-budgeted loop, saving.
+"""What the testbed training scripts share: options, batches, the time-budgeted loop, saving.
 
-``train_digits_dit.py``, ``train_flux_testbed.py`` and ``train_video_testbed.py`` differ in their
-model and in how one batch turns into a loss; everything else is here: the common command-line
-options, drawing a batch with classifier-free-guidance label dropout (:func:`draw_batch`), the
-rectified-flow loss of the FLUX and video testbeds (:func:`rectified_flow_loss`), and
-:func:`run_training`: AdamW, linear warm-up then cosine decay over the wall-time budget
-(:func:`lr_at`), gradient clipping, EMA of the weights, logging, and periodic saving of the EMA
-weights (``save_pretrained``, :func:`save_checkpoint`) and of the fp32 training state (``--state``,
-resumed from with ``--resume``).
+``train_digits_dit.py``, ``train_flux_controlnet.py`` and the class-token scripts
+(``train_flux_testbed.py``, ``train_flux2_testbed.py``, ``train_video_testbed.py``,
+``train_wan_testbed.py``, ``train_emoji_flux.py``) differ in their model and in how one batch
+turns into a loss; everything else is here: the command line (the option groups below, put together
+for the class-token scripts by :func:`text_flow_parser`), drawing a batch with
+classifier-free-guidance label dropout (:func:`draw_batch`), the rectified-flow loss
+(:func:`rectified_flow_loss`), and :func:`run_training`: AdamW, linear warm-up then cosine decay
+over the wall-time budget (:func:`lr_at`), gradient clipping, EMA of the weights, logging, and
+periodic saving of the EMA weights (``save_pretrained``, :func:`save_checkpoint`) and of the fp32
+training state (``--state``, resumed from with ``--resume``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,27 +65,68 @@ def add_state_args(
     p.add_argument("--resume", action="store_true", help="continue from --state")
 
 
-def add_architecture_args(
-    p: argparse.ArgumentParser, *, single_blocks: int, refiner_blocks: int | None = None
-) -> None:
-    """The two-stream transformer's shape (FLUX and HunyuanVideo testbeds): ``--width``,
-    ``--double-blocks``, ``--single-blocks``, ``--refiner-blocks`` (when ``refiner_blocks`` is
-    given), ``--head-dim`` and ``--text-dim``."""
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--double-blocks", type=int, default=2)
-    p.add_argument("--single-blocks", type=int, default=single_blocks)
-    if refiner_blocks is not None:
-        p.add_argument("--refiner-blocks", type=int, default=refiner_blocks)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--text-dim", type=int, default=64)
-
-
 def add_flow_args(p: argparse.ArgumentParser) -> None:
     """``--logit-mean`` and ``--train-shift`` of :func:`rectified_flow_loss`."""
     p.add_argument("--logit-mean", type=float, default=0.0, help="mean of the logit-normal noise level")
     p.add_argument(
         "--train-shift", type=float, default=1.0, help="time shift applied to training noise levels"
     )
+
+
+Option = tuple[str, dict[str, Any]]
+"""One command-line option: its flag and the keyword arguments of ``add_argument``."""
+
+
+def two_stream_architecture(
+    *, width: int = 128, single_blocks: int = 4, refiner_blocks: int | None = None, head_dim: int = 32
+) -> dict[str, int]:
+    """The shape options of a two-stream (FLUX / HunyuanVideo) transformer, flag -> default, in
+    the order the scripts list them: ``width``, ``double-blocks`` (2), ``single-blocks``,
+    ``refiner-blocks`` (only when given), ``head-dim``, ``text-dim`` (64)."""
+    shape = {"width": width, "double-blocks": 2, "single-blocks": single_blocks}
+    if refiner_blocks is not None:
+        shape["refiner-blocks"] = refiner_blocks
+    return {**shape, "head-dim": head_dim, "text-dim": 64}
+
+
+def text_flow_parser(
+    doc: str | None,
+    *,
+    minutes: float,
+    out: Path,
+    batch_size: int,
+    lr: float,
+    architecture: dict[str, int],
+    batch_help: str | None = None,
+    ema_decay: float = 0.998,
+    log_every: int = 50,
+    data_options: Sequence[Option] = (),
+    sampler_options: Sequence[Option] = (),
+) -> argparse.ArgumentParser:
+    """The command line of the class-token rectified-flow training scripts (FLUX, FLUX.2, video,
+    Wan, emoji FLUX), option groups in this order: :func:`training_parser`, ``data_options``,
+    :func:`add_optimizer_args` (null class), one integer option per ``architecture`` entry
+    (flag -> default, e.g. :func:`two_stream_architecture`), :func:`add_flow_args`,
+    ``sampler_options``, :func:`add_save_args`, :func:`add_state_args`.
+
+    Example::
+
+        p = text_flow_parser(None, minutes=30.0, out=Path("ckpt"), batch_size=64, lr=5e-4,
+                             architecture=two_stream_architecture())
+        p.parse_args(["--width", "64"]).width  # 64
+    """
+    p = training_parser(doc, minutes=minutes, out=out, batch_size=batch_size, batch_help=batch_help)
+    for flag, options in data_options:
+        p.add_argument(flag, **options)
+    add_optimizer_args(p, lr=lr, ema_decay=ema_decay, null_name="class")
+    for name, default in architecture.items():
+        p.add_argument(f"--{name}", type=int, default=default)
+    add_flow_args(p)
+    for flag, options in sampler_options:
+        p.add_argument(flag, **options)
+    add_save_args(p, log_every)
+    add_state_args(p)
+    return p
 
 
 def seed_everything(args: argparse.Namespace) -> torch.Generator:

@@ -22,7 +22,6 @@ conditional and unconditional branches batched in ONE transformer forward per st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +158,7 @@ class MovingDigitsVideoPipeline(ClassTokenPipeline):
     """
 
     null_class = NULL_CLASS
+    default_guidance_scale = DEFAULT_GUIDANCE_SCALE
     transformer_cls = HunyuanVideoTransformer3DModel
     default_checkpoint = DEFAULT_CHECKPOINT
 
@@ -168,38 +168,14 @@ class MovingDigitsVideoPipeline(ClassTokenPipeline):
         dtype = self.transformer.dtype
         return tokens.to(dtype), pooled.to(dtype), mask
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: Sequence[int] | torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        progress: bool = True,
-        latents: torch.Tensor | None = None,
-        num_frames: int = NUM_FRAMES,
-    ) -> torch.Tensor | np.ndarray:
-        """Generate clips of moving digits.
+    def _sample_shape(self, num_frames: int = NUM_FRAMES) -> tuple[int, ...]:
+        """``(C, T, H, W)`` of a ``num_frames``-long clip (``num_frames`` is a call option)."""
+        return (self.transformer.config.in_channels, num_frames, IMAGE_SIZE, IMAGE_SIZE)
 
-        Args:
-            class_labels: Digit class per clip (0..9); the batch size is its length.
-            num_inference_steps: Euler steps.
-            guidance_scale: Classifier-free guidance scale; ``<= 1`` disables guidance.
-            generator: Seeds the initial noise (``randn(B, 1, T, 16, 16)``), so the same seed
-                gives the same starting noise for any step count.
-            output_type: ``"pt"`` for ``(B, 1, T, 16, 16)``, ``"np"`` for ``(B, T, 16, 16, 1)``.
-            progress: Show the tqdm progress bar.
-            latents: Optional initial noise ``(B, 1, T, 16, 16)`` used instead of drawing it.
-            num_frames: Clip length ``T``.
-
-        Returns:
-            Clips in ``[0, 1]``.
-        """
-        sample_shape = (self.transformer.config.in_channels, num_frames, IMAGE_SIZE, IMAGE_SIZE)
-        labels, latents = self._prepare(class_labels, output_type, sample_shape, generator, latents)
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
+        """HunyuanVideo sigmas, one batched CFG call per step (with the attention mask)."""
         device, dtype = self._execution_device, self.transformer.dtype
-        prompt_embeds, pooled, mask = self.encode_prompt(self._cfg_labels(labels, guidance_scale))
+        prompt_embeds, pooled, mask = self.encode_prompt(self._cfg_labels(labels, scale))
 
         def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.transformer(
@@ -211,10 +187,9 @@ class MovingDigitsVideoPipeline(ClassTokenPipeline):
                 return_dict=False,
             )[0]
 
-        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+        sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        latents = self._denoise(latents, guidance_scale, progress, predict)
-        return self._output(latents.float(), output_type)
+        return self._denoise(latents, scale, predict).float()
 
 
 def frames_of(clips: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,10 @@ classifier-free guidance with TWO transformer calls per step, the conditional on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
@@ -137,82 +136,46 @@ class MovingDigitsWanPipeline(ClassTokenPipeline):
     """
 
     null_class = NULL_CLASS
+    default_guidance_scale = DEFAULT_GUIDANCE_SCALE
     transformer_cls = WanTransformer3DModel
+    scheduler_cls = UniPCMultistepScheduler
     default_checkpoint = DEFAULT_CHECKPOINT
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path | None = None, torch_dtype: torch.dtype = torch.float32) -> Any:
-        """Load a checkpoint folder (``transformer/``, ``text_encoder/``, ``scheduler/``; UniPC)."""
-        path = Path(path) if path is not None else cls.default_checkpoint
-        transformer = WanTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
-        text_encoder = ClassTokenEncoder.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
-        scheduler = UniPCMultistepScheduler.from_pretrained(path / "scheduler")
-        return cls(transformer=transformer.eval(), scheduler=scheduler, text_encoder=text_encoder.eval())
 
     def encode_prompt(self, labels: torch.Tensor) -> torch.Tensor:
         """``encoder_hidden_states`` ``(B, 4, text_dim)`` of the class labels (padding tokens zero)."""
         tokens, _, _ = self.text_encoder(labels)
         return tokens.to(self.transformer.dtype)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: Sequence[int] | torch.Tensor,
-        num_inference_steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        progress: bool = True,
-        latents: torch.Tensor | None = None,
-        num_frames: int = NUM_FRAMES,
-    ) -> torch.Tensor | np.ndarray:
-        """Generate clips of moving digits.
+    def _sample_shape(self, num_frames: int = NUM_FRAMES) -> tuple[int, ...]:
+        """``(C, T, H, W)`` of a ``num_frames``-long clip (``num_frames`` is a call option)."""
+        return (self.transformer.config.in_channels, num_frames, IMAGE_SIZE, IMAGE_SIZE)
 
-        Args:
-            class_labels: Digit class per clip (0..9); the batch size is its length.
-            num_inference_steps: Sampler steps.
-            guidance_scale: Classifier-free guidance scale; ``<= 1`` runs the conditional call only.
-            generator: Seeds the initial noise (``randn(B, 1, T, 16, 16)``).
-            output_type: ``"pt"`` for ``(B, 1, T, 16, 16)``, ``"np"`` for ``(B, T, 16, 16, 1)``.
-            progress: Show the tqdm progress bar.
-            latents: Optional initial noise ``(B, 1, T, 16, 16)`` used instead of drawing it.
-            num_frames: Clip length ``T``.
-
-        Returns:
-            Clips in ``[0, 1]``.
-        """
-        sample_shape = (self.transformer.config.in_channels, num_frames, IMAGE_SIZE, IMAGE_SIZE)
-        labels, latents = self._prepare(class_labels, output_type, sample_shape, generator, latents)
+    def _sample(self, labels: torch.Tensor, latents: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
+        """The scheduler's own timesteps, cond and uncond calls in their cache contexts (with the
+        step index, sigma and step count, as ``WanPipeline``)."""
         device, dtype = self._execution_device, self.transformer.dtype
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds = self.encode_prompt(labels)
-        negative_prompt_embeds = self.encode_prompt(torch.full_like(labels, NULL_CLASS)) if do_cfg else None
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        self.set_progress_bar_config(disable=not progress)
-        num_timesteps = len(self.scheduler.timesteps)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            timestep = t.expand(latents.shape[0])
-            cache_context_kwargs = {
-                "step_index": i,
-                "sigma": float(self.scheduler.sigmas[i]),
-                "num_inference_steps": num_timesteps,
-            }
-            with self.transformer.cache_context("cond", **cache_context_kwargs):
-                noise_pred = self.transformer(
-                    hidden_states=latents.to(dtype),
-                    timestep=timestep,
+        def predictor(class_labels: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            prompt_embeds = self.encode_prompt(class_labels)
+
+            def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.transformer(
+                    hidden_states=x.to(dtype),
+                    timestep=t.expand(x.shape[0]),
                     encoder_hidden_states=prompt_embeds,
                     return_dict=False,
                 )[0]
-            if do_cfg:
-                with self.transformer.cache_context("uncond", **cache_context_kwargs):
-                    noise_uncond = self.transformer(
-                        hidden_states=latents.to(dtype),
-                        timestep=timestep,
-                        encoder_hidden_states=negative_prompt_embeds,
-                        return_dict=False,
-                    )[0]
-                noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-        return self._output(latents.float(), output_type)
+
+            return predict
+
+        predict_cond = predictor(labels)
+        predict_uncond = predictor(torch.full_like(labels, NULL_CLASS)) if scale > 1.0 else None
+        self.scheduler.set_timesteps(steps, device=device)
+        num_timesteps = len(self.scheduler.timesteps)
+
+        def step_context(i: int) -> dict[str, Any]:
+            sigma = float(self.scheduler.sigmas[i])
+            return {"step_index": i, "sigma": sigma, "num_inference_steps": num_timesteps}
+
+        latents = self._denoise(latents, scale, predict_cond, predict_uncond, step_context, two_calls=True)
+        return latents.float()

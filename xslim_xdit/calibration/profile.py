@@ -2,7 +2,10 @@
 
 All of calibration's contact with the engine is :func:`_replay` (enable, run, read the final
 output and the recorded profile, disable); everything else in :mod:`xslim_xdit.calibration`
-works on what it returns.
+works on what it returns. The enabling itself is :mod:`xslim_xdit.api`'s, which sits above
+calibration: it hands its functions in as an :class:`EngineAccess` when it is imported
+(:func:`register_engine_access`; importing :mod:`xslim_xdit` imports it), and a caller under
+xDiT passes its own ``enable``.
 
 Example:
     >>> from xslim_xdit.testing import tiny_model, sample
@@ -23,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..api import disable_xslim, enable_xslim, expert_transformers, get_engines
 from ..config import ConfigError, XSlimConfig
+from ..experts import expert_transformers
 from ..observers import ProfileRecorder
 from ..parallel.sync import DecisionSync, LocalSync
 
@@ -32,6 +35,36 @@ from ..parallel.sync import DecisionSync, LocalSync
 #: :func:`~xslim_xdit.integrations.xfuser.enable_xslim_xdit` (xDiT); called as
 #: ``enable(pipe, config, num_inference_steps=..., observers=[...], record=...)``
 Enable = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class EngineAccess:
+    """What calibration needs of the layer that attaches engines (:mod:`xslim_xdit.api`)."""
+
+    #: the default ``enable`` (:func:`~xslim_xdit.api.enable_xslim`)
+    enable: Enable
+    #: removes every engine of a pipeline or transformer (:func:`~xslim_xdit.api.disable_xslim`)
+    disable: Callable[[Any], None]
+    #: the engines attached, by pipeline attribute (:func:`~xslim_xdit.api.get_engines`)
+    engines: Callable[[Any], dict[str, Any]]
+
+
+_engine_access: list[EngineAccess] = []
+
+
+def register_engine_access(access: EngineAccess) -> None:
+    """Hand calibration the functions that attach and remove engines (called by
+    :mod:`xslim_xdit.api` at import: calibration cannot import the module above it)."""
+    _engine_access[:] = [access]
+
+
+def _access(enable: Enable | None) -> EngineAccess:
+    """The registered :class:`EngineAccess`, its ``enable`` replaced by ``enable`` when given."""
+    if not _engine_access:
+        raise RuntimeError("calibration needs xslim_xdit.api imported (import xslim_xdit) to attach engines")
+    access = _engine_access[0]
+    return access if enable is None else EngineAccess(enable, access.disable, access.engines)
+
 
 #: One step of a profile: ``step``, ``kind``, ``probe_change``, ``residual_change``,
 #: ``block_magnitudes``, ``gram_row`` (see :func:`~xslim_xdit.calibration.plan.profile_gram`).
@@ -207,7 +240,8 @@ def _replay(
     Returns the recorded profile (``None`` unless ``profile``; reduced over the ranks, after the
     run), the run's final output (:func:`_final_output`), and the engine's sync.
 
-    The only function of :mod:`xslim_xdit.calibration` that touches the engine.
+    The only function of :mod:`xslim_xdit.calibration` that touches the engine (through the
+    registered :class:`EngineAccess`).
     """
     observers: list[ProfileRecorder] = []
     if profile:
@@ -215,7 +249,8 @@ def _replay(
         config, observers = XSlimConfig(), [ProfileRecorder()]
     if config is None:
         raise ValueError("_replay: pass a config to replay under, or profile=True")
-    engine = (enable or enable_xslim)(
+    access = _access(enable)
+    engine = access.enable(
         pipe_or_transformer,
         config,
         num_inference_steps=num_inference_steps,
@@ -223,7 +258,7 @@ def _replay(
         record=profile,
     )
     try:
-        engines = _engines_of(pipe_or_transformer, engine)
+        engines = _engines_of(access, pipe_or_transformer, engine)
         models = [e.model for e in engines.values()]
         final, from_run = _final_output(models, run)
         # after the run, on every rank: the reduction is collective (never inside the forward)
@@ -238,14 +273,14 @@ def _replay(
             engine.pipeline.close()  # the decision messages' sends are complete
         return _Replayed(rows, final, from_run, engine.sync, experts)
     finally:
-        disable_xslim(pipe_or_transformer)
+        access.disable(pipe_or_transformer)
 
 
-def _engines_of(pipe_or_transformer: Any, engine: Any) -> dict[str, Any]:
+def _engines_of(access: EngineAccess, pipe_or_transformer: Any, engine: Any) -> dict[str, Any]:
     """The engines attached for a replay, by pipeline attribute (``engine``, the one ``enable``
     returned, alone when the pipeline's transformers cannot be read back)."""
     try:
-        engines = get_engines(pipe_or_transformer)
+        engines = access.engines(pipe_or_transformer)
     except TypeError:
         engines = {}
     return engines if any(e is engine for e in engines.values()) else {"transformer": engine}
