@@ -42,6 +42,7 @@ from .batch import SamplePlan, SampleRoom, refuse_per_sample
 from .batch_executor import SampleExecutor
 from .caches import BranchCaches
 from .clock import AmbiguousRunError, StepClock
+from .compiled import CompiledRegions
 from .config import ConfigError, XSlimConfig
 from .controller import make_controller
 from .decision import CallPlan, DecisionRoom, DepthLayout
@@ -154,7 +155,7 @@ class XSlimEngine:
         self._sample_executor = SampleExecutor(self, self.executor.run_original)
         self._sigs: dict[int, inspect.Signature] = {}
         self._hooks: BlockHooks | None = None
-        self._handles: list[Any] = []
+        self.regions = CompiledRegions()
         self._token_attention: TokenAttentionHooks | None = None
         # run state
         self.run_index = -1
@@ -233,11 +234,9 @@ class XSlimEngine:
             return self
         for si, blk in self.blocks:
             self._sigs[si] = self._sigs.get(si) or inspect.signature(blk.forward)
-        self._hooks = BlockHooks(self.model, [blk for _, blk in self.blocks], self.executor.block_hook)
-        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-        self._handles.append(
-            self.model.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True)
-        )
+        blocks = [blk for _, blk in self.blocks]
+        self.regions.take_block_compiles(blocks)
+        self._hooks = BlockHooks(self.model, blocks, self.executor.block_hook, call=self._run_call)
         if self.token_ctx is not None:
             entries = []
             for si, blk in self.blocks:
@@ -254,9 +253,7 @@ class XSlimEngine:
             return
         self._hooks.remove()
         self._hooks = None
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self.regions.restore_block_compiles()
         if self._token_attention is not None:
             self._token_attention.remove()
             self._token_attention = None
@@ -331,7 +328,21 @@ class XSlimEngine:
             self.flop_meter.abandon()
         self.reset_state()
 
-    # ------------------------------------------------------------------ model hooks
+    # ------------------------------------------------------------------ the transformer call
+    def _run_call(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """The transformer's call under X-Slim (:class:`~xslim_xdit.hooks.CallHook`): the step and
+        plan bookkeeping around ``forward``; under ``torch.compile`` the model code runs eagerly
+        and the computed blocks compiled (:class:`~xslim_xdit.compiled.CompiledRegions`)."""
+        self._pre_forward(self.model, args, kwargs)
+        try:
+            with self.regions.eager_call():
+                output = forward(*args, **kwargs)
+        except BaseException:
+            self._abandon_call()  # caches may be half refreshed: the run ends here
+            raise
+        self._post_forward(self.model, args, kwargs, output)
+        return output
+
     def _pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._in_call:  # the last call never ended: torch runs no hook on a KeyboardInterrupt
             self._abandon_call()
@@ -373,9 +384,6 @@ class XSlimEngine:
             obs.on_call_start(self, self._call_key)
 
     def _post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if output is None:  # the forward raised (torch calls this hook then, with no output)
-            self._abandon_call()
-            return
         self._in_call = False
         record = self.executor.record()
         if record is None:

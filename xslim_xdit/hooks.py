@@ -34,6 +34,7 @@ from torch import nn
 
 _MISSING = object()
 HOOK_NAME = "xslim_block"
+CALL_HOOK_NAME = "xslim_call"
 
 
 class AttributePatch:
@@ -84,20 +85,42 @@ class BlockHook(ModelHook):
         return module
 
 
-class BlockHooks:
-    """X-Slim's hooks on a list of blocks, installed through diffusers' hook registry."""
+class CallHook(ModelHook):
+    """Routes the transformer's calls to ``run(original_forward, args, kwargs)``: the one place
+    a compiled transformer's graph breaks for X-Slim (see :mod:`xslim_xdit.compiled`)."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], run: Callable[..., Any]) -> None:
+    def __init__(self, run: Callable[..., Any]) -> None:
+        super().__init__()
+        self.run = run
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.run(self.fn_ref.original_forward, args, kwargs)
+
+
+class BlockHooks:
+    """X-Slim's hooks on a list of blocks and, with ``call``, on the model's own forward
+    (:class:`CallHook`), installed through diffusers' hook registry."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[nn.Module],
+        run: Callable[..., Any],
+        call: Callable[..., Any] | None = None,
+    ) -> None:
         self.model = model
         self.listener = CacheContextListener()
-        self._installed: list[tuple[nn.Module, bool, bool]] = []
-        for g, blk in enumerate(blocks):
-            had_registry = hasattr(blk, "_diffusers_hook")
-            had_forward = "forward" in vars(blk)
-            HookRegistry.check_if_exists_or_initialize(blk).register_hook(
-                BlockHook(g, run, self.listener), HOOK_NAME
-            )
-            self._installed.append((blk, had_registry, had_forward))
+        self._installed: list[tuple[nn.Module, str, bool, bool]] = []
+        hooks: list[tuple[nn.Module, ModelHook, str]] = [
+            (blk, BlockHook(g, run, self.listener), HOOK_NAME) for g, blk in enumerate(blocks)
+        ]
+        if call is not None:
+            hooks.append((model, CallHook(call), CALL_HOOK_NAME))
+        for module, hook, name in hooks:
+            had_registry = hasattr(module, "_diffusers_hook")
+            had_forward = "forward" in vars(module)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+            self._installed.append((module, name, had_registry, had_forward))
         self._invalidate_registry_caches()
 
     def _invalidate_registry_caches(self) -> None:
@@ -112,15 +135,16 @@ class BlockHooks:
         return self.listener.current
 
     def remove(self) -> None:
-        for blk, had_registry, had_forward in self._installed:
-            registry = getattr(blk, "_diffusers_hook", None)
+        for module, name, had_registry, had_forward in reversed(self._installed):
+            registry = getattr(module, "_diffusers_hook", None)
             if registry is None:
                 continue
-            registry.remove_hook(HOOK_NAME, recurse=False)
+            registry.remove_hook(name, recurse=False)
             if not registry.hooks and not had_registry:
-                del blk._diffusers_hook
-                if not had_forward:
-                    vars(blk).pop("forward", None)
+                del module._diffusers_hook
+            if not registry.hooks and not had_forward:
+                # the registry put the bound class method in the instance's __dict__
+                vars(module).pop("forward", None)
         self._installed.clear()
         self._invalidate_registry_caches()
 
@@ -305,6 +329,7 @@ EAGER_MODULES = (
     "xslim_xdit.batch_executor",
     "xslim_xdit.caches",
     "xslim_xdit.clock",
+    "xslim_xdit.compiled",
     "xslim_xdit.controller",
     "xslim_xdit.decision",
     "xslim_xdit.engine",
