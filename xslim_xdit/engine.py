@@ -1,7 +1,7 @@
 """The X-Slim engine: runs each transformer call as its plan says.
 
 It attaches to a transformer without changing its code or its weights (:mod:`xslim_xdit.hooks`:
-a hook per block in diffusers' hook registry, a pre- and post-hook on the transformer, and, for
+a hook per block and a call hook on the transformer in diffusers' hook registry, and, for
 token refresh, attention processors that delegate to the originals whenever no refresh is
 active); the model's own forward keeps running its embeddings, its block loop and its output
 layers. What a call does is decided elsewhere: the step and branch by the
@@ -46,6 +46,7 @@ from .compiled import CompiledRegions
 from .config import ConfigError, XSlimConfig
 from .controller import make_controller
 from .decision import CallPlan, DecisionRoom, DepthLayout
+from .engine_caches import EngineCaches
 from .executor import CallTally, PlanExecutor
 from .hooks import BlockHooks, shape_key
 from .observers import EngineObserver, FlopMeter
@@ -59,7 +60,7 @@ class XSlimRuntimeError(RuntimeError):
     """The engine was used in a way it cannot serve (the message says what to do)."""
 
 
-class XSlimEngine:
+class XSlimEngine(EngineCaches):
     """Attach X-Slim to one transformer.
 
     Args:
@@ -390,34 +391,3 @@ class XSlimEngine:
             return
         for obs in self.observers:
             obs.on_call_end(self, record)
-
-    def image_parts(self) -> list[BranchCaches]:
-        """Under PipeFusion's patch phase, the caches of every patch of the image, in patch
-        order (created if missing); empty when one call holds the whole image."""
-        if self.patch_info is None:
-            return []
-        count = self.patch_info()[1]
-        if count <= 1:
-            return []
-        linear = self.config.extrapolate == "linear"
-        return [self.branches.setdefault(b, BranchCaches(linear=linear)) for b in range(count)]
-
-    def current_caches(self) -> BranchCaches:
-        caches = self.branches.get(self.branch)
-        if caches is None:
-            caches = self.branches[self.branch] = BranchCaches(linear=self.config.extrapolate == "linear")
-        return caches
-
-    # ------------------------------------------------------------------ reporting
-    def cache_bytes(self) -> dict[str, int]:
-        """Bytes held per cache kind."""
-        out = {"stack_residual": 0, "token_history": 0, "block_residuals": 0, "probe": 0, "kv": 0}
-        for caches in self.branches.values():
-            for name, n in caches.nbytes().items():
-                out[name] += n
-        if self.samples is not None:
-            for name, n in self.samples.nbytes().items():
-                out[name] += n
-        if self.token_ctx is not None:
-            out["kv"] = self.token_ctx.cache_bytes()
-        return out
