@@ -1,10 +1,12 @@
-"""X-Slim under ``torch.compile``: one graph break per transformer call, the blocks compiled.
+"""X-Slim under ``torch.compile``: at most one graph break per transformer call, the blocks compiled.
 
-A transformer compiled with X-Slim on (``torch.compile(transformer)`` or
-``transformer.compile()``, before or after :func:`~xslim_xdit.enable_xslim`; or a compiled
-function that calls it) stops dynamo once per call, where it calls X-Slim's call hook (a function
-in dynamo's skip rules, :func:`~xslim_xdit.hooks.keep_out_of_compiled_graphs`). Under that
-hook, :class:`CompiledRegions` runs the call like diffusers' regional compilation
+Decisions are taken once per call, outside compiled code. X-Slim's forward pre-hook on the
+transformer (in dynamo's skip rules, :func:`~xslim_xdit.hooks.keep_out_of_compiled_graphs`)
+is the one place a compiled call stops for X-Slim: ``torch.compile(transformer)`` runs module
+hooks outside dynamo (no break at all); ``transformer.compile()``, or a compiled function that
+calls the transformer, traces up to the hook and breaks there (one break). The pre-hook then
+switches dynamo's frame callback off until X-Slim's forward hook puts it back
+(:class:`CompiledRegions`), and the call runs like diffusers' regional compilation
 (``compile_repeated_blocks``):
 
 * the model's own forward, X-Slim's step clock, decision and block hooks run eagerly (dynamo's
@@ -26,19 +28,21 @@ that compiled call's callback.
 Example:
     >>> import torch
     >>> regions = CompiledRegions()
-    >>> with regions.eager_call():  # not under a compile: nothing changes
-    ...     regions.call_block(0, torch.add, torch.ones(1), 1)
+    >>> regions.enter_call()  # not under a compile: nothing changes
+    >>> regions.call_block(0, torch.add, torch.ones(1), 1)
     tensor([2.])
+    >>> regions.leave_call()
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+
+from .schedule import ConfigError
 
 try:  # the hook torch.compile's wrappers switch dynamo's frame callback with
     from torch._C._dynamo.eval_frame import get_eval_frame_callback, set_eval_frame
@@ -57,6 +61,42 @@ def compile_callback(compiled_call: Callable[..., Any]) -> Any:
     except TypeError:  # not a Python function
         return None
     return found if callable(found) else None
+
+
+def _compile_context(module: Any) -> Any:
+    """The dynamo context a module was compiled with (``torch.compile(module)`` or
+    ``module.compile()``), or None."""
+    context = getattr(module, "dynamo_ctx", None)
+    compiled_call = getattr(module, "_compiled_call_impl", None) if context is None else None
+    if callable(compiled_call):
+        try:
+            context = inspect.getclosurevars(compiled_call).nonlocals.get("self")
+        except TypeError:
+            context = None
+    return context
+
+
+def refuse_whole_graph(modules: list[Any]) -> None:
+    """:class:`~xslim_xdit.config.ConfigError` for a transformer compiled with
+    ``fullgraph=True``: X-Slim's call hook is a graph break by design (its decisions stay out of
+    graphs). Compiling the blocks with ``fullgraph=True`` (``compile_repeated_blocks``) works.
+
+    Example:
+        >>> import torch
+        >>> refuse_whole_graph([torch.compile(torch.nn.Linear(2, 2), fullgraph=True)])
+        Traceback (most recent call last):
+        ...
+        xslim_xdit.schedule.ConfigError: the transformer (Linear) is compiled with fullgraph=True; ...
+    """
+    for module in modules:
+        if getattr(_compile_context(module), "fullgraph", False) is True:
+            name = type(getattr(module, "_orig_mod", module)).__name__
+            raise ConfigError(
+                f"the transformer ({name}) is compiled with fullgraph=True; X-Slim breaks the graph "
+                "once per transformer call (its decisions stay outside compiled code): compile it "
+                "without fullgraph, or compile its blocks with fullgraph=True "
+                "(transformer.compile_repeated_blocks(fullgraph=True))"
+            )
 
 
 class CompiledRegions:
@@ -83,23 +123,27 @@ class CompiledRegions:
         compiled blocks (a dispatch mode such as FLOP counting must then stay off: under one,
         dynamo gives up on a frame for good)."""
         active = get_eval_frame_callback is not None and get_eval_frame_callback() is not _NO_CALLBACK
-        return active or bool(self._block_callbacks)
+        return self.active or active or bool(self._block_callbacks)
 
-    @contextlib.contextmanager
-    def eager_call(self) -> Iterator[None]:
-        """Run the body with dynamo's callback off if a compile is active (and remember it for the
-        blocks); a no-op otherwise."""
-        callback = get_eval_frame_callback() if get_eval_frame_callback is not None else None
-        if callback is _NO_CALLBACK or self.active:
-            yield
-            return
-        set_eval_frame(_NO_CALLBACK)
+    def enter_call(self) -> None:
+        """A transformer call starts (X-Slim's forward pre-hook, the first thing it does): if a
+        compile is active, switch dynamo's callback off (X-Slim's work and the model's forward
+        run eagerly) and keep it for the blocks."""
+        callback = get_eval_frame_callback() if get_eval_frame_callback is not None else _NO_CALLBACK
         self._callback = callback
-        try:
-            yield
-        finally:
-            self._callback = _NO_CALLBACK
+        if callback is not _NO_CALLBACK:
+            set_eval_frame(_NO_CALLBACK)
+
+    def leave_call(self) -> None:
+        """The call ended (X-Slim's forward hook, the first thing it does): dynamo's callback back."""
+        callback, self._callback = self._callback, _NO_CALLBACK
+        if callback is not _NO_CALLBACK:
             set_eval_frame(callback)
+
+    def forget(self) -> None:
+        """Drop the call's callback without setting it (a call that never ended: a
+        ``KeyboardInterrupt``, after which ``torch.compile``'s wrapper restored dynamo itself)."""
+        self._callback = _NO_CALLBACK
 
     def call_block(self, index: int, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``forward(*args, **kwargs)`` of block ``index``: under the compile's callback (or the

@@ -156,6 +156,7 @@ class XSlimEngine(EngineCaches):
         self._sample_executor = SampleExecutor(self, self.executor.run_original)
         self._sigs: dict[int, inspect.Signature] = {}
         self._hooks: BlockHooks | None = None
+        self._handles: list[Any] = []
         self.regions = CompiledRegions()
         self._token_attention: TokenAttentionHooks | None = None
         # run state
@@ -237,7 +238,11 @@ class XSlimEngine(EngineCaches):
             self._sigs[si] = self._sigs.get(si) or inspect.signature(blk.forward)
         blocks = [blk for _, blk in self.blocks]
         self.regions.take_block_compiles(blocks)
-        self._hooks = BlockHooks(self.model, blocks, self.executor.block_hook, call=self._run_call)
+        self._hooks = BlockHooks(self.model, blocks, self.executor.block_hook)
+        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._handles.append(
+            self.model.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True)
+        )
         if self.token_ctx is not None:
             entries = []
             for si, blk in self.blocks:
@@ -254,6 +259,9 @@ class XSlimEngine(EngineCaches):
             return
         self._hooks.remove()
         self._hooks = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
         self.regions.restore_block_compiles()
         if self._token_attention is not None:
             self._token_attention.remove()
@@ -327,26 +335,21 @@ class XSlimEngine(EngineCaches):
         here (the next call starts a new one) and the call leaves no record and no FLOP count."""
         if self.flop_meter is not None:
             self.flop_meter.abandon()
+        self.regions.forget()  # an interrupted compiled call: torch.compile's wrapper restored dynamo
         self.reset_state()
 
-    # ------------------------------------------------------------------ the transformer call
-    def _run_call(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        """The transformer's call under X-Slim (:class:`~xslim_xdit.hooks.CallHook`): the step and
-        plan bookkeeping around ``forward``; under ``torch.compile`` the model code runs eagerly
-        and the computed blocks compiled (:class:`~xslim_xdit.compiled.CompiledRegions`)."""
-        self._pre_forward(self.model, args, kwargs)
-        try:
-            with self.regions.eager_call():
-                output = forward(*args, **kwargs)
-        except BaseException:
-            self._abandon_call()  # caches may be half refreshed: the run ends here
-            raise
-        self._post_forward(self.model, args, kwargs, output)
-        return output
-
+    # ------------------------------------------------------------------ model hooks
     def _pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._in_call:  # the last call never ended: torch runs no hook on a KeyboardInterrupt
             self._abandon_call()
+        self.regions.enter_call()  # under torch.compile: eager until the forward hook, blocks compiled
+        try:
+            self._start_call(model, args, kwargs)
+        except BaseException:
+            self.regions.leave_call()
+            raise
+
+    def _start_call(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.before_call is not None:
             self.before_call()
         if self.room.controller is None:
@@ -385,6 +388,10 @@ class XSlimEngine(EngineCaches):
             obs.on_call_start(self, self._call_key)
 
     def _post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.regions.leave_call()
+        if output is None:  # the forward raised (torch calls this hook then, with no output)
+            self._abandon_call()
+            return
         self._in_call = False
         record = self.executor.record()
         if record is None:

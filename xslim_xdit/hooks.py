@@ -5,8 +5,9 @@
   hooks already there and with those added later, and removing it reconnects the chain. The hook
   is stateful in diffusers' sense: the pipeline's ``transformer.cache_context(name)`` reaches
   it, which is how the engine learns the guidance branch.
-* The transformer gets a call hook in the same registry (:class:`CallHook`: the step and plan
-  bookkeeping around its forward; under ``torch.compile`` the one graph break per call).
+* The transformer gets a forward pre-hook and a forward hook (torch's, removed by handle); under
+  ``torch.compile`` the model's forward runs between them with dynamo switched off (see
+  :mod:`xslim_xdit.compiled`).
 * A scheduler's ``set_timesteps`` and ``step`` are wrapped per instance; the attribute that was
   in the instance's ``__dict__`` (or its absence) is put back on removal. A deep copy of the
   scheduler (``LTX2Pipeline`` steps its audio latents with one) gets the methods unhooked, bound
@@ -35,7 +36,6 @@ from torch import nn
 
 _MISSING = object()
 HOOK_NAME = "xslim_block"
-CALL_HOOK_NAME = "xslim_call"
 
 
 class AttributePatch:
@@ -86,42 +86,20 @@ class BlockHook(ModelHook):
         return module
 
 
-class CallHook(ModelHook):
-    """Routes the transformer's calls to ``run(original_forward, args, kwargs)``: the one place
-    a compiled transformer's graph breaks for X-Slim (see :mod:`xslim_xdit.compiled`)."""
-
-    def __init__(self, run: Callable[..., Any]) -> None:
-        super().__init__()
-        self.run = run
-
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.run(self.fn_ref.original_forward, args, kwargs)
-
-
 class BlockHooks:
-    """X-Slim's hooks on a list of blocks and, with ``call``, on the model's own forward
-    (:class:`CallHook`), installed through diffusers' hook registry."""
+    """X-Slim's hooks on a list of blocks, installed through diffusers' hook registry."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        blocks: list[nn.Module],
-        run: Callable[..., Any],
-        call: Callable[..., Any] | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], run: Callable[..., Any]) -> None:
         self.model = model
         self.listener = CacheContextListener()
-        self._installed: list[tuple[nn.Module, str, bool, bool]] = []
-        hooks: list[tuple[nn.Module, ModelHook, str]] = [
-            (blk, BlockHook(g, run, self.listener), HOOK_NAME) for g, blk in enumerate(blocks)
-        ]
-        if call is not None:
-            hooks.append((model, CallHook(call), CALL_HOOK_NAME))
-        for module, hook, name in hooks:
-            had_registry = hasattr(module, "_diffusers_hook")
-            had_forward = "forward" in vars(module)
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
-            self._installed.append((module, name, had_registry, had_forward))
+        self._installed: list[tuple[nn.Module, bool, bool]] = []
+        for g, blk in enumerate(blocks):
+            had_registry = hasattr(blk, "_diffusers_hook")
+            had_forward = "forward" in vars(blk)
+            HookRegistry.check_if_exists_or_initialize(blk).register_hook(
+                BlockHook(g, run, self.listener), HOOK_NAME
+            )
+            self._installed.append((blk, had_registry, had_forward))
         self._invalidate_registry_caches()
 
     def _invalidate_registry_caches(self) -> None:
@@ -136,16 +114,15 @@ class BlockHooks:
         return self.listener.current
 
     def remove(self) -> None:
-        for module, name, had_registry, had_forward in reversed(self._installed):
-            registry = getattr(module, "_diffusers_hook", None)
+        for blk, had_registry, had_forward in self._installed:
+            registry = getattr(blk, "_diffusers_hook", None)
             if registry is None:
                 continue
-            registry.remove_hook(name, recurse=False)
+            registry.remove_hook(HOOK_NAME, recurse=False)
             if not registry.hooks and not had_registry:
-                del module._diffusers_hook
-            if not registry.hooks and not had_forward:
-                # the registry put the bound class method in the instance's __dict__
-                vars(module).pop("forward", None)
+                del blk._diffusers_hook
+                if not had_forward:
+                    vars(blk).pop("forward", None)
         self._installed.clear()
         self._invalidate_registry_caches()
 
