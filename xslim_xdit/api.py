@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .calibration.profile import EngineAccess, register_engine_access
+from .compiled import refuse_whole_graph
 from .config import ConfigError, XSlimConfig
 from .engine import XSlimEngine, XSlimRuntimeError
 from .experts import (
@@ -119,6 +120,11 @@ def enable_xslim(
             f"observers must be a list of EngineObserver (xslim_xdit.observers); got {observers!r}"
         )
     pipe, transformer = split_pipeline(pipe_or_transformer)
+    refuse_whole_graph(
+        [pipe_or_transformer]
+        if pipe is None
+        else [getattr(pipe, a, None) for a in ("transformer", *EXPERT_ATTRS)]
+    )
     owner = pipe if pipe is not None else transformer
     models = expert_transformers(pipe_or_transformer)
     existing = [getattr(m, _ENGINE_ATTR, None) for m in models.values()]

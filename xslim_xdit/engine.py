@@ -1,7 +1,7 @@
 """The X-Slim engine: runs each transformer call as its plan says.
 
 It attaches to a transformer without changing its code or its weights (:mod:`xslim_xdit.hooks`:
-a hook per block in diffusers' hook registry, a pre- and post-hook on the transformer, and, for
+a hook per block and a call hook on the transformer in diffusers' hook registry, and, for
 token refresh, attention processors that delegate to the originals whenever no refresh is
 active); the model's own forward keeps running its embeddings, its block loop and its output
 layers. What a call does is decided elsewhere: the step and branch by the
@@ -42,9 +42,11 @@ from .batch import SamplePlan, SampleRoom, refuse_per_sample
 from .batch_executor import SampleExecutor
 from .caches import BranchCaches
 from .clock import AmbiguousRunError, StepClock
+from .compiled import CompiledRegions
 from .config import ConfigError, XSlimConfig
 from .controller import make_controller
 from .decision import CallPlan, DecisionRoom, DepthLayout
+from .engine_caches import EngineCaches
 from .executor import CallTally, PlanExecutor
 from .hooks import BlockHooks, shape_key
 from .observers import EngineObserver, FlopMeter
@@ -58,7 +60,7 @@ class XSlimRuntimeError(RuntimeError):
     """The engine was used in a way it cannot serve (the message says what to do)."""
 
 
-class XSlimEngine:
+class XSlimEngine(EngineCaches):
     """Attach X-Slim to one transformer.
 
     Args:
@@ -155,6 +157,7 @@ class XSlimEngine:
         self._sigs: dict[int, inspect.Signature] = {}
         self._hooks: BlockHooks | None = None
         self._handles: list[Any] = []
+        self.regions = CompiledRegions()
         self._token_attention: TokenAttentionHooks | None = None
         # run state
         self.run_index = -1
@@ -233,7 +236,9 @@ class XSlimEngine:
             return self
         for si, blk in self.blocks:
             self._sigs[si] = self._sigs.get(si) or inspect.signature(blk.forward)
-        self._hooks = BlockHooks(self.model, [blk for _, blk in self.blocks], self.executor.block_hook)
+        blocks = [blk for _, blk in self.blocks]
+        self.regions.take_block_compiles(blocks)
+        self._hooks = BlockHooks(self.model, blocks, self.executor.block_hook)
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._handles.append(
             self.model.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True)
@@ -257,6 +262,7 @@ class XSlimEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.regions.restore_block_compiles()
         if self._token_attention is not None:
             self._token_attention.remove()
             self._token_attention = None
@@ -329,12 +335,21 @@ class XSlimEngine:
         here (the next call starts a new one) and the call leaves no record and no FLOP count."""
         if self.flop_meter is not None:
             self.flop_meter.abandon()
+        self.regions.forget()  # an interrupted compiled call: torch.compile's wrapper restored dynamo
         self.reset_state()
 
     # ------------------------------------------------------------------ model hooks
     def _pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._in_call:  # the last call never ended: torch runs no hook on a KeyboardInterrupt
             self._abandon_call()
+        self.regions.enter_call()  # under torch.compile: eager until the forward hook, blocks compiled
+        try:
+            self._start_call(model, args, kwargs)
+        except BaseException:
+            self.regions.leave_call()
+            raise
+
+    def _start_call(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.before_call is not None:
             self.before_call()
         if self.room.controller is None:
@@ -373,6 +388,7 @@ class XSlimEngine:
             obs.on_call_start(self, self._call_key)
 
     def _post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.regions.leave_call()
         if output is None:  # the forward raised (torch calls this hook then, with no output)
             self._abandon_call()
             return
@@ -382,34 +398,3 @@ class XSlimEngine:
             return
         for obs in self.observers:
             obs.on_call_end(self, record)
-
-    def image_parts(self) -> list[BranchCaches]:
-        """Under PipeFusion's patch phase, the caches of every patch of the image, in patch
-        order (created if missing); empty when one call holds the whole image."""
-        if self.patch_info is None:
-            return []
-        count = self.patch_info()[1]
-        if count <= 1:
-            return []
-        linear = self.config.extrapolate == "linear"
-        return [self.branches.setdefault(b, BranchCaches(linear=linear)) for b in range(count)]
-
-    def current_caches(self) -> BranchCaches:
-        caches = self.branches.get(self.branch)
-        if caches is None:
-            caches = self.branches[self.branch] = BranchCaches(linear=self.config.extrapolate == "linear")
-        return caches
-
-    # ------------------------------------------------------------------ reporting
-    def cache_bytes(self) -> dict[str, int]:
-        """Bytes held per cache kind."""
-        out = {"stack_residual": 0, "token_history": 0, "block_residuals": 0, "probe": 0, "kv": 0}
-        for caches in self.branches.values():
-            for name, n in caches.nbytes().items():
-                out[name] += n
-        if self.samples is not None:
-            for name, n in self.samples.nbytes().items():
-                out[name] += n
-        if self.token_ctx is not None:
-            out["kv"] = self.token_ctx.cache_bytes()
-        return out

@@ -176,7 +176,8 @@ class PlanExecutor:
     ) -> Any:
         e = self.engine
         args, kwargs = call.with_streams(img, txt)
-        run = functools.partial(original, *args, **kwargs)
+        # compiled when the call is (the block's original forward, under the compile's callback)
+        run = functools.partial(e.regions.call_block, g, original, *args, **kwargs)
         if not e._block_wrappers:
             return run()
         rows = img.shape[0] * img.shape[1]

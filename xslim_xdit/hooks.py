@@ -5,7 +5,9 @@
   hooks already there and with those added later, and removing it reconnects the chain. The hook
   is stateful in diffusers' sense: the pipeline's ``transformer.cache_context(name)`` reaches
   it, which is how the engine learns the guidance branch.
-* The transformer gets a forward pre-hook and a forward hook (torch's, removed by handle).
+* The transformer gets a forward pre-hook and a forward hook (torch's, removed by handle); under
+  ``torch.compile`` the model's forward runs between them with dynamo switched off (see
+  :mod:`xslim_xdit.compiled`).
 * A scheduler's ``set_timesteps`` and ``step`` are wrapped per instance; the attribute that was
   in the instance's ``__dict__`` (or its absence) is put back on removal. A deep copy of the
   scheduler (``LTX2Pipeline`` steps its audio latents with one) gets the methods unhooked, bound
@@ -305,9 +307,11 @@ EAGER_MODULES = (
     "xslim_xdit.batch_executor",
     "xslim_xdit.caches",
     "xslim_xdit.clock",
+    "xslim_xdit.compiled",
     "xslim_xdit.controller",
     "xslim_xdit.decision",
     "xslim_xdit.engine",
+    "xslim_xdit.engine_caches",
     "xslim_xdit.executor",
     "xslim_xdit.flops",
     "xslim_xdit.hooks",

@@ -95,7 +95,7 @@ class FlopMeter(EngineObserver):
     def on_call_start(self, engine: XSlimEngine, key: Hashable) -> None:
         self.abandon()  # a count still open here belongs to a call that never ended
         self._key, self._call_flops = key, 0
-        self.active = not _called_through_compile()
+        self.active = not (_called_through_compile() or engine.regions.compiles())
         if key not in self.cache and self.active:
             self._whole = (key, counter())
             self._whole[1].__enter__()
