@@ -47,6 +47,7 @@ from ..stats import StepRecord
 from .cli import add_xslim_args as add_xslim_args  # the command line lives in cli.py
 from .cli import config_from_args as config_from_args
 from .cli import timeout_from_args as timeout_from_args
+from .xfuser_cfg import cfg_branch_name
 
 #: the command line, reached through this module as the README imports it (doctest.testmod runs
 #: these; functions defined in cli.py are not this module's)
@@ -79,6 +80,7 @@ def xdit_layout() -> dict[str, int]:
         "ring": ps.get_ring_parallel_world_size(),
         "pp": ps.get_pipeline_parallel_world_size(),
         "cfg": ps.get_classifier_free_guidance_world_size(),
+        "cfg_rank": ps.get_classifier_free_guidance_rank(),
         "dp": ps.get_data_parallel_world_size(),
         "dp_rank": ps.get_data_parallel_rank(),
     }
@@ -326,8 +328,8 @@ def enable_xslim_xdit(
             )
         if layout["cfg"] > 1:
             # a pipeline that calls each branch separately puts one per rank: the rank holding the
-            # branch one device calls first ("cond") decides the step, as one device's first call
-            engine.room.branch_name = lambda clock=engine.clock: clock.name
+            # branch one device calls first ("cond") decides the step (names by rank: xfuser_cfg.py)
+            engine.room.branch_name = cfg_branch_name(pipe_or_transformer, engine.clock, layout["cfg_rank"])
         if engine.samples is not None and layout["cfg"] > 1:
             # each rank holds one guidance branch: its row i is sample i (xfuser splits the
             # batched [uncond, cond] halves over the CFG ranks), and the reduction adds the branches
