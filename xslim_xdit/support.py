@@ -158,7 +158,7 @@ TESTED: dict[str, Evidence] = {
         "no HunyuanVideo pipeline class: its transformer wrapper, bare, with an Euler loop",
     ),
     "qwen_image": Evidence(
-        xdit_layouts=("Ulysses 2", "Ring 2"),
+        xdit_layouts=("Ulysses 2", "Ring 2", "CFG parallel 2"),
         pipelines=("QwenImagePipeline", "QwenImageEditPipeline"),
         tests=(
             "tests/test_families.py",
@@ -167,11 +167,13 @@ TESTED: dict[str, Evidence] = {
             "tests/test_qwen_edit_pipeline.py",
             "tests/test_parallel_xdit_image.py",
             "tests/test_parallel_xdit_sp_token.py",
+            "tests/test_parallel_xdit_qwen_edit.py",
         ),
         note="Qwen-Image-Edit's reference tokens always fresh; pipelines run with prompt embeddings (true "
         "CFG, two branches); xDiT: the transformer wrapper, bare, every level under Ulysses 2 and Ring 2 "
-        "(token refresh refused with padded text there: xfuser attends it); Qwen-Image-Edit under SP "
-        "refused",
+        "(token refresh refused with padded text there: xfuser attends it); Qwen-Image-Edit in xfuser's "
+        "edit pipeline under CFG parallel 2, every level (its calls named by CFG rank for the lead-branch "
+        "rule); Qwen-Image-Edit under SP refused",
     ),
     "flux2": Evidence(
         xdit_layouts=("Ulysses 2", "Ring 2", "PipeFusion 2"),
