@@ -178,14 +178,21 @@ class PlanExecutor:
         args, kwargs = call.with_streams(img, txt)
         # compiled when the call is (the block's original forward, under the compile's callback)
         run = functools.partial(e.regions.call_block, g, original, *args, **kwargs)
-        if not e._block_wrappers:
+        if e._block_wrappers:
+            rows = img.shape[0] * img.shape[1]
+            full = e.tally is not None and rows == e.tally.rows_full
+            key = ("block", g, tuple(img.shape), None if txt is None else tuple(txt.shape), full)
+            for obs in e._block_wrappers:
+                run = functools.partial(obs.around_block, e, key, run)
+        hooks, ctx = e._token_attention, e.token_ctx
+        if hooks is None or ctx is None:
             return run()
-        rows = img.shape[0] * img.shape[1]
-        full = e.tally is not None and rows == e.tally.rows_full
-        key = ("block", g, tuple(img.shape), None if txt is None else tuple(txt.shape), full)
-        for obs in e._block_wrappers:
-            run = functools.partial(obs.around_block, e, key, run)
-        return run()
+        try:
+            return run()
+        finally:
+            # the K/V recorders kept this block's keys and values: filed on a recording call
+            # (here, outside the compiled block, so no recording flag guards its graph)
+            hooks.collect(e.blocks[g][1], record=ctx.record and ctx.index is None)
 
     def run_block(
         self, g: int, original: Callable[..., Any], call: BlockCall, plan: CallPlan, tally: CallTally
@@ -264,11 +271,17 @@ class PlanExecutor:
         assert plan is not None and tally is not None and ctx is not None and plan.token_index is not None
         idx, flat = plan.token_index, plan.token_flat
         sel = gather_rows(call.img, idx, flat)
+        block = e.blocks[g][1]
+        hooks = e._token_attention
+        if hooks is not None:  # each token processor gets its K/V pair here, outside the compiled block
+            hooks.stage(block, ctx.branch)
         ctx.index, ctx.flat = idx, flat
         try:
             out = self.run_original(g, original, call, sel, call.txt)
         finally:
             ctx.index = ctx.flat = None
+            if hooks is not None:
+                hooks.unstage(block)
         tally.blocks_computed += 1
         tally.tokens_computed += sel.shape[0] * sel.shape[1]
         out_sel, out_txt = e.adapter.split_output(call.stack, out)
