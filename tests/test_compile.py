@@ -238,3 +238,22 @@ def get_engine_blocks(model):
     from xslim_xdit.adapters import adapter_for
 
     return [(i, blk) for i, st in enumerate(adapter_for(model).stacks(model)) for blk in st.blocks]
+
+
+def test_kv_recorders_hold_nothing_between_blocks():
+    """The K/V recorders keep ``to_k``/``to_v``'s output only until X-Slim files it after the
+    block (eager code, outside any compiled graph): after a run with token steps none holds a
+    tensor, the K/V cache is dense (a token step's splice leaves it so: one stride layout for the
+    compiled blocks' guards), and disabling removes every recorder hook."""
+    m = tiny_model("flux")
+    engine = enable_xslim(m, TOKEN_CONFIGS["schedule"], num_inference_steps=STEPS)
+    sample(m, "flux", steps=STEPS, callback=lambda i, x: None)
+    hooks = engine._token_attention
+    recorders = [done[2] for done in hooks._installed.values() if done[2] is not None]
+    cache = [t for pair in engine.token_ctx.kv.values() for t in pair]
+    assert "token" in engine.statistics.summary()["kinds"]
+    assert recorders and all(r.outputs == [None, None] for r in recorders)
+    assert cache and all(t.stride() == torch.empty(t.shape).stride() for t in cache)
+    disable_xslim(m)
+    for r in recorders:
+        assert not any(h.id in lin._forward_hooks for h in r.handles for lin in m.modules())

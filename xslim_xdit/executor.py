@@ -76,7 +76,7 @@ class PlanExecutor:
         """What every managed block runs instead of its forward (:class:`~xslim_xdit.hooks.BlockHooks`)."""
         e = self.engine
         if not e._in_call:  # a block called outside the model's forward: run as it is
-            return original(*args, **kwargs)
+            return self._run_as_it_is(g, original, args, kwargs)
         si, blk = e.blocks[g]
         stack = e.stacks[si]
         call = e.adapter.parse_call(stack, e._sigs[si], args, kwargs)
@@ -86,7 +86,7 @@ class PlanExecutor:
             self.begin_call(blk, original, call)
         plan, tally = e.plan, e.tally
         if plan is None or tally is None:
-            return original(*args, **kwargs)
+            return self._run_as_it_is(g, original, args, kwargs)
         executor = e._sample_executor if e.sample_plan is not None else self
         try:
             return executor.run_block(g, original, call, plan, tally)
@@ -94,6 +94,15 @@ class PlanExecutor:
             if not isinstance(exc, Exception):  # KeyboardInterrupt: torch calls no post-hook then
                 e._abandon_call()
             raise
+
+    def _run_as_it_is(self, g: int, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Block ``g``'s own forward, nothing recorded (the K/V recorders let go of what they kept)."""
+        e = self.engine
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if e._token_attention is not None:
+                e._token_attention.collect(e.blocks[g][1], record=False)
 
     def begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
         """Block 0's decision point: the step probe, then the call's plan (whole batch or per sample)."""
