@@ -77,11 +77,12 @@ def _all_xslim(breaks: dict[str, int]) -> bool:
     return all("XSlimEngine._pre_forward" in reason and "xslim_xdit" in reason for reason in breaks)
 
 
-@pytest.mark.parametrize(("family", "name"), [("flux", "schedule"), ("dit", "online")])
+@pytest.mark.parametrize(("family", "name"), [("flux", "schedule"), ("dit", "online"), ("dit", "token")])
 def test_one_graph_break_per_call_on_every_step_kind(family, name):
     """A compiled function that calls the transformer (as a compiled denoising step would), each
     call traced afresh (dynamo reset before it): every call, full, block or skip, breaks its
-    graph exactly once, at X-Slim's pre-hook; without X-Slim, no break."""
+    graph exactly once, at X-Slim's pre-hook (token steps too: the token processors add
+    none); without X-Slim, no break."""
     adapter = adapter_named(family)
     m = tiny_model(family)
     x, cond = make_inputs(family)
@@ -96,7 +97,8 @@ def test_one_graph_break_per_call_on_every_step_kind(family, name):
         return dict(counters["graph_break"])
 
     assert call(0) == {}
-    engine = enable_xslim(m, CONFIGS[name], num_inference_steps=STEPS)
+    cfg = TOKEN_CONFIGS["schedule"] if name == "token" else CONFIGS[name]
+    engine = enable_xslim(m, cfg, num_inference_steps=STEPS)
     per_call = [call(i) for i in range(STEPS)]
     kinds = engine.statistics.summary()["kinds"]
     disable_xslim(m)
@@ -105,30 +107,46 @@ def test_one_graph_break_per_call_on_every_step_kind(family, name):
         assert sum(breaks.values()) == 1 and _all_xslim(breaks), (kind, breaks)
 
 
-def test_token_steps_compile_in_the_first_run_only():
-    """Token refresh: decisions and output equal eager, and a second run compiles nothing. (In
-    the first run the block graphs are compiled again at later steps: the selected rows are a
-    second input shape, and the K/V recorders traced inside the blocks guard on their own state;
-    see docs/works_with.md.)"""
-    cfg = XSlimConfig(
+TOKEN_CONFIGS = {
+    "schedule": XSlimConfig(
         mode="schedule", schedule=Schedule(STEPS, (0, 1, 4, 7), block_steps=(5,), token_steps=(2, 6))
-    )
-    want, want_kinds = _eager("flux", cfg)
+    ),
+    "online": XSlimConfig(warn=0.08, crit=0.3, warmup_steps=2, polish="token"),
+}
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+@pytest.mark.parametrize("name", sorted(TOKEN_CONFIGS))
+def test_token_steps_compile_no_graph_after_the_first_token_step(family, name):
+    """Token refresh under ``torch.compile``: decisions and output equal eager, no graph break,
+    and graphs are compiled only at step 0 and at the first token step (its selected rows are a
+    second input shape of the blocks): the K/V recorders and token processors traced inside the
+    blocks read no X-Slim state that changes between steps or blocks (before: graphs at steps 0,
+    1, 2, 5 and 6 of the schedule, one per block until dynamo's recompile limit); a second run
+    compiles nothing."""
+    cfg = TOKEN_CONFIGS[name]
+    want, want_kinds = _eager(family, cfg)
+    assert "token" in want_kinds and "full" in want_kinds[want_kinds.index("token") :], want_kinds
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(tiny_model("flux"), backend="eager")
+    compiled = torch.compile(tiny_model(family), backend="eager")
     engine = enable_xslim(compiled, cfg, num_inference_steps=STEPS)
-    got = sample(compiled, "flux", steps=STEPS)
+    graphs_after_step: list[int] = []
+    got = sample(compiled, family, steps=STEPS, callback=lambda i, x: graphs_after_step.append(_graphs()))
     kinds = engine.statistics.summary()["kinds"]
-    first = _graphs()
+    breaks = dict(counters["graph_break"])
     counters.clear()
-    again = sample(compiled, "flux", steps=STEPS)
+    again = sample(compiled, family, steps=STEPS)
     second = _graphs()
     disable_xslim(compiled)
-    assert kinds == want_kinds and kinds[2] == kinds[6] == "token"
+    assert kinds == want_kinds
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
-    assert first > 0 and second == 0, (first, second)
+    assert breaks == {}, breaks
+    first_token = kinds.index("token")
+    compiled_at = {i for i in range(STEPS) if graphs_after_step[i] > (graphs_after_step[i - 1] if i else 0)}
+    assert compiled_at == {0, first_token}, (compiled_at, kinds, graphs_after_step)
+    assert second == 0, second
 
 
 @pytest.mark.parametrize("how", ["compile_repeated_blocks", "module.compile"])
@@ -220,3 +238,22 @@ def get_engine_blocks(model):
     from xslim_xdit.adapters import adapter_for
 
     return [(i, blk) for i, st in enumerate(adapter_for(model).stacks(model)) for blk in st.blocks]
+
+
+def test_kv_recorders_hold_nothing_between_blocks():
+    """The K/V recorders keep ``to_k``/``to_v``'s output only until X-Slim files it after the
+    block (eager code, outside any compiled graph): after a run with token steps none holds a
+    tensor, the K/V cache is dense (a token step's splice leaves it so: one stride layout for the
+    compiled blocks' guards), and disabling removes every recorder hook."""
+    m = tiny_model("flux")
+    engine = enable_xslim(m, TOKEN_CONFIGS["schedule"], num_inference_steps=STEPS)
+    sample(m, "flux", steps=STEPS, callback=lambda i, x: None)
+    hooks = engine._token_attention
+    recorders = [done[2] for done in hooks._installed.values() if done[2] is not None]
+    cache = [t for pair in engine.token_ctx.kv.values() for t in pair]
+    assert "token" in engine.statistics.summary()["kinds"]
+    assert recorders and all(r.outputs == [None, None] for r in recorders)
+    assert cache and all(t.stride() == torch.empty(t.shape).stride() for t in cache)
+    disable_xslim(m)
+    for r in recorders:
+        assert not any(h.id in lin._forward_hooks for h in r.handles for lin in m.modules())

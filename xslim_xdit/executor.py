@@ -76,7 +76,7 @@ class PlanExecutor:
         """What every managed block runs instead of its forward (:class:`~xslim_xdit.hooks.BlockHooks`)."""
         e = self.engine
         if not e._in_call:  # a block called outside the model's forward: run as it is
-            return original(*args, **kwargs)
+            return self._run_as_it_is(g, original, args, kwargs)
         si, blk = e.blocks[g]
         stack = e.stacks[si]
         call = e.adapter.parse_call(stack, e._sigs[si], args, kwargs)
@@ -86,7 +86,7 @@ class PlanExecutor:
             self.begin_call(blk, original, call)
         plan, tally = e.plan, e.tally
         if plan is None or tally is None:
-            return original(*args, **kwargs)
+            return self._run_as_it_is(g, original, args, kwargs)
         executor = e._sample_executor if e.sample_plan is not None else self
         try:
             return executor.run_block(g, original, call, plan, tally)
@@ -94,6 +94,15 @@ class PlanExecutor:
             if not isinstance(exc, Exception):  # KeyboardInterrupt: torch calls no post-hook then
                 e._abandon_call()
             raise
+
+    def _run_as_it_is(self, g: int, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Block ``g``'s own forward, nothing recorded (the K/V recorders let go of what they kept)."""
+        e = self.engine
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if e._token_attention is not None:
+                e._token_attention.collect(e.blocks[g][1], record=False)
 
     def begin_call(self, blk0: nn.Module, original: Callable[..., Any], call: BlockCall) -> None:
         """Block 0's decision point: the step probe, then the call's plan (whole batch or per sample)."""
@@ -178,14 +187,21 @@ class PlanExecutor:
         args, kwargs = call.with_streams(img, txt)
         # compiled when the call is (the block's original forward, under the compile's callback)
         run = functools.partial(e.regions.call_block, g, original, *args, **kwargs)
-        if not e._block_wrappers:
+        if e._block_wrappers:
+            rows = img.shape[0] * img.shape[1]
+            full = e.tally is not None and rows == e.tally.rows_full
+            key = ("block", g, tuple(img.shape), None if txt is None else tuple(txt.shape), full)
+            for obs in e._block_wrappers:
+                run = functools.partial(obs.around_block, e, key, run)
+        hooks, ctx = e._token_attention, e.token_ctx
+        if hooks is None or ctx is None:
             return run()
-        rows = img.shape[0] * img.shape[1]
-        full = e.tally is not None and rows == e.tally.rows_full
-        key = ("block", g, tuple(img.shape), None if txt is None else tuple(txt.shape), full)
-        for obs in e._block_wrappers:
-            run = functools.partial(obs.around_block, e, key, run)
-        return run()
+        try:
+            return run()
+        finally:
+            # the K/V recorders kept this block's keys and values: filed on a recording call
+            # (here, outside the compiled block, so no recording flag guards its graph)
+            hooks.collect(e.blocks[g][1], record=ctx.record and ctx.index is None)
 
     def run_block(
         self, g: int, original: Callable[..., Any], call: BlockCall, plan: CallPlan, tally: CallTally
@@ -264,11 +280,17 @@ class PlanExecutor:
         assert plan is not None and tally is not None and ctx is not None and plan.token_index is not None
         idx, flat = plan.token_index, plan.token_flat
         sel = gather_rows(call.img, idx, flat)
+        block = e.blocks[g][1]
+        hooks = e._token_attention
+        if hooks is not None:  # each token processor gets its K/V pair here, outside the compiled block
+            hooks.stage(block, ctx.branch)
         ctx.index, ctx.flat = idx, flat
         try:
             out = self.run_original(g, original, call, sel, call.txt)
         finally:
             ctx.index = ctx.flat = None
+            if hooks is not None:
+                hooks.unstage(block)
         tally.blocks_computed += 1
         tally.tokens_computed += sel.shape[0] * sel.shape[1]
         out_sel, out_txt = e.adapter.split_output(call.stack, out)

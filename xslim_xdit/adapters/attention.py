@@ -98,6 +98,17 @@ class _TokenProcessor:
         self.original = original
         self.ctx = ctx
         self.text_position = text_position
+        #: this attention's K/V pair, handed over by eager code before a token-refresh call
+        #: (:meth:`TokenAttentionHooks.stage`): the compiled block then reads no dict keyed by
+        #: the attention's identity (each block would get a graph of its own)
+        self.kv_pair: list[torch.Tensor | None] | None = None
+        self.kv_staged = False
+
+    def _count_queries(self, rows: int) -> None:
+        """``TokenContext.query_rows`` (statistics and tests), counted in eager runs only: an int
+        that changes every step would guard a compiled block's graph."""
+        if not torch.compiler.is_compiling():
+            self.ctx.query_rows += rows
 
     def _through_patch_buffer(self, attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """PipeFusion (``TokenContext.kv_buffer`` set): the call's image K/V ``(batch, rows,
@@ -117,7 +128,7 @@ class _TokenProcessor:
         """The cached image K/V with the new rows spliced in: the selected tokens' rows, then (with
         ``tail``) the last ``tail`` rows of the cache, which every refresh computes (reference-image
         tokens that follow the image tokens, a condition)."""
-        pair = self.ctx.kv.get((self.ctx.branch, id(attn)))
+        pair = self.kv_pair if self.kv_staged else self.ctx.kv.get((self.ctx.branch, id(attn)))
         if pair is None or pair[0] is None or pair[1] is None:
             raise RuntimeError("token refresh before any full step recorded the K/V cache")
         if pair[0].shape[0] != k_new.shape[0]:  # else an index error deep in the splice, or SDPA's
@@ -201,7 +212,7 @@ class SelfAttnTokenProcessor(_TokenProcessor):
         k, v = self.ctx.gather(k, "img"), self.ctx.gather(v, "img")
         # PipeFusion: the patch's K/V into xfuser's buffer, the queries attend to the whole image
         k, v = self._through_patch_buffer(attn, k, v)
-        self.ctx.query_rows += n_q
+        self._count_queries(n_q)
         out = self.ctx.attention(q, k, v, None).reshape(b, n_q, -1).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -298,7 +309,7 @@ class JointAttnTokenProcessor(_TokenProcessor):
         k_full = torch.cat([k_txt, k_img], 1) if txt_first else torch.cat([k_img, k_txt], 1)
         v_full = torch.cat([v_txt, v_img], 1) if txt_first else torch.cat([v_img, v_txt], 1)
         q = torch.cat([q_txt, q_img], 1) if txt_first else torch.cat([q_img, q_txt], 1)
-        ctx.query_rows += q_img.shape[1]
+        self._count_queries(q_img.shape[1])
         out = ctx.attention(q, k_full, v_full, attention_mask).flatten(2, 3).to(q.dtype)
         n_sel = q_img.shape[1]
         if txt_first:
@@ -363,6 +374,6 @@ class WanSelfAttnTokenProcessor(_TokenProcessor):
             k = wan_rope_bshd(k, cos, sin)
             q = wan_rope_bshd(q, cos[0][ctx.index], sin[0][ctx.index])
         k, v = ctx.gather(k, "img"), ctx.gather(v, "img")
-        ctx.query_rows += n_q
+        self._count_queries(n_q)
         out = ctx.attention(q, k, v, None).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))

@@ -92,7 +92,7 @@ class CogVideoXTokenProcessor(_TokenProcessor):
         # each rank applied with its shard's table. Identity on one device.
         k_img, v_img = ctx.gather(k_img, "img"), ctx.gather(v_img, "img")
         k_txt, v_txt = ctx.gather(k_txt, "txt"), ctx.gather(v_txt, "txt")
-        ctx.query_rows += n_sel
+        self._count_queries(n_sel)
         out = ctx.attention(
             torch.cat([q_txt, q_img], 1), torch.cat([k_txt, k_img], 1), torch.cat([v_txt, v_img], 1), None
         )

@@ -150,7 +150,7 @@ class Flux2DoubleTokenProcessor(_TokenProcessor):
         # splits the text too): gather the keys, roped with each rank's own positions
         k_all = torch.cat([ctx.gather(k_all[:, :n_txt], "txt"), ctx.gather(k_all[:, n_txt:], "img")], 1)
         v_all = torch.cat([ctx.gather(v_t, "txt"), ctx.gather(v, "img")], 1)
-        ctx.query_rows += idx.shape[1]
+        self._count_queries(idx.shape[1])
         out = ctx.attention(torch.cat([q_t, q], 1), k_all, v_all, None)
         out = out.flatten(2, 3).to(q.dtype)
         out_img = attn.to_out[1](attn.to_out[0](out[:, n_txt:]))
@@ -223,7 +223,7 @@ class Flux2SingleTokenProcessor(_TokenProcessor):
             q = torch.cat([apply_rope_bshd(q[:, :n_txt], cos[:n_txt], sin[:n_txt]), q_img], 1)
         k = torch.cat([ctx.gather(k[:, :n_txt], "txt"), ctx.gather(k[:, n_txt:], "img")], 1)
         v = torch.cat([ctx.gather(v[:, :n_txt], "txt"), ctx.gather(v[:, n_txt:], "img")], 1)
-        ctx.query_rows += idx.shape[1]
+        self._count_queries(idx.shape[1])
         out = ctx.attention(q, k, v, None).flatten(2, 3).to(q.dtype)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 

@@ -347,7 +347,7 @@ class LTX2TokenProcessor(_TokenProcessor):
             if not whole:  # under sequence parallelism: every shard's keys (identity on one device)
                 k, v = ctx.gather(k, "img"), ctx.gather(v, "img")
             if self.role == "video_self":
-                ctx.query_rows += q.shape[1]
+                self._count_queries(q.shape[1])
             out = ctx.attention(q, k, v, None).flatten(2, 3).to(q.dtype)
             if self.role == "video_self" and mask is not None:
                 out = torch.lerp(value_new, out, mask)  # the perturbed samples: their value rows

@@ -168,7 +168,7 @@ class QwenDoubleStreamTokenProcessor(_TokenProcessor):
         if encoder_hidden_states_mask is not None:
             keys = torch.ones(b, k.shape[1], dtype=torch.bool, device=k.device)
             mask = torch.cat([encoder_hidden_states_mask.bool(), keys], 1)[:, None, None, :]
-        ctx.query_rows += k_sel
+        self._count_queries(k_sel)
         n_txt = encoder_hidden_states.shape[1]
         out = ctx.attention(torch.cat([q_t, q], 1), torch.cat([k_t, k], 1), torch.cat([v_t, v], 1), mask)
         out = out.flatten(2, 3).to(q.dtype)

@@ -83,7 +83,7 @@ class SD3JointAttnTokenProcessor(_TokenProcessor):
         q, k, v, q_t, k_t, v_t = self._dual_stream_qkv(attn, hidden_states, encoder_hidden_states)
         k, v = ctx.gather(k, "img"), ctx.gather(v, "img")
         k_t, v_t = ctx.gather(k_t, "txt"), ctx.gather(v_t, "txt")
-        ctx.query_rows += n_q
+        self._count_queries(n_q)
         out = ctx.attention(torch.cat([q, q_t], 1), torch.cat([k, k_t], 1), torch.cat([v, v_t], 1), None)
         out = out.flatten(2, 3).to(q.dtype)
         out_img, out_txt = out[:, :n_q], out[:, n_q:]

@@ -99,24 +99,76 @@ def _image_rows(x: torch.Tensor, n_txt: int, text_position: str) -> torch.Tensor
     return x
 
 
-def install_kv_recorders(attn: nn.Module, ctx: TokenContext, text_position: str) -> list[Any]:
-    """Forward hooks on ``attn.to_k`` and ``attn.to_v`` that keep the image rows of their output
-    while ``ctx.record`` is set. Returns the hook handles."""
-    key = id(attn)
-    handles: list[Any] = []
+class KVRecorder:
+    """Forward hooks on ``attn.to_k`` and ``attn.to_v`` that keep their last output, and
+    :meth:`collect`, which eager code calls after the block: on a recording call the image rows
+    go into ``ctx.kv``, and the kept outputs are dropped either way.
+
+    The hooks run inside the block's forward, which is compiled under ``torch.compile``: they
+    store unconditionally into a list fixed at install time, so the traced code reads no flag,
+    step index or block identity of X-Slim's (a value that changes between steps or blocks would
+    guard the block's graph and recompile it); what is kept is decided outside the graph.
+    """
+
+    def __init__(self, attn: nn.Module, text_position: str) -> None:
+        self.key = id(attn)
+        self.text_position = text_position
+        self.outputs: list[torch.Tensor | None] = [None, None]  # to_k's, to_v's of the last call
+        self.handles = [
+            lin.register_forward_hook(_keep_output(self.outputs, slot))
+            for slot, lin in enumerate((attn.to_k, attn.to_v))
+        ]
+
+    def collect(self, ctx: TokenContext, record: bool) -> None:
+        """After the block: with ``record``, the kept image K/V rows into ``ctx.kv`` (the
+        current branch's); the kept outputs are released."""
+        if record:
+            for slot, out in enumerate(self.outputs):
+                if out is not None:
+                    # contiguous, as a token step leaves it (its splice writes a contiguous
+                    # copy): the cache keeps one layout, so a compiled block's stride guards on
+                    # it hold from one token step to the next
+                    rows = _dense(_image_rows(out, ctx.n_txt, self.text_position).detach())
+                    ctx.kv.setdefault((ctx.branch, self.key), [None, None])[slot] = rows
+        self.outputs[0] = self.outputs[1] = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.outputs[0] = self.outputs[1] = None
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a fresh contiguous tensor (``contiguous()`` keeps any stride of a
+    size-1 dimension, e.g. a batch of one sliced from a longer sequence; dynamo's guards compare
+    every stride).
+
+    Example:
+        >>> _dense(torch.zeros(1, 5, 2)[:, 1:]).stride()
+        (8, 2, 1)
+    """
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    if x.stride() == tuple(reversed(strides)):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _keep_output(outputs: list[torch.Tensor | None], slot: int) -> Callable[..., None]:
+    def keep(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        outputs[slot] = out
+
+    return keep
+
+
+def install_kv_recorders(attn: nn.Module, text_position: str) -> KVRecorder | None:
+    """A :class:`KVRecorder` on ``attn.to_k`` / ``attn.to_v``; None for a fused projection
+    (FLUX.2's single-stream attention: its token processor records)."""
     if getattr(attn, "to_k", None) is None or getattr(attn, "to_v", None) is None:
-        # a fused projection (FLUX.2's single-stream attention): its token processor records
-        return handles
-    for slot, lin in enumerate((attn.to_k, attn.to_v)):
-
-        def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor, slot: int = slot) -> None:
-            if ctx.record and ctx.index is None:
-                ctx.kv.setdefault((ctx.branch, key), [None, None])[slot] = _image_rows(
-                    out, ctx.n_txt, text_position
-                ).detach()
-
-        handles.append(lin.register_forward_hook(hook))
-    return handles
+        return None
+    return KVRecorder(attn, text_position)
 
 
 class TokenAttentionHooks:
@@ -129,13 +181,19 @@ class TokenAttentionHooks:
     to wrong keys), and ``set_attn_processor`` replaces the token processor (queries for a few
     tokens would then attend only among themselves). :meth:`remove` restores each attention's
     processor unless someone replaced it since.
+
+    Per block, from eager code around the block's forward: :meth:`stage` hands each token
+    processor its K/V pair before a token-refresh call, :meth:`collect` files what the recorders
+    kept after it (the compiled block reads neither a dict keyed by block nor a recording flag).
     """
 
     def __init__(self, entries: list[tuple[nn.Module, Callable[[], Any], str]], ctx: TokenContext) -> None:
         #: per attention: (module, a factory of its token processor, text position)
         self.entries = entries
         self.ctx = ctx
-        self._installed: dict[int, tuple[Any, Any, list[Any], Any, Any]] = {}
+        #: id(attention) -> (to_k, to_v, its recorder, the original processor, the token processor)
+        self._installed: dict[int, tuple[Any, Any, KVRecorder | None, Any, Any]] = {}
+        self._in_block: dict[int, list[int]] = {}  # id(block) -> id of each attention in it
         self.refresh()
 
     def refresh(self) -> None:
@@ -150,24 +208,55 @@ class TokenAttentionHooks:
                 continue
             original = done[3] if done is not None and done[4] is attn.processor else attn.processor
             if done is not None:
-                for handle in done[2]:
-                    handle.remove()
+                if done[2] is not None:
+                    done[2].remove()
                 attn.processor = original  # the token processor wraps the current processor
-            handles = install_kv_recorders(attn, self.ctx, text_position)
+            recorder = install_kv_recorders(attn, text_position)
             processor = make_processor()
             attn.processor = processor
             to_k, to_v = getattr(attn, "to_k", None), getattr(attn, "to_v", None)
-            self._installed[id(attn)] = (to_k, to_v, handles, original, processor)
+            self._installed[id(attn)] = (to_k, to_v, recorder, original, processor)
+
+    def _attentions_in(self, block: nn.Module) -> list[int]:
+        found = self._in_block.get(id(block))
+        if found is None:
+            found = [id(m) for m in block.modules() if id(m) in self._installed]
+            self._in_block[id(block)] = found
+        return found
+
+    def collect(self, block: nn.Module, record: bool) -> None:
+        """After ``block`` ran: its recorders file their K/V when ``record``, and let go."""
+        for key in self._attentions_in(block):
+            recorder = self._installed[key][2]
+            if recorder is not None:
+                recorder.collect(self.ctx, record)
+
+    def stage(self, block: nn.Module, branch: int) -> None:
+        """Before a token-refresh call of ``block``: each of its token processors gets its
+        attention's K/V pair of ``branch`` (None when none was recorded)."""
+        for key in self._attentions_in(block):
+            processor = self._installed[key][4]
+            if hasattr(processor, "kv_pair"):
+                processor.kv_pair = self.ctx.kv.get((branch, key))
+                processor.kv_staged = True
+
+    def unstage(self, block: nn.Module) -> None:
+        """After a token-refresh call of ``block``: its processors hold no K/V pair."""
+        for key in self._attentions_in(block):
+            processor = self._installed[key][4]
+            if hasattr(processor, "kv_pair"):
+                processor.kv_pair, processor.kv_staged = None, False
 
     def remove(self) -> None:
         for attn, _, _ in self.entries:
             done = self._installed.pop(id(attn), None)
             if done is None:
                 continue
-            for handle in done[2]:
-                handle.remove()
+            if done[2] is not None:
+                done[2].remove()
             if attn.processor is done[4]:
                 attn.processor = done[3]
+        self._in_block.clear()
 
 
 def flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:

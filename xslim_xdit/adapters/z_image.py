@@ -135,7 +135,7 @@ class ZImageTokenProcessor(_TokenProcessor):
         mask = attention_mask
         if mask is not None and mask.ndim == 2:
             mask = mask[:, None, None, :]
-        ctx.query_rows += k_sel
+        self._count_queries(k_sel)
         out = ctx.attention(q, k, v, mask).flatten(2, 3).to(q.dtype)
         out = attn.to_out[0](out)
         if len(attn.to_out) > 1:
